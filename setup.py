@@ -1,0 +1,38 @@
+"""nl_jax: Nested Learning and the HOPE architecture in JAX / Flax NNX."""
+import setuptools
+
+# One tested set of versions (see README "Versions"). jax and jaxlib move together; libtpu is pinned
+# through jax's own [tpu] extra because newer libtpu builds break `compiled.as_text()`.
+JAX_VERSION = "0.10.2"
+
+INSTALL_REQUIRES = [
+    f"jax=={JAX_VERSION}",
+    f"jaxlib=={JAX_VERSION}",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "importlib_resources==7.1.0",  # tfds custom builders import it but do not declare it
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "sentencepiece==0.2.3",
+    "numpy==2.4.6",
+    "matplotlib==3.11.2",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+}
+
+setuptools.setup(
+    name="nl_jax",
+    version="0.1.0",
+    description="Nested Learning, Titans memories, CMS and HOPE in JAX / Flax NNX",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["nl_jax", "nl_jax.*", "experiments", "experiments.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
