@@ -1,0 +1,30 @@
+"""Associative-memory ops: pure functions, no parameters.
+
+One mechanism (structure x objective x update rule, see `structures` and `rules`), three forms with
+one contract, `f(spec, state, q, k, v, rates, ...) -> (y, state)`:
+
+  memory_naive      token by token with `lax.scan` and `jax.grad`: the readable reference
+  memory_chunked    the training path: `lax.scan` over chunks, batched matmuls inside
+  memory_recurrent  one decode step with a carried state
+
+`presets` expresses DeltaNet, the gated delta rule, linear attention / retention, TTT, Titans and the
+self-modifying update through this one core.
+"""
+
+from nl_jax.memory.ops.chunked import memory_chunked
+from nl_jax.memory.ops.naive import memory_naive
+from nl_jax.memory.ops.rules import READ_MODES, Rates, memory_recurrent
+from nl_jax.memory.ops.structures import (
+    LinearWeights,
+    MemorySpec,
+    MemoryState,
+    MLPWeights,
+    apply,
+    init_state,
+    init_weights,
+)
+
+__all__ = [
+    "READ_MODES", "LinearWeights", "MLPWeights", "MemorySpec", "MemoryState", "Rates", "apply",
+    "init_state", "init_weights", "memory_chunked", "memory_naive", "memory_recurrent",
+]

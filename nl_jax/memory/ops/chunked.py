@@ -1,0 +1,186 @@
+"""The chunked training form: `lax.scan` over chunks, batched matmuls inside each chunk.
+
+Within a chunk of C tokens every gradient is taken at the boundary state W_0 (SPEC D6), so the
+rank-one factors e_i x_i^T of all tokens are known up front (`structures.token_errors`). The rule of
+`rules.py` is linear in the state, which gives closed forms for every weight matrix of the memory:
+
+  W_i = a_i W_0 + mu_i S_0 - sum_{s<=i} Cm[i,s] eta_s e_s x_s^T - sum_{s<=i} A[i,s] gamma_s p_s k_s^T
+  S_i = b_i S_0 - sum_{s<=i} Bm[i,s] eta_s e_s x_s^T
+
+with A[i,s] = prod_{s<r<=i} alpha_r, Bm the same for beta, a_i / b_i the prefix products, Cm = A Bm
+(momentum folded into retention) and mu = A b. The last sum is the DGD term (input-side weight only,
+where x_s = k_s); it needs the predictions of the running state p_i = W_{i-1} k_i, which solve the
+unit lower-triangular system
+
+  (I + (A' * K K^T) diag(gamma)) P = a' (K W_0^T) + mu' (K S_0^T) - (Cm' * K K^T)(eta E)
+
+(primes: the matrices shifted down one row, i.e. the state before token i; the UT/WY trick of
+DeltaNet). Reads are the same sums applied to queries: `per_token` uses the shifted matrices
+(W_{i-1} q_i), `post_update` the unshifted ones (W_i q_i), `boundary` just W_0. For the MLP memory
+the read of the input-side weight gives the hidden pre-activation, which is then read through the
+output-side weight. Cost per chunk: O(C^2 D + C D^2) in matmuls and one C x C triangular solve.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+from nl_jax.memory.ops import rules
+from nl_jax.memory.ops import structures as st
+
+
+def segment_products(x: jax.Array) -> jax.Array:
+    """P[..., i, s] = prod_{s < r <= i} x_r for s <= i, else 0. Exact with zeros (no logs, no division)."""
+    c = x.shape[-1]
+    i = jnp.arange(c)[:, None]
+    s = jnp.arange(c)[None, :]
+    factors = jnp.where(i > s, x[..., :, None], jnp.ones((), x.dtype))  # row r, column s: x_r if r > s
+    return jnp.where(i >= s, jnp.cumprod(factors, axis=-2), 0.0)
+
+
+def _shift_rows(m: jax.Array, first_row_fill=0.0) -> jax.Array:
+    """Row i of the result is row i-1 of m (the state before token i); row 0 is `first_row_fill`."""
+    first = jnp.full_like(m[..., :1, :], first_row_fill)
+    return jnp.concatenate([first, m[..., :-1, :]], axis=-2)
+
+
+def _shift(v: jax.Array, first) -> jax.Array:
+    return jnp.concatenate([jnp.full_like(v[..., :1], first), v[..., :-1]], axis=-1)
+
+
+class _Coefs(NamedTuple):
+    A: jax.Array    # [B, H, C, C] retention products
+    a: jax.Array    # [B, H, C]    prefix retention
+    Cm: jax.Array   # [B, H, C, C] coefficient of each token's gradient in W_i
+    mu: jax.Array | None   # [B, H, C] coefficient of S_0 in W_i
+    Bm: jax.Array | None   # [B, H, C, C] momentum products
+    b: jax.Array | None    # [B, H, C]
+
+
+def _coefs(rates: rules.Rates, c: int, dtype) -> tuple[_Coefs, _Coefs]:
+    """Coefficients for W_i (post-update) and for W_{i-1} (before token i)."""
+    alpha = rates.retention if rates.retention is not None else jnp.ones(rates.lr.shape, dtype)
+    A = segment_products(alpha)
+    a = A[..., :, 0] * alpha[..., :1]
+    if rates.momentum is None:
+        Cm, mu, Bm, b = A, None, None, None
+    else:
+        Bm = segment_products(rates.momentum)
+        b = Bm[..., :, 0] * rates.momentum[..., :1]
+        Cm = A @ Bm
+        mu = jnp.einsum("...ij,...j->...i", A, b)
+    post = _Coefs(A, a, Cm, mu, Bm, b)
+    pre = _Coefs(_shift_rows(A), _shift(a, 1.0), _shift_rows(Cm),
+                 None if mu is None else _shift(mu, 0.0), Bm, b)
+    return post, pre
+
+
+class _Track(NamedTuple):
+    """The within-chunk trajectory of one weight matrix, in closed form."""
+
+    w0: jax.Array          # [B, H, O, I]
+    s0: jax.Array | None   # momentum at the boundary
+    x: jax.Array           # [B, H, C, I] inputs of this matrix at the boundary state
+    ue: jax.Array          # [B, H, C, O] eta_s * e_s
+    gp: jax.Array | None   # [B, H, C, O] gamma_s * p_s (DGD), with p_s = W_{s-1} k_s
+
+
+def _dgd_predictions(co: _Coefs, w0, s0, k, ue, gamma):
+    """Solve for p_i = W_{i-1} k_i of the input-side weight (see module docstring)."""
+    gram = jnp.einsum("...ti,...si->...ts", k, k)
+    rhs = co.a[..., None] * st._mm(k, w0) - (co.Cm * gram) @ ue
+    if s0 is not None:
+        rhs = rhs + co.mu[..., None] * st._mm(k, s0)
+    lower = (co.A * gram) * gamma[..., None, :]
+    eye = jnp.eye(k.shape[-2], dtype=lower.dtype)
+    return solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
+
+
+def _read(co: _Coefs, tr: _Track, qr: jax.Array) -> jax.Array:
+    """W_i q_i (post coefficients) or W_{i-1} q_i (pre coefficients) for queries qr [B, H, C, I]."""
+    y = co.a[..., None] * st._mm(qr, tr.w0)
+    if tr.s0 is not None:
+        y = y + co.mu[..., None] * st._mm(qr, tr.s0)
+    y = y - (co.Cm * jnp.einsum("...ti,...si->...ts", qr, tr.x)) @ tr.ue
+    if tr.gp is not None:  # the DGD weight's inputs are the keys
+        y = y - (co.A * jnp.einsum("...ti,...si->...ts", qr, tr.x)) @ tr.gp
+    return y
+
+
+def _final(co: _Coefs, tr: _Track):
+    """W and S after the last token of the chunk."""
+    w = co.a[..., -1, None, None] * tr.w0
+    w = w - jnp.einsum("...s,...so,...si->...oi", co.Cm[..., -1, :], tr.ue, tr.x)
+    if tr.gp is not None:
+        w = w - jnp.einsum("...s,...so,...si->...oi", co.A[..., -1, :], tr.gp, tr.x)
+    if tr.s0 is None:
+        return w, None
+    w = w + co.mu[..., -1, None, None] * tr.s0
+    s = co.b[..., -1, None, None] * tr.s0 - jnp.einsum("...s,...so,...si->...oi", co.Bm[..., -1, :], tr.ue, tr.x)
+    return w, s
+
+
+def _chunk(spec: st.MemorySpec, read: str, carry, xs):
+    weights, momentum = carry
+    q, k, v, rates = xs
+    c = q.shape[-2]
+    post, pre = _coefs(rates, c, q.dtype)
+    fac = st.token_errors(spec, weights, k, v)
+    tracks = {}
+    for name in weights._fields:
+        w0 = getattr(weights, name)
+        s0 = None if momentum is None else getattr(momentum, name)
+        x = getattr(fac.inputs, name)
+        ue = rates.lr[..., None] * getattr(fac.errors, name)
+        gp = None
+        if rates.dgd is not None and name == st.input_side(spec):
+            gp = rates.dgd[..., None] * _dgd_predictions(pre, w0, s0, x, ue, rates.dgd)
+        tracks[name] = _Track(w0, s0, x, ue, gp)
+
+    if read == "boundary":
+        y = st.apply(spec, weights, q)
+    else:
+        co = pre if read == "per_token" else post
+        if spec.structure == "linear":
+            y = _read(co, tracks["w"], q)
+        else:
+            hidden = spec.act(_read(co, tracks["w2"], q))
+            y = q + _read(co, tracks["w1"], hidden)
+
+    finals = {name: _final(post, tr) for name, tr in tracks.items()}
+    new_w = type(weights)(**{n: f[0] for n, f in finals.items()})
+    new_s = None if momentum is None else type(momentum)(**{n: f[1] for n, f in finals.items()})
+    return (new_w, new_s), y
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "remat"))
+def memory_chunked(spec: st.MemorySpec, state: st.MemoryState, q, k, v, rates: rules.Rates, *,
+                   chunk_size: int, read: str = "per_token", remat: bool = False):
+    """Training form. q, k [B, T, H, Dk], v [B, T, H, Dv], rates [B, T, H] -> (y [B, T, H, Dv], state).
+
+    `state` must sit at a chunk boundary (as `init_state` and every chunked call leave it), and the
+    sequence length must be a multiple of `chunk_size`. `remat` recomputes each chunk in the
+    backward pass instead of storing its intermediates.
+    """
+    rules.check_call(spec, state, rates, read, chunk_size)
+    b, t, h = q.shape[:3]
+    if t % chunk_size:
+        raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {t}")
+    n = t // chunk_size
+
+    def to_chunks(x):  # [B, T, H, ...] -> [N, B, H, C, ...]
+        x = x.reshape(b, n, chunk_size, h, *x.shape[3:])
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+    xs = jax.tree.map(to_chunks, (q, k, v, rates))
+    body = lambda carry, x: _chunk(spec, read, carry, x)  # noqa: E731
+    if remat:
+        body = jax.checkpoint(body)
+    (weights, momentum), ys = jax.lax.scan(body, (state.weights, state.momentum), xs)
+    y = jnp.moveaxis(ys, 2, 3).swapaxes(0, 1).reshape(b, t, h, -1)  # [N, B, H, C, D] -> [B, T, H, D]
+    return y, st.MemoryState(weights, momentum, weights, jnp.zeros((), jnp.int32))

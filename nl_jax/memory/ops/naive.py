@@ -1,0 +1,53 @@
+"""The token-by-token reference: a `lax.scan` over tokens, gradients by `jax.grad`.
+
+This is the readable source of truth that the chunked training path is tested against. It has the
+same mini-batch semantics as the chunked form for any `chunk_size` (gradients at the state of the
+last chunk boundary), and the same contract: inputs [B, T, H, D], rates [B, T, H], a `MemoryState`
+in and out. It is slow by design: one small update per token.
+"""
+
+from __future__ import annotations
+
+import functools
+import jax
+import jax.numpy as jnp
+
+from nl_jax.memory.ops import rules
+from nl_jax.memory.ops import structures as st
+
+
+def _head_step(spec: st.MemorySpec, chunk_size: int, read: str, state: st.MemoryState, q, k, v, rates):
+    """One token for one head: unbatched weights [O, I], vectors [D], scalar rates."""
+    if read != "post_update":
+        src = state.boundary if read == "boundary" else state.weights
+        y = st.apply(spec, src, q[None])[0]
+    grads = jax.grad(st.token_loss, argnums=1)(spec, state.boundary, k, v)
+    weights, momentum = rules.apply_update(spec, state.weights, state.momentum, grads, k, rates)
+    if read == "post_update":
+        y = st.apply(spec, weights, q[None])[0]
+    return y, rules.advance(state, weights, momentum, chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read"))
+def memory_naive(spec: st.MemorySpec, state: st.MemoryState, q, k, v, rates: rules.Rates, *,
+                 chunk_size: int = 1, read: str = "per_token"):
+    """Reference form. q, k [B, T, H, Dk], v [B, T, H, Dv]; returns (y [B, T, H, Dv], final state).
+
+    Streams across calls at any split point: the state carries the boundary weights and the
+    position inside the current chunk.
+    """
+    rules.check_call(spec, state, rates, read, chunk_size)
+    step = lambda s, q, k, v, r: _head_step(spec, chunk_size, read, s, q, k, v, r)  # noqa: E731
+    # vmap over heads then batch; the step counter is shared by all of them.
+    axes = st.MemoryState(0, 0, 0, None)
+    per_head = jax.vmap(step, in_axes=(axes, 0, 0, 0, 0), out_axes=(0, axes))
+    per_batch = jax.vmap(per_head, in_axes=(axes, 0, 0, 0, 0), out_axes=(0, axes))
+
+    def scan_step(carry, xs):
+        y, carry = per_batch(carry, *xs)
+        return carry, y
+
+    xs = (q, k, v, rates)
+    time_major = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), xs)  # scan over T
+    final, ys = jax.lax.scan(scan_step, state, time_major)
+    return jnp.moveaxis(ys, 0, 1), final

@@ -1,0 +1,101 @@
+"""The inner update rule shared by all forms, and the one-token decode step (`memory_recurrent`).
+
+For each token t, with B(t) the state at the last chunk boundary (SPEC D6):
+
+  g_t = dL(M_{B(t)}; k_t, v_t)/dW                       gradient at the boundary state
+  S_t = beta_t S_{t-1} - eta_t g_t                      momentum (surprise); S_t = -eta_t g_t without it
+  W_t = alpha_t W_{t-1} - gamma_t (W_{t-1} k_t) k_t^T + S_t    DGD term on the input-side weight only
+  W_t = alpha_t W_{t-1} + S_t                           every other weight
+
+eta is the inner learning rate, alpha the retention gate (weight decay: 1 keeps everything), beta the
+momentum decay and gamma the DGD rate (paper 2.9, 4.4; the paper uses gamma = eta). Each is a
+per-token, per-head scalar. Leaving `retention`, `momentum` or `dgd` out switches that part off.
+
+Reads (`read=`):
+  boundary     y_t = M_{B(t)}(q_t)     the paper's Eq. 90, read with the state before the chunk
+  per_token    y_t = M_{t-1}(q_t)      sees the updates of the earlier tokens of its chunk
+  post_update  y_t = M_t(q_t)          also sees its own update (DeltaNet, TTT, Titans convention)
+With chunk size 1, `boundary` and `per_token` coincide.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nl_jax.memory.ops import structures as st
+
+READ_MODES = ("boundary", "per_token", "post_update")
+
+
+class Rates(NamedTuple):
+    """Per-token, per-head rates: [B, T, H] for a sequence, [B, H] for one decode step."""
+
+    lr: jax.Array
+    retention: jax.Array | None = None
+    momentum: jax.Array | None = None
+    dgd: jax.Array | None = None
+
+
+def check_call(spec: st.MemorySpec, state: st.MemoryState, rates: Rates, read: str, chunk_size: int) -> None:
+    st.check_weights(spec, state.weights)
+    if read not in READ_MODES:
+        raise ValueError(f"read must be one of {READ_MODES}, got {read!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if (rates.momentum is None) != (state.momentum is None):
+        raise ValueError("rates.momentum and state.momentum must both be given or both be None "
+                         "(build the state with init_state(weights, momentum=...))")
+
+
+def _bcast(r, w):
+    """A [..] rate against a [.., O, I] weight."""
+    return r[..., None, None].astype(w.dtype)
+
+
+def apply_update(spec: st.MemorySpec, weights, momentum, grads, k, rates: Rates):
+    """One token's update from full gradients `grads` (pytree like weights). Returns (weights, momentum)."""
+    u = jax.tree.map(lambda g: -_bcast(rates.lr, g) * g, grads)
+    if rates.momentum is not None:
+        u = jax.tree.map(lambda s, x: _bcast(rates.momentum, s) * s + x, momentum, u)
+        momentum = u
+    new = {}
+    for name, w in weights._asdict().items():
+        w_new = w if rates.retention is None else _bcast(rates.retention, w) * w
+        if rates.dgd is not None and name == st.input_side(spec):
+            wk = jnp.einsum("...oi,...i->...o", w, k)
+            w_new = w_new - _bcast(rates.dgd, w) * jnp.einsum("...o,...i->...oi", wk, k)
+        new[name] = w_new + getattr(u, name)
+    return type(weights)(**new), momentum
+
+
+def advance(state: st.MemoryState, weights, momentum, chunk_size: int) -> st.MemoryState:
+    """Count one token; at the end of a chunk the new weights become the boundary state."""
+    step = state.step + 1
+    at_boundary = step >= chunk_size
+    boundary = jax.tree.map(lambda w, b: jnp.where(at_boundary, w, b), weights, state.boundary)
+    return st.MemoryState(weights, momentum, boundary, jnp.where(at_boundary, 0, step).astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read"))
+def memory_recurrent(spec: st.MemorySpec, state: st.MemoryState, q, k, v, rates: Rates, *,
+                     chunk_size: int = 1, read: str = "per_token"):
+    """One token: q, k [B, H, Dk], v [B, H, Dv], rates [B, H]. Returns (y [B, H, Dv], new state).
+
+    Uses the closed-form rank-one gradient factors (`structures.token_errors`), so a decode step costs
+    a few matrix-vector products per head.
+    """
+    check_call(spec, state, rates, read, chunk_size)
+    one = lambda x: x[..., None, :]  # noqa: E731  (token axis of length one)
+    if read != "post_update":
+        src = state.boundary if read == "boundary" else state.weights
+        y = st.apply(spec, src, one(q))[..., 0, :]
+    fac = st.token_errors(spec, state.boundary, one(k), one(v))
+    grads = jax.tree.map(lambda e, x: jnp.einsum("...co,...ci->...oi", e, x), fac.errors, fac.inputs)
+    weights, momentum = apply_update(spec, state.weights, state.momentum, grads, k, rates)
+    if read == "post_update":
+        y = st.apply(spec, weights, one(q))[..., 0, :]
+    return y, advance(state, weights, momentum, chunk_size)
