@@ -30,6 +30,8 @@ flags.DEFINE_integer("heads", 4, "memory heads")
 flags.DEFINE_integer("dim", 64, "key/value dimension per head")
 flags.DEFINE_integer("hidden", 64, "hidden width of the MLP memory")
 flags.DEFINE_integer("chunk", 64, "chunk size (both forms use the same chunk semantics)")
+flags.DEFINE_enum("read", "per_token", ["boundary", "per_token", "post_update"], "read mode")
+flags.DEFINE_bool("remat", True, "chunked form recomputes each chunk in the backward pass (training default)")
 flags.DEFINE_integer("reps", 3, "timed repetitions per form and length")
 
 
@@ -48,11 +50,12 @@ def _inputs(length):
 
 
 def _fwd_bwd(form, spec):
-    fn = {"naive": ops.memory_naive, "chunked": ops.memory_chunked}[form]
-
     def loss(weights, state, xs):
-        y, _ = fn(spec, state._replace(weights=weights, boundary=weights), *xs, chunk_size=FLAGS.chunk,
-                  read="per_token")
+        state = state._replace(weights=weights, boundary=weights)
+        if form == "naive":
+            y, _ = ops.memory_naive(spec, state, *xs, chunk_size=FLAGS.chunk, read=FLAGS.read)
+        else:
+            y, _ = ops.memory_chunked(spec, state, *xs, chunk_size=FLAGS.chunk, read=FLAGS.read, remat=FLAGS.remat)
         return jnp.mean(y ** 2)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
@@ -66,7 +69,8 @@ def _time(f, *args):
 
 def main(_):
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; memory={FLAGS.structure} batch={FLAGS.batch} "
-          f"heads={FLAGS.heads} dim={FLAGS.dim} hidden={FLAGS.hidden} chunk={FLAGS.chunk}; forward+backward")
+          f"heads={FLAGS.heads} dim={FLAGS.dim} hidden={FLAGS.hidden} chunk={FLAGS.chunk} read={FLAGS.read} remat={FLAGS.remat}; "
+          "forward+backward")
     print(f"{'length':>7} {'naive ms':>10} {'chunked ms':>11} {'speed-up':>9}")
     for length in map(int, FLAGS.lengths):
         spec, state, xs = _inputs(length)

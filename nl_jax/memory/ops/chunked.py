@@ -18,7 +18,8 @@ unit lower-triangular system
 DeltaNet). Reads are the same sums applied to queries: `per_token` uses the shifted matrices
 (W_{i-1} q_i), `post_update` the unshifted ones (W_i q_i), `boundary` just W_0. For the MLP memory
 the read of the input-side weight gives the hidden pre-activation, which is then read through the
-output-side weight. Cost per chunk: O(C^2 D + C D^2) in matmuls and one C x C triangular solve.
+output-side weight. Cost per chunk: O(C^2 D + C D^2) in matmuls and the inverse of one C x C
+unit lower-triangular matrix (log2 C levels of batched matmuls).
 """
 
 from __future__ import annotations
@@ -28,19 +29,54 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 from nl_jax.memory.ops import rules
 from nl_jax.memory.ops import structures as st
 
 
 def segment_products(x: jax.Array) -> jax.Array:
-    """P[..., i, s] = prod_{s < r <= i} x_r for s <= i, else 0. Exact with zeros (no logs, no division)."""
+    """P[..., i, s] = prod_{s < r <= i} x_r for s <= i, else 0, for rates x in (0, 1].
+
+    Computed as exp of segment sums of log x, the sums as one masked matmul: each entry sums only its
+    own segment (no cancellation between prefix sums), and the gradient is a matmul, where cumprod's
+    would be an associative scan. Rates are clamped at the smallest normal float, so a rate of
+    exactly 0 contributes ~1e-38 instead of 0.
+    """
     c = x.shape[-1]
     i = jnp.arange(c)[:, None]
     s = jnp.arange(c)[None, :]
-    factors = jnp.where(i > s, x[..., :, None], jnp.ones((), x.dtype))  # row r, column s: x_r if r > s
-    return jnp.where(i >= s, jnp.cumprod(factors, axis=-2), 0.0)
+    log_x = jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
+    terms = jnp.where(i > s, log_x[..., :, None], 0.0)  # row r, column s: log x_r if r > s
+    sums = (i >= s).astype(x.dtype) @ terms  # sums[i, s] = sum_{r <= i} terms[r, s]
+    return jnp.where(i >= s, jnp.exp(sums), 0.0)
+
+
+def unit_lower_inverse(t: jax.Array) -> jax.Array:
+    """Inverse of unit lower-triangular matrices [..., n, n] by bottom-up block recursion.
+
+    Doubles the solved diagonal blocks each level: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
+    Only batched matmuls (log2 n levels), as stable as forward substitution, and no LAPACK call: on
+    CPU, jax's triangular solve goes through a threaded BLAS that can stall inside XLA's executor.
+    """
+    n = t.shape[-1]
+    size = 1 << max(n - 1, 0).bit_length()  # pad to a power of two with identity
+    if size != n:
+        pad = [(0, 0)] * (t.ndim - 2) + [(0, size - n), (0, size - n)]
+        t = jnp.pad(t, pad) + jnp.diag(jnp.arange(size) >= n).astype(t.dtype)
+    lead = t.shape[:-2]
+    inv = jnp.ones((*lead, size, 1, 1), t.dtype)  # inverses of the 1 x 1 diagonal blocks
+    s = 1
+    while s < size:
+        nb = size // (2 * s)
+        blocks = t.reshape(*lead, nb, 2 * s, nb, 2 * s)
+        blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..., nb, 2s, 2s]
+        pairs = inv.reshape(*lead, nb, 2, s, s)
+        a_inv, d_inv = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        lower = -(d_inv @ blocks[..., s:, :s] @ a_inv)
+        top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], axis=-1)
+        inv = jnp.concatenate([top, jnp.concatenate([lower, d_inv], axis=-1)], axis=-2)
+        s *= 2
+    return inv.reshape(*lead, size, size)[..., :n, :n]
 
 
 def _shift_rows(m: jax.Array, first_row_fill=0.0) -> jax.Array:
@@ -90,25 +126,34 @@ class _Track(NamedTuple):
     gp: jax.Array | None   # [B, H, C, O] gamma_s * p_s (DGD), with p_s = W_{s-1} k_s
 
 
-def _dgd_predictions(co: _Coefs, w0, s0, k, ue, gamma):
-    """Solve for p_i = W_{i-1} k_i of the input-side weight (see module docstring)."""
+def _boundary_terms(co: _Coefs, tr: _Track, qr: jax.Array, qw0: jax.Array | None = None) -> jax.Array:
+    """a_i W_0 q_i + mu_i S_0 q_i; `qw0` = W_0 q_i when the caller has it already."""
+    if tr.s0 is None:
+        return co.a[..., None] * (st._mm(qr, tr.w0) if qw0 is None else qw0)
+    if qw0 is None:  # one matmul for both boundary matrices
+        both = st._mm(qr, jnp.concatenate([tr.w0, tr.s0], axis=-2))
+        qw0, qs0 = jnp.split(both, 2, axis=-1)
+    else:
+        qs0 = st._mm(qr, tr.s0)
+    return co.a[..., None] * qw0 + co.mu[..., None] * qs0
+
+
+def _dgd_predictions(co: _Coefs, tr: _Track, kw0, gamma):
+    """Solve for p_i = W_{i-1} k_i of the input-side weight (see module docstring); kw0 = K W_0^T."""
+    k = tr.x
     gram = jnp.einsum("...ti,...si->...ts", k, k)
-    rhs = co.a[..., None] * st._mm(k, w0) - (co.Cm * gram) @ ue
-    if s0 is not None:
-        rhs = rhs + co.mu[..., None] * st._mm(k, s0)
+    rhs = _boundary_terms(co, tr, k, kw0) - (co.Cm * gram) @ tr.ue
     lower = (co.A * gram) * gamma[..., None, :]
     eye = jnp.eye(k.shape[-2], dtype=lower.dtype)
-    return solve_triangular(eye + lower, rhs, lower=True, unit_diagonal=True)
+    return unit_lower_inverse(eye + lower) @ rhs
 
 
 def _read(co: _Coefs, tr: _Track, qr: jax.Array) -> jax.Array:
     """W_i q_i (post coefficients) or W_{i-1} q_i (pre coefficients) for queries qr [B, H, C, I]."""
-    y = co.a[..., None] * st._mm(qr, tr.w0)
-    if tr.s0 is not None:
-        y = y + co.mu[..., None] * st._mm(qr, tr.s0)
-    y = y - (co.Cm * jnp.einsum("...ti,...si->...ts", qr, tr.x)) @ tr.ue
+    qx = jnp.einsum("...ti,...si->...ts", qr, tr.x)
+    y = _boundary_terms(co, tr, qr) - (co.Cm * qx) @ tr.ue
     if tr.gp is not None:  # the DGD weight's inputs are the keys
-        y = y - (co.A * jnp.einsum("...ti,...si->...ts", qr, tr.x)) @ tr.gp
+        y = y - (co.A * qx) @ tr.gp
     return y
 
 
@@ -137,10 +182,10 @@ def _chunk(spec: st.MemorySpec, read: str, carry, xs):
         s0 = None if momentum is None else getattr(momentum, name)
         x = getattr(fac.inputs, name)
         ue = rates.lr[..., None] * getattr(fac.errors, name)
-        gp = None
+        tr = _Track(w0, s0, x, ue, None)
         if rates.dgd is not None and name == st.input_side(spec):
-            gp = rates.dgd[..., None] * _dgd_predictions(pre, w0, s0, x, ue, rates.dgd)
-        tracks[name] = _Track(w0, s0, x, ue, gp)
+            tr = tr._replace(gp=rates.dgd[..., None] * _dgd_predictions(pre, tr, fac.key_proj, rates.dgd))
+        tracks[name] = tr
 
     if read == "boundary":
         y = st.apply(spec, weights, q)

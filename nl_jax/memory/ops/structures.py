@@ -126,18 +126,19 @@ class Factors(NamedTuple):
 
     inputs: Any  # pytree like Weights of [..., C, I]
     errors: Any  # pytree like Weights of [..., C, O]
+    key_proj: jax.Array  # the input-side weight applied to the keys, k W_in^T [..., C, O_in]
 
 
 def token_errors(spec: MemorySpec, weights: Weights, k: jax.Array, v: jax.Array) -> Factors:
     """Per-token gradient factors of the objective at `weights`, for k [..., C, I], v [..., C, O]."""
     if spec.structure == "linear":
-        e = output_error(spec, _mm(k, weights.w), v)
-        return Factors(LinearWeights(k), LinearWeights(e))
+        pred = _mm(k, weights.w)
+        return Factors(LinearWeights(k), LinearWeights(output_error(spec, pred, v)), pred)
     z = _mm(k, weights.w2)
     h, dh = jax.jvp(spec.act, (z,), (jnp.ones_like(z),))  # elementwise activation: jvp with ones = s'(z)
     e1 = output_error(spec, k + _mm(h, weights.w1), v)
     e2 = jnp.einsum("...co,...oh->...ch", e1, weights.w1) * dh
-    return Factors(MLPWeights(w1=h, w2=k), MLPWeights(w1=e1, w2=e2))
+    return Factors(MLPWeights(w1=h, w2=k), MLPWeights(w1=e1, w2=e2), z)
 
 
 def input_side(spec: MemorySpec) -> str:
