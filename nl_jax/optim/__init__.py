@@ -1,0 +1,48 @@
+"""Deep optimizers of Nested Learning as optax transforms (paper_notes section 2; spec D9).
+
+Each optimizer is a ``scale_by_<name>`` transform (NamedTuple state) and a chained alias
+``<name>(learning_rate, ...)`` ending in ``optax.scale_by_learning_rate`` (float or schedule)::
+
+    from nl_jax import optim
+    tx = optim.m3(1e-3)                     # or momentum_memory, delta_momentum, deep_momentum, ...
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+
+Matrix optimizers take ``dims`` (:class:`MatrixDims`, a pytree of them, or a callable) saying which
+axes of each parameter form the matrix; by default the last two, with leading axes as batch
+(scanned layers), and vectors / scalars use each optimizer's documented fallback.
+"""
+from nl_jax.optim.adam_memory import AdamMemoryState
+from nl_jax.optim.adam_memory import adam_memory
+from nl_jax.optim.adam_memory import scale_by_adam_memory
+from nl_jax.optim.deep_momentum import DeepMomentumState
+from nl_jax.optim.deep_momentum import MomentumMLP
+from nl_jax.optim.deep_momentum import deep_momentum
+from nl_jax.optim.deep_momentum import scale_by_deep_momentum
+from nl_jax.optim.delta_momentum import DeltaMomentumState
+from nl_jax.optim.delta_momentum import delta_momentum
+from nl_jax.optim.delta_momentum import scale_by_delta_momentum
+from nl_jax.optim.m3 import M3State
+from nl_jax.optim.m3 import m3
+from nl_jax.optim.m3 import scale_by_m3
+from nl_jax.optim.matrix import MatrixDims
+from nl_jax.optim.momentum import MomentumMemoryState
+from nl_jax.optim.momentum import PreconditionedMomentumState
+from nl_jax.optim.momentum import momentum_memory
+from nl_jax.optim.momentum import preconditioned_momentum
+from nl_jax.optim.momentum import scale_by_momentum_memory
+from nl_jax.optim.momentum import scale_by_preconditioned_momentum
+from nl_jax.optim.newton_schulz import muon
+from nl_jax.optim.newton_schulz import newton_schulz
+from nl_jax.optim.newton_schulz import orthogonalize
+from nl_jax.optim.newton_schulz import scale_by_newton_schulz
+
+__all__ = [
+    "AdamMemoryState", "DeepMomentumState", "DeltaMomentumState", "M3State", "MatrixDims",
+    "MomentumMLP", "MomentumMemoryState", "PreconditionedMomentumState", "adam_memory",
+    "deep_momentum", "delta_momentum", "m3", "momentum_memory", "muon", "newton_schulz",
+    "orthogonalize", "preconditioned_momentum", "scale_by_adam_memory", "scale_by_deep_momentum",
+    "scale_by_delta_momentum", "scale_by_m3", "scale_by_momentum_memory",
+    "scale_by_newton_schulz", "scale_by_preconditioned_momentum",
+]

@@ -1,0 +1,165 @@
+"""Newton-Schulz output nonlinearity (paper 2.6) and Muon, its linear-momentum special case.
+
+Paper 2.6: ``W_{i+1} = W_i + sigma(m_{i+1}(u_i))``; with ``sigma`` = Newton-Schulz orthogonalisation
+and ``m`` the linear momentum memory of paper 2.1, this is Muon (A-Eq.42): ``W += NS_k(m)``,
+``m = alpha m - eta g``.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nl_jax.optim import matrix
+from nl_jax.optim.momentum import scale_by_momentum_memory
+
+QUINTIC = (3.4445, -4.7750, 2.0315)   # Muon's coefficients (Jordan et al.)
+CUBIC = (1.5, -0.5, 0.0)              # X <- X (3I - X^T X) / 2: the NL derivation (A-Eq.43-44)
+_PRESETS = {"quintic": QUINTIC, "cubic": CUBIC}
+
+Coeffs = Union[str, Sequence[float]]
+
+
+def _coeffs(ns_coeffs: Coeffs) -> tuple[float, float, float]:
+    if isinstance(ns_coeffs, str):
+        if ns_coeffs not in _PRESETS:
+            raise ValueError(f"unknown ns_coeffs preset {ns_coeffs!r}; choose from {sorted(_PRESETS)}")
+        return _PRESETS[ns_coeffs]
+    c = tuple(ns_coeffs)
+    if len(c) != 3:
+        raise ValueError(f"ns_coeffs must be 3 numbers (a, b, c), got {ns_coeffs!r}")
+    return c
+
+
+def newton_schulz(x: jax.Array, ns_steps=5, ns_coeffs: Coeffs = "quintic", eps=1e-7) -> jax.Array:
+    """Orthogonalise a batch of matrices ``x: (..., m, n)`` by Newton-Schulz iterations.
+
+    ``X <- X / (||X||_F + eps)``, then ``ns_steps`` times ``X <- a X + (b A + c A A) X`` with
+    ``A = X X^T`` (the wide orientation is used: ``x`` is transposed when ``m > n``). Computed in
+    float32 and cast back. ``ns_steps`` may be a traced integer (``optax.inject_hyperparams``).
+    """
+    a, b, c = _coeffs(ns_coeffs)
+    dtype = x.dtype
+    x = x.astype(jnp.promote_types(dtype, jnp.float32))
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = jnp.swapaxes(x, -1, -2)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+    x = x / (norm + eps)
+
+    def step(_, x):
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        poly = b * gram + c * gram @ gram
+        return a * x + poly @ x
+
+    if isinstance(ns_steps, int):
+        for i in range(ns_steps):
+            x = step(i, x)
+    else:
+        x = jax.lax.fori_loop(0, ns_steps, step, x)
+    if transposed:
+        x = jnp.swapaxes(x, -1, -2)
+    return x.astype(dtype)
+
+
+def orthogonalize(x: jax.Array, dims: matrix.MatrixDims, ns_steps=5, ns_coeffs: Coeffs = "quintic",
+                  eps=1e-7) -> jax.Array:
+    """Newton-Schulz on an N-D array whose matrix axes are given by ``dims`` (batch axes vmapped)."""
+    view = matrix.matrix_view(x.shape, dims)
+    return view.from_matrix(newton_schulz(view.to_matrix(x), ns_steps, ns_coeffs, eps))
+
+
+def shape_scale_factor(fan_in: int, fan_out: int, shape_scale: str, consistent_rms=0.2):
+    """Post-NS scale: 'none' 1; 'width' sqrt(max(1, n_out/n_in)); 'rms' rms*sqrt(max(n_in, n_out))."""
+    if shape_scale == "none":
+        return 1.0
+    if shape_scale == "width":
+        return max(1.0, fan_out / fan_in) ** 0.5
+    if shape_scale == "rms":
+        return consistent_rms * max(fan_in, fan_out) ** 0.5
+    raise ValueError(f"shape_scale must be 'none', 'width' or 'rms', got {shape_scale!r}")
+
+
+def _vector_polar(x: jax.Array, eps) -> jax.Array:
+    """Exact polar factor of a vector seen as one ``1 x n`` row: ``x / ||x||`` (sign for scalars)."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (xf / (jnp.sqrt(jnp.sum(jnp.square(xf))) + eps)).astype(x.dtype)
+
+
+def scale_by_newton_schulz(
+    ns_steps=5,
+    ns_coeffs: Coeffs = "quintic",
+    eps=1e-7,
+    *,
+    shape_scale: Literal["none", "width", "rms"] = "none",
+    consistent_rms=0.2,
+    vector_rule: Literal["normalize", "identity"] = "normalize",
+    dims: matrix.DimsSpec = None,
+) -> optax.GradientTransformation:
+    """Nonlinear output sigma = Newton-Schulz (paper 2.6), a stateless transform.
+
+    Every matrix leaf (see :mod:`nl_jax.optim.matrix`) becomes ``s * NS_k(u)`` with
+    ``s = shape_scale_factor(n_in, n_out, shape_scale)`` (``'width'``: Muon's
+    ``sqrt(max(1, n_out/n_in))``; ``'rms'``: ``consistent_rms * sqrt(max(n_in, n_out))``, an
+    AdamW-like update RMS). Leaves without matrix dims follow ``vector_rule``:
+    ``'normalize'`` treats the vector as a single ``1 x n`` row and uses its exact polar factor
+    ``u / ||u||`` (times the same shape scale, e.g. ``sqrt(n)`` for 'width', i.e. a unit-RMS step);
+    ``'identity'`` passes it through.
+    Chain it after any momentum memory: after :func:`scale_by_momentum_memory` it is Muon.
+    """
+    def update_fn(updates, state, params=None):
+        del params
+        dims_list = matrix.leaf_dims(dims, updates)
+
+        def one(d, u):
+            if d is None:
+                if vector_rule == "identity":
+                    return u
+                scale = shape_scale_factor(1, u.size, shape_scale, consistent_rms)  # a 1 x n row
+                return (_vector_polar(u, eps) * scale).astype(u.dtype)
+            view = matrix.matrix_view(u.shape, d)
+            o = view.from_matrix(newton_schulz(view.to_matrix(u), ns_steps, ns_coeffs, eps))
+            scale = shape_scale_factor(view.fan_in, view.fan_out, shape_scale, consistent_rms)
+            return (o * scale).astype(u.dtype)
+
+        return matrix.map_leaves(one, dims_list, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    beta=0.95,
+    ns_steps=5,
+    ns_coeffs: Coeffs = "quintic",
+    eps=1e-7,
+    weight_decay: Optional[float] = None,
+    mu_dtype=None,
+    *,
+    nesterov: bool = False,
+    shape_scale: Literal["none", "width", "rms"] = "width",
+    consistent_rms=0.2,
+    dims: matrix.DimsSpec = None,
+) -> optax.GradientTransformation:
+    """Muon = linear momentum memory (paper 2.1) + Newton-Schulz output (paper 2.6).
+
+    ``m <- beta m + g``; ``u = s NS_k(m)`` (``u = s m/||m||`` for vectors, see
+    :func:`scale_by_newton_schulz`); ``W <- W - lr (u + wd W)``.
+
+    Reduces to a plain reference of momentum + Newton-Schulz (``m = beta m + g``,
+    ``W -= lr * NS_k(m)``, python loop, tests/optim/test_reductions.py) with
+    ``shape_scale='none'``; with the default ``shape_scale='width'`` and ``nesterov=False`` it matches
+    ``optax.contrib.muon(nesterov=False)`` on 2-D weights up to its ``eps``.
+    ``weight_decay=None`` (default) leaves the decay out, so ``params`` are not needed in ``update``.
+    """
+    parts = [
+        scale_by_momentum_memory(decay=beta, nesterov=nesterov, mu_dtype=mu_dtype),
+        scale_by_newton_schulz(ns_steps, ns_coeffs, eps, shape_scale=shape_scale,
+                               consistent_rms=consistent_rms, dims=dims),
+    ]
+    if weight_decay is not None:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
