@@ -1,4 +1,5 @@
 """nl_jax: Nested Learning and the HOPE architecture in JAX / Flax NNX."""
+
 import setuptools
 
 # One tested set of versions (see README "Versions"). jax and jaxlib move together; libtpu is pinned

@@ -43,8 +43,9 @@ def _inputs(length):
     q, k = unit(jax.random.normal(ks[0], shape)), unit(jax.random.normal(ks[1], shape))
     v = jax.random.normal(ks[2], shape)
     gate = lambda key: jax.nn.sigmoid(jax.random.normal(key, shape[:3]))  # noqa: E731
-    rates = ops.Rates(lr=0.1 * gate(ks[3]), retention=0.9 + 0.1 * gate(ks[4]), momentum=gate(ks[5]),
-                      dgd=0.1 * gate(ks[6]))
+    rates = ops.Rates(
+        lr=0.1 * gate(ks[3]), retention=0.9 + 0.1 * gate(ks[4]), momentum=gate(ks[5]), dgd=0.1 * gate(ks[6])
+    )
     weights = ops.init_weights(spec, ks[7], (FLAGS.batch, FLAGS.heads), FLAGS.dim, hidden=FLAGS.hidden)
     return spec, ops.init_state(weights, momentum=True), (q, k, v, rates)
 
@@ -55,8 +56,10 @@ def _fwd_bwd(form, spec):
         if form == "naive":
             y, _ = ops.memory_naive(spec, state, *xs, chunk_size=FLAGS.chunk, read=FLAGS.read)
         else:
-            y, _ = ops.memory_chunked(spec, state, *xs, chunk_size=FLAGS.chunk, read=FLAGS.read, remat=FLAGS.remat)
-        return jnp.mean(y ** 2)
+            y, _ = ops.memory_chunked(
+                spec, state, *xs, chunk_size=FLAGS.chunk, read=FLAGS.read, remat=FLAGS.remat
+            )
+        return jnp.mean(y**2)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))
 
@@ -68,9 +71,11 @@ def _time(f, *args):
 
 
 def main(_):
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; memory={FLAGS.structure} batch={FLAGS.batch} "
-          f"heads={FLAGS.heads} dim={FLAGS.dim} hidden={FLAGS.hidden} chunk={FLAGS.chunk} read={FLAGS.read} remat={FLAGS.remat}; "
-          "forward+backward")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; memory={FLAGS.structure} batch={FLAGS.batch} "
+        f"heads={FLAGS.heads} dim={FLAGS.dim} hidden={FLAGS.hidden} chunk={FLAGS.chunk} read={FLAGS.read} remat={FLAGS.remat}; "
+        "forward+backward"
+    )
     print(f"{'length':>7} {'naive ms':>10} {'chunked ms':>11} {'speed-up':>9}")
     for length in map(int, FLAGS.lengths):
         spec, state, xs = _inputs(length)

@@ -39,9 +39,12 @@ def param_shapes(layers, d, vocab):
     return {
         "embed": (vocab, d),
         "layers": {
-            "qkv": (layers, d, 3 * d), "out": (layers, d, d),
-            "up": (layers, d, 4 * d), "down": (layers, 4 * d, d),
-            "norm1": (layers, d), "norm2": (layers, d),
+            "qkv": (layers, d, 3 * d),
+            "out": (layers, d, d),
+            "up": (layers, d, 4 * d),
+            "down": (layers, 4 * d, d),
+            "norm1": (layers, d),
+            "norm2": (layers, d),
         },
         "final_norm": (d,),
     }
@@ -50,8 +53,9 @@ def param_shapes(layers, d, vocab):
 def matrix_dims(params):
     """Stacked norm scales are vectors per layer: no matrix; other rank>=2 leaves: last two axes."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: None if "norm" in jax.tree_util.keystr(path) or p.ndim < 2
-        else optim.MatrixDims(), params)
+        lambda path, p: None if "norm" in jax.tree_util.keystr(path) or p.ndim < 2 else optim.MatrixDims(),
+        params,
+    )
 
 
 def optimizers():
@@ -82,15 +86,19 @@ def main(_):
     grads = make_tree(shapes, 1, 1e-3)
     params0 = make_tree(shapes, 0, 0.02)
     n_params = sum(x.size for x in jax.tree.leaves(grads))
-    print(f"pytree: {n_params / 1e6:.1f}M parameters ({layers} stacked layers, d={d}, "
-          f"vocab={vocab}); backend {jax.default_backend()}, {jax.device_count()} device(s)")
+    print(
+        f"pytree: {n_params / 1e6:.1f}M parameters ({layers} stacked layers, d={d}, "
+        f"vocab={vocab}); backend {jax.default_backend()}, {jax.device_count()} device(s)"
+    )
 
     txs = optimizers()
     steps, per_step = {}, {name: [] for name in txs}
     for name, tx in txs.items():
+
         def step(params, state, grads, tx=tx):
             updates, state = tx.update(grads, state, params)
             return optax.apply_updates(params, updates), state
+
         steps[name] = (jax.jit(tx.init), jax.jit(step, donate_argnums=(0, 1)))
 
     n_steps = {}
@@ -117,8 +125,10 @@ def main(_):
     print(f"\n{'optimizer':<26}{'ms/step':>10}{'x adamw':>9}{'min..max ms':>18}   steps x rounds")
     for name, ts in per_step.items():
         med = statistics.median(ts)
-        print(f"{name:<26}{1e3 * med:>10.1f}{med / base:>9.2f}"
-              f"{f'{1e3 * min(ts):.0f}..{1e3 * max(ts):.0f}':>18}   {n_steps[name]} x {len(ts)}")
+        print(
+            f"{name:<26}{1e3 * med:>10.1f}{med / base:>9.2f}"
+            f"{f'{1e3 * min(ts):.0f}..{1e3 * max(ts):.0f}':>18}   {n_steps[name]} x {len(ts)}"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The model is split once into a graph definition and a pytree of parameters; the 
 pure function of (params, opt_state, batch), so any optax.GradientTransformation drops in. Prints
 the final training loss and accuracy per optimizer next to optax.adamw.
 """
+
 from __future__ import annotations
 
 import argparse

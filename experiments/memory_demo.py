@@ -55,14 +55,22 @@ def main(_):
     print(f"jax {jax.__version__}, devices: {jax.devices()}")
     keys, values, k, v = _stream()
     length = k.shape[1]
-    print(f"{FLAGS.num_pairs} pairs of dim {FLAGS.dim}, replayed {FLAGS.passes}x ({length} tokens), "
-          f"chunk size {FLAGS.chunk}\n")
+    print(
+        f"{FLAGS.num_pairs} pairs of dim {FLAGS.dim}, replayed {FLAGS.passes}x ({length} tokens), "
+        f"chunk size {FLAGS.chunk}\n"
+    )
     print(f"{'rule':<36} {'recall error':>12} {'chunked vs naive':>17} {'naive ms':>9} {'chunked ms':>11}")
     for name, m in _mechanisms(length).items():
         # Matrix memories start empty; an MLP memory needs non-zero weights or no gradient reaches it.
         mlp = m.spec.structure == "mlp"
-        w0 = ops.init_weights(m.spec, jax.random.key(1), (1, 1), FLAGS.dim, hidden=2 * FLAGS.dim if mlp else None,
-                              scale=0.2 if mlp else 0.0)
+        w0 = ops.init_weights(
+            m.spec,
+            jax.random.key(1),
+            (1, 1),
+            FLAGS.dim,
+            hidden=2 * FLAGS.dim if mlp else None,
+            scale=0.2 if mlp else 0.0,
+        )
         state = ops.init_state(w0, momentum=m.rates.momentum is not None)
         runs = {}
         for form, fn in (("naive", ops.memory_naive), ("chunked", ops.memory_chunked)):

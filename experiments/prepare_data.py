@@ -9,6 +9,7 @@ token counts). The train/validation split is the same content-hash rule as the t
 sees exactly the tokens that `source=text|jsonl` would. Documents are streamed, so inputs larger
 than memory work.
 """
+
 import json
 
 from absl import app
@@ -25,40 +26,58 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", "byte", "'byte' or a SentencePiece
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Input format.")
 _TEXT_KEY = flags.DEFINE_string("text_key", "text", "jsonl key holding the text.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards per split.")
-_EVAL_FRACTION = flags.DEFINE_float("eval_fraction", sources.DEFAULT_EVAL_FRACTION,
-                                    "Share of documents (by content hash) for validation.")
+_EVAL_FRACTION = flags.DEFINE_float(
+    "eval_fraction", sources.DEFAULT_EVAL_FRACTION, "Share of documents (by content hash) for validation."
+)
 _BLOCK_LEN = flags.DEFINE_integer("block_len", shards.DEFAULT_BLOCK_LEN, "Tokens per record.")
 
 
-def prepare(input_path, output_dir, tokenizer_spec="byte", fmt="text", text_key="text",
-            num_shards=1, eval_fraction=sources.DEFAULT_EVAL_FRACTION, eval_input="",
-            block_len=shards.DEFAULT_BLOCK_LEN) -> dict:
-  """Library form of the command (used by tests); returns the written metadata."""
-  tokenizer = tokenizers.load_tokenizer(tokenizer_spec)
-  if fmt == "text":
-    source = sources.TextFiles(input_path, eval_input, eval_fraction)
-  elif fmt == "jsonl":
-    source = sources.JsonlFiles(input_path, text_key, eval_input, eval_fraction)
-  else:
-    raise ValueError(f"Unknown --format {fmt!r}; expected text or jsonl")
-  splits = {"train": source.iter_documents("train"),
-            "validation": source.iter_documents("validation")}
-  meta = shards.write_shards(output_dir, splits, tokenizer, num_shards, block_len)
-  if meta["splits"]["train"]["num_tokens"] == 0:
-    raise ValueError(f"Empty corpus: no training documents in {input_path!r}")
-  return meta
+def prepare(
+    input_path,
+    output_dir,
+    tokenizer_spec="byte",
+    fmt="text",
+    text_key="text",
+    num_shards=1,
+    eval_fraction=sources.DEFAULT_EVAL_FRACTION,
+    eval_input="",
+    block_len=shards.DEFAULT_BLOCK_LEN,
+) -> dict:
+    """Library form of the command (used by tests); returns the written metadata."""
+    tokenizer = tokenizers.load_tokenizer(tokenizer_spec)
+    if fmt == "text":
+        source = sources.TextFiles(input_path, eval_input, eval_fraction)
+    elif fmt == "jsonl":
+        source = sources.JsonlFiles(input_path, text_key, eval_input, eval_fraction)
+    else:
+        raise ValueError(f"Unknown --format {fmt!r}; expected text or jsonl")
+    splits = {"train": source.iter_documents("train"), "validation": source.iter_documents("validation")}
+    meta = shards.write_shards(output_dir, splits, tokenizer, num_shards, block_len)
+    if meta["splits"]["train"]["num_tokens"] == 0:
+        raise ValueError(f"Empty corpus: no training documents in {input_path!r}")
+    return meta
 
 
 def main(argv):
-  del argv
-  meta = prepare(_INPUT.value, _OUTPUT_DIR.value, _TOKENIZER.value, _FORMAT.value,
-                 _TEXT_KEY.value, _NUM_SHARDS.value, _EVAL_FRACTION.value, _EVAL_INPUT.value,
-                 _BLOCK_LEN.value)
-  print(json.dumps({k: v for k, v in meta.items() if k != "splits"}))
-  for split, info in meta["splits"].items():
-    print(f"{split}: {info['num_documents']} documents, {info['num_tokens']} tokens, "
-          f"{len(info['files'])} shards")
+    del argv
+    meta = prepare(
+        _INPUT.value,
+        _OUTPUT_DIR.value,
+        _TOKENIZER.value,
+        _FORMAT.value,
+        _TEXT_KEY.value,
+        _NUM_SHARDS.value,
+        _EVAL_FRACTION.value,
+        _EVAL_INPUT.value,
+        _BLOCK_LEN.value,
+    )
+    print(json.dumps({k: v for k, v in meta.items() if k != "splits"}))
+    for split, info in meta["splits"].items():
+        print(
+            f"{split}: {info['num_documents']} documents, {info['num_tokens']} tokens, "
+            f"{len(info['files'])} shards"
+        )
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -6,6 +6,7 @@ r"""Trains a SentencePiece tokenizer offline on local text (or on the embedded s
 
 Then use it with `--config.data.tokenizer=/tmp/spm8k.model` (and a model vocab_size >= its size).
 """
+
 from absl import app
 from absl import flags
 
@@ -16,30 +17,33 @@ from nl_jax.data import tokenizers
 _INPUT = flags.DEFINE_string("input", "", "Text file/dir/glob; empty: the embedded corpus (train).")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Input format.")
 _TEXT_KEY = flags.DEFINE_string("text_key", "text", "jsonl key holding the text.")
-_MODEL_PREFIX = flags.DEFINE_string("model_prefix", None, "Writes PREFIX.model/.vocab.",
-                                    required=True)
+_MODEL_PREFIX = flags.DEFINE_string("model_prefix", None, "Writes PREFIX.model/.vocab.", required=True)
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size (>= ~300 with bytes).")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece model.")
 _MAX_SENTENCES = flags.DEFINE_integer("max_sentences", 2_000_000, "Lines used for training.")
 
 
 def documents(input_path: str, fmt: str = "text", text_key: str = "text"):
-  """Training-split documents of the input (validation stays unseen by the tokenizer too)."""
-  if not input_path:
-    return corpus.EmbeddedCorpus().documents("train")
-  if fmt == "jsonl":
-    return sources.JsonlFiles(input_path, text_key).documents("train")
-  return sources.TextFiles(input_path).documents("train")
+    """Training-split documents of the input (validation stays unseen by the tokenizer too)."""
+    if not input_path:
+        return corpus.EmbeddedCorpus().documents("train")
+    if fmt == "jsonl":
+        return sources.JsonlFiles(input_path, text_key).documents("train")
+    return sources.TextFiles(input_path).documents("train")
 
 
 def main(argv):
-  del argv
-  path = tokenizers.train_sentencepiece(
-      documents(_INPUT.value, _FORMAT.value, _TEXT_KEY.value), _MODEL_PREFIX.value,
-      _VOCAB_SIZE.value, model_type=_MODEL_TYPE.value, max_sentences=_MAX_SENTENCES.value)
-  tok = tokenizers.SentencePieceTokenizer(path)
-  print(f"wrote {path}: {tok!r}")
+    del argv
+    path = tokenizers.train_sentencepiece(
+        documents(_INPUT.value, _FORMAT.value, _TEXT_KEY.value),
+        _MODEL_PREFIX.value,
+        _VOCAB_SIZE.value,
+        model_type=_MODEL_TYPE.value,
+        max_sentences=_MAX_SENTENCES.value,
+    )
+    tok = tokenizers.SentencePieceTokenizer(path)
+    print(f"wrote {path}: {tok!r}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

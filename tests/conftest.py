@@ -2,6 +2,7 @@
 
 The environment must be set before jax is imported anywhere, which is why it lives here.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

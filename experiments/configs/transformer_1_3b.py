@@ -3,14 +3,14 @@ vocab 32000: 1,326,548,992 parameters. (fla's default 5632 would give 1.364B, +4
 
     python -m experiments.pretrain --config=transformer_1_3b
 """
+
 from experiments.configs import base
 
 
 def get_config():
-  config = base.get_config()
-  config.model.update(d_model=2048, num_layers=24, num_heads=16, mlp_hidden=5376,
-                      tie_embeddings=False)
-  # TPU defaults: bf16 matmuls over float32 master weights (D10); keep the projection outputs
-  # and recompute the attention matrices in the backward pass.
-  config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-  return config
+    config = base.get_config()
+    config.model.update(d_model=2048, num_layers=24, num_heads=16, mlp_hidden=5376, tie_embeddings=False)
+    # TPU defaults: bf16 matmuls over float32 master weights (D10); keep the projection outputs
+    # and recompute the attention matrices in the backward pass.
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return config

@@ -3,11 +3,13 @@
 Trains in minutes on a laptop CPU:
     python -m experiments.pretrain --config=transformer_tiny
 """
+
 from experiments.configs import base
 
 
 def get_config():
-  config = base.get_config()
-  config.model.update(vocab_size=260, d_model=128, num_layers=4, num_heads=4, mlp_hidden=384,
-                      tie_embeddings=False)
-  return config
+    config = base.get_config()
+    config.model.update(
+        vocab_size=260, d_model=128, num_layers=4, num_heads=4, mlp_hidden=384, tie_embeddings=False
+    )
+    return config

@@ -3,6 +3,7 @@
 The trainer includes `default_data_config()` in its base config and calls `from_config(cfg.data)`;
 everything else about data stays behind that call.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,101 +22,124 @@ SOURCES = ("embedded", "text", "jsonl", "array_record", "tfds")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """Defaults train `hope_tiny` on the embedded stdlib corpus with the byte tokenizer."""
-  return ml_collections.ConfigDict(dict(
-      source="embedded",          # embedded | text | jsonl | array_record | tfds
-      path="",                    # text/jsonl: file, dir or glob; array_record: prepare_data dir
-      eval_path="",               # text/jsonl: separate validation files (else a hash split)
-      eval_fraction=0.05,         # text/jsonl: share of documents (by content hash) for validation
-      embedded_max_bytes=corpus.DEFAULT_MAX_BYTES,
-      tfds_name="",               # e.g. "c4/en:3.1.0", prepared as array_record in tfds_data_dir
-      tfds_data_dir="",
-      text_key="text",            # jsonl key / TFDS feature holding the text
-      train_split="train",
-      eval_split="validation",
-      tokenizer="byte",           # "byte" or a path to a SentencePiece .model
-      vocab_size=0,               # the model's vocab; > 0 checks the tokenizer fits (0: no check)
-      seq_len=256,
-      global_batch_size=8,
-      seed=0,
-      shuffle=True,               # global index shuffle (no buffer), reshuffled every epoch
-      num_workers=0,              # grain worker processes (0: threads in the trainer process)
-      prefetch=8,                 # batches prefetched per iterator
-      eval_max_batches=0,         # 0: the whole validation split
-  ))
+    """Defaults train `hope_tiny` on the embedded stdlib corpus with the byte tokenizer."""
+    return ml_collections.ConfigDict(
+        dict(
+            source="embedded",  # embedded | text | jsonl | array_record | tfds
+            path="",  # text/jsonl: file, dir or glob; array_record: prepare_data dir
+            eval_path="",  # text/jsonl: separate validation files (else a hash split)
+            eval_fraction=0.05,  # text/jsonl: share of documents (by content hash) for validation
+            embedded_max_bytes=corpus.DEFAULT_MAX_BYTES,
+            tfds_name="",  # e.g. "c4/en:3.1.0", prepared as array_record in tfds_data_dir
+            tfds_data_dir="",
+            text_key="text",  # jsonl key / TFDS feature holding the text
+            train_split="train",
+            eval_split="validation",
+            tokenizer="byte",  # "byte" or a path to a SentencePiece .model
+            vocab_size=0,  # the model's vocab; > 0 checks the tokenizer fits (0: no check)
+            seq_len=256,
+            global_batch_size=8,
+            seed=0,
+            shuffle=True,  # global index shuffle (no buffer), reshuffled every epoch
+            num_workers=0,  # grain worker processes (0: threads in the trainer process)
+            prefetch=8,  # batches prefetched per iterator
+            eval_max_batches=0,  # 0: the whole validation split
+        )
+    )
 
 
 def build_source(cfg: ml_collections.ConfigDict):
-  """The source object named by `cfg.source`."""
-  kind = cfg.source
-  if kind == "embedded":
-    return corpus.EmbeddedCorpus(max_bytes=cfg.get("embedded_max_bytes", corpus.DEFAULT_MAX_BYTES))
-  if kind == "text":
-    return sources_lib.TextFiles(cfg.path, cfg.get("eval_path", ""), cfg.get("eval_fraction", 0.05))
-  if kind == "jsonl":
-    return sources_lib.JsonlFiles(cfg.path, cfg.get("text_key", "text"), cfg.get("eval_path", ""),
-                                  cfg.get("eval_fraction", 0.05))
-  if kind == "array_record":
-    if not cfg.path:
-      raise ValueError("data.path is empty: source='array_record' needs a prepare_data output dir")
-    return shards.ArrayRecordShards(cfg.path)
-  if kind == "tfds":
-    return sources_lib.TfdsText(cfg.tfds_name, cfg.get("tfds_data_dir", ""),
-                                cfg.get("text_key", "text"))
-  raise ValueError(f"Unknown data.source {kind!r}; expected one of {SOURCES}")
+    """The source object named by `cfg.source`."""
+    kind = cfg.source
+    if kind == "embedded":
+        return corpus.EmbeddedCorpus(max_bytes=cfg.get("embedded_max_bytes", corpus.DEFAULT_MAX_BYTES))
+    if kind == "text":
+        return sources_lib.TextFiles(cfg.path, cfg.get("eval_path", ""), cfg.get("eval_fraction", 0.05))
+    if kind == "jsonl":
+        return sources_lib.JsonlFiles(
+            cfg.path, cfg.get("text_key", "text"), cfg.get("eval_path", ""), cfg.get("eval_fraction", 0.05)
+        )
+    if kind == "array_record":
+        if not cfg.path:
+            raise ValueError("data.path is empty: source='array_record' needs a prepare_data output dir")
+        return shards.ArrayRecordShards(cfg.path)
+    if kind == "tfds":
+        return sources_lib.TfdsText(cfg.tfds_name, cfg.get("tfds_data_dir", ""), cfg.get("text_key", "text"))
+    raise ValueError(f"Unknown data.source {kind!r}; expected one of {SOURCES}")
 
 
 @dataclasses.dataclass
 class Data:
-  """Everything the trainer needs from data: the tokenizer and iterator factories."""
+    """Everything the trainer needs from data: the tokenizer and iterator factories."""
 
-  source: object
-  tokenizer: tokenizers.Tokenizer
-  cfg: ml_collections.ConfigDict
-  process_index: int
-  process_count: int
+    source: object
+    tokenizer: tokenizers.Tokenizer
+    cfg: ml_collections.ConfigDict
+    process_index: int
+    process_count: int
 
-  @property
-  def vocab_size(self) -> int:
-    return self.tokenizer.vocab_size
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
 
-  def train_iterator(self) -> grain.DatasetIterator:
-    """A fresh checkpointable train iterator (restore its state with set_state / orbax)."""
-    c = self.cfg
-    return pipeline.make_train_iterator(
-        self.source, self.tokenizer, seq_len=c.seq_len, global_batch_size=c.global_batch_size,
-        seed=c.seed, process_index=self.process_index, process_count=self.process_count,
-        split=c.train_split, shuffle=c.shuffle, num_workers=c.num_workers, prefetch=c.prefetch,
-        vocab_size=c.vocab_size)
+    def train_iterator(self) -> grain.DatasetIterator:
+        """A fresh checkpointable train iterator (restore its state with set_state / orbax)."""
+        c = self.cfg
+        return pipeline.make_train_iterator(
+            self.source,
+            self.tokenizer,
+            seq_len=c.seq_len,
+            global_batch_size=c.global_batch_size,
+            seed=c.seed,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            split=c.train_split,
+            shuffle=c.shuffle,
+            num_workers=c.num_workers,
+            prefetch=c.prefetch,
+            vocab_size=c.vocab_size,
+        )
 
-  def eval_iterator(self, max_batches: int | None = None) -> Iterator[dict]:
-    """A fresh finite eval iterator over `eval_split` (same batches on every call)."""
-    c = self.cfg
-    if max_batches is None and c.get("eval_max_batches", 0) > 0:
-      max_batches = c.eval_max_batches
-    return pipeline.make_eval_iterator(
-        self.source, self.tokenizer, seq_len=c.seq_len, global_batch_size=c.global_batch_size,
-        process_index=self.process_index, process_count=self.process_count, split=c.eval_split,
-        max_batches=max_batches, vocab_size=c.vocab_size)
+    def eval_iterator(self, max_batches: int | None = None) -> Iterator[dict]:
+        """A fresh finite eval iterator over `eval_split` (same batches on every call)."""
+        c = self.cfg
+        if max_batches is None and c.get("eval_max_batches", 0) > 0:
+            max_batches = c.eval_max_batches
+        return pipeline.make_eval_iterator(
+            self.source,
+            self.tokenizer,
+            seq_len=c.seq_len,
+            global_batch_size=c.global_batch_size,
+            process_index=self.process_index,
+            process_count=self.process_count,
+            split=c.eval_split,
+            max_batches=max_batches,
+            vocab_size=c.vocab_size,
+        )
 
 
-def from_config(cfg: ml_collections.ConfigDict, *, process_index: int | None = None,
-                process_count: int | None = None, vocab_size: int | None = None) -> Data:
-  """Builds source and tokenizer and checks them (vocab fit, shard/tokenizer match) up front, so a
-  bad config fails before any compilation. Process index/count default to jax's; `vocab_size` (the
-  model's) overrides `cfg.vocab_size` for the check."""
-  if vocab_size is not None:
-    cfg = ml_collections.ConfigDict(cfg.to_dict())  # the caller's config stays untouched
-    cfg.vocab_size = vocab_size
-  if process_index is None or process_count is None:
-    import jax
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  tokenizer = tokenizers.load_tokenizer(cfg.tokenizer)
-  tokenizers.check_vocab(tokenizer, cfg.vocab_size)
-  source = build_source(cfg)
-  if isinstance(source, shards.ArrayRecordShards):
-    source.check_tokenizer(tokenizer)
-  pipeline.check_args(cfg.seq_len, cfg.global_batch_size, cfg.seed, process_index,
-                      process_count)
-  return Data(source, tokenizer, cfg, process_index, process_count)
+def from_config(
+    cfg: ml_collections.ConfigDict,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    vocab_size: int | None = None,
+) -> Data:
+    """Builds source and tokenizer and checks them (vocab fit, shard/tokenizer match) up front, so a
+    bad config fails before any compilation. Process index/count default to jax's; `vocab_size` (the
+    model's) overrides `cfg.vocab_size` for the check."""
+    if vocab_size is not None:
+        cfg = ml_collections.ConfigDict(cfg.to_dict())  # the caller's config stays untouched
+        cfg.vocab_size = vocab_size
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    tokenizer = tokenizers.load_tokenizer(cfg.tokenizer)
+    tokenizers.check_vocab(tokenizer, cfg.vocab_size)
+    source = build_source(cfg)
+    if isinstance(source, shards.ArrayRecordShards):
+        source.check_tokenizer(tokenizer)
+    pipeline.check_args(cfg.seq_len, cfg.global_batch_size, cfg.seed, process_index, process_count)
+    return Data(source, tokenizer, cfg, process_index, process_count)

@@ -8,6 +8,7 @@ CRC32(its UTF-8 text) / 2**32 < eval_fraction (default 5%), else to "train". Has
 keeps the split stable under file reordering and puts duplicate documents on the same side.
 Pass `eval_path` to use separate files for validation instead.
 """
+
 from __future__ import annotations
 
 import glob
@@ -24,186 +25,197 @@ DEFAULT_EVAL_FRACTION = 0.05
 
 
 def expand_paths(path: str, suffixes: tuple[str, ...]) -> list[str]:
-  """A file, a directory (searched recursively for `suffixes`) or a glob -> sorted file list."""
-  if not path:
-    raise ValueError("data path is empty: set data.path to a file, directory or glob")
-  if os.path.isdir(path):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffixes)]
-  elif any(c in path for c in "*?["):
-    files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
-  elif os.path.isfile(path):
-    files = [path]
-  else:
-    raise FileNotFoundError(f"data path does not exist: {path!r}")
-  if not files:
-    raise ValueError(f"No input files {suffixes} found for data path {path!r}")
-  return sorted(files)
+    """A file, a directory (searched recursively for `suffixes`) or a glob -> sorted file list."""
+    if not path:
+        raise ValueError("data path is empty: set data.path to a file, directory or glob")
+    if os.path.isdir(path):
+        files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith(suffixes)]
+    elif any(c in path for c in "*?["):
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"data path does not exist: {path!r}")
+    if not files:
+        raise ValueError(f"No input files {suffixes} found for data path {path!r}")
+    return sorted(files)
 
 
 def is_validation_doc(text: str, eval_fraction: float) -> bool:
-  return zlib.crc32(text.encode("utf-8")) / 2**32 < eval_fraction
+    return zlib.crc32(text.encode("utf-8")) / 2**32 < eval_fraction
 
 
 def split_of(text: str, split: str, eval_fraction: float) -> bool:
-  """Whether `text` belongs to `split` under the content-hash rule."""
-  if split in TRAIN_SPLITS:
-    return not is_validation_doc(text, eval_fraction)
-  if split in EVAL_SPLITS:
-    return is_validation_doc(text, eval_fraction)
-  raise ValueError(f"Unknown split {split!r}: use one of {TRAIN_SPLITS + EVAL_SPLITS}")
+    """Whether `text` belongs to `split` under the content-hash rule."""
+    if split in TRAIN_SPLITS:
+        return not is_validation_doc(text, eval_fraction)
+    if split in EVAL_SPLITS:
+        return is_validation_doc(text, eval_fraction)
+    raise ValueError(f"Unknown split {split!r}: use one of {TRAIN_SPLITS + EVAL_SPLITS}")
 
 
 def read_text_documents(path: str) -> Iterator[str]:
-  """Documents of one text file: paragraphs, i.e. runs of text separated by blank lines.
+    """Documents of one text file: paragraphs, i.e. runs of text separated by blank lines.
 
-  A single book-sized file therefore still has a validation split. Paragraph text is kept as is
-  except its final newline: the line break and blank lines after it become the EOS separator.
-  """
-  with open(path, encoding="utf-8", errors="replace") as f:
-    text = f.read()
-  if not text.strip():
-    raise ValueError(f"Empty input file: {path!r} contains no text")
-  para: list[str] = []
-  for line in text.splitlines(keepends=True):
-    if line.strip():
-      para.append(line)
-    elif para:
-      yield "".join(para).rstrip("\r\n")
-      para = []
-  if para:
-    yield "".join(para).rstrip("\r\n")
+    A single book-sized file therefore still has a validation split. Paragraph text is kept as is
+    except its final newline: the line break and blank lines after it become the EOS separator.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"Empty input file: {path!r} contains no text")
+    para: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            para.append(line)
+        elif para:
+            yield "".join(para).rstrip("\r\n")
+            para = []
+    if para:
+        yield "".join(para).rstrip("\r\n")
 
 
 def read_jsonl_documents(path: str, text_key: str) -> Iterator[str]:
-  """One document per line: the string under `text_key` (blank lines skipped)."""
-  any_line = False
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      any_line = True
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or text_key not in record:
-        raise ValueError(f"{path}:{lineno}: record has no text key {text_key!r}")
-      if not isinstance(record[text_key], str):
-        raise ValueError(f"{path}:{lineno}: {text_key!r} is not a string")
-      if record[text_key]:
-        yield record[text_key]
-  if not any_line:
-    raise ValueError(f"Empty input file: {path!r} contains no JSON lines")
+    """One document per line: the string under `text_key` (blank lines skipped)."""
+    any_line = False
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            any_line = True
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or text_key not in record:
+                raise ValueError(f"{path}:{lineno}: record has no text key {text_key!r}")
+            if not isinstance(record[text_key], str):
+                raise ValueError(f"{path}:{lineno}: {text_key!r} is not a string")
+            if record[text_key]:
+                yield record[text_key]
+    if not any_line:
+        raise ValueError(f"Empty input file: {path!r} contains no JSON lines")
 
 
 class _LocalFiles:
-  """Shared split logic for text and jsonl files."""
+    """Shared split logic for text and jsonl files."""
 
-  suffixes: tuple[str, ...] = ()
+    suffixes: tuple[str, ...] = ()
 
-  def __init__(self, path: str, eval_path: str = "",
-               eval_fraction: float = DEFAULT_EVAL_FRACTION):
-    self.path = path
-    self.eval_path = eval_path
-    self.eval_fraction = float(eval_fraction)
-    if not 0.0 <= self.eval_fraction < 1.0:
-      raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    def __init__(self, path: str, eval_path: str = "", eval_fraction: float = DEFAULT_EVAL_FRACTION):
+        self.path = path
+        self.eval_path = eval_path
+        self.eval_fraction = float(eval_fraction)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
 
-  def _read(self, path: str) -> Iterator[str]:
-    raise NotImplementedError
+    def _read(self, path: str) -> Iterator[str]:
+        raise NotImplementedError
 
-  def iter_documents(self, split: str) -> Iterator[str]:
-    if self.eval_path:  # separate validation files: all of path is train, all of eval_path eval
-      path = self.eval_path if split in EVAL_SPLITS else self.path
-      split_of(" ", split, 0.0)  # validates the split name
-      for f in expand_paths(path, self.suffixes):
-        yield from self._read(f)
-      return
-    for f in expand_paths(self.path, self.suffixes):
-      for doc in self._read(f):
-        if split_of(doc, split, self.eval_fraction):
-          yield doc
+    def iter_documents(self, split: str) -> Iterator[str]:
+        if self.eval_path:  # separate validation files: all of path is train, all of eval_path eval
+            path = self.eval_path if split in EVAL_SPLITS else self.path
+            split_of(" ", split, 0.0)  # validates the split name
+            for f in expand_paths(path, self.suffixes):
+                yield from self._read(f)
+            return
+        for f in expand_paths(self.path, self.suffixes):
+            for doc in self._read(f):
+                if split_of(doc, split, self.eval_fraction):
+                    yield doc
 
-  def documents(self, split: str) -> list[str]:
-    docs = [d for d in self.iter_documents(split) if d]
-    if not docs:
-      where = self.eval_path if (self.eval_path and split in EVAL_SPLITS) else self.path
-      raise ValueError(
-          f"Empty corpus: split {split!r} of {where!r} has no documents"
-          + ("" if self.eval_path else
-             f" (validation takes ~{self.eval_fraction:.0%} of documents by hash; "
-             "for a tiny input set data.eval_path)"))
-    return docs
+    def documents(self, split: str) -> list[str]:
+        docs = [d for d in self.iter_documents(split) if d]
+        if not docs:
+            where = self.eval_path if (self.eval_path and split in EVAL_SPLITS) else self.path
+            raise ValueError(
+                f"Empty corpus: split {split!r} of {where!r} has no documents"
+                + (
+                    ""
+                    if self.eval_path
+                    else f" (validation takes ~{self.eval_fraction:.0%} of documents by hash; "
+                    "for a tiny input set data.eval_path)"
+                )
+            )
+        return docs
 
 
 class TextFiles(_LocalFiles):
-  """Plain text files (`*.txt` when `path` is a directory); documents are paragraphs."""
+    """Plain text files (`*.txt` when `path` is a directory); documents are paragraphs."""
 
-  suffixes = (".txt",)
+    suffixes = (".txt",)
 
-  def _read(self, path: str) -> Iterator[str]:
-    return read_text_documents(path)
+    def _read(self, path: str) -> Iterator[str]:
+        return read_text_documents(path)
 
-  def __repr__(self) -> str:
-    return (f"TextFiles(path={self.path!r}, eval_path={self.eval_path!r}, "
-            f"eval_fraction={self.eval_fraction})")
+    def __repr__(self) -> str:
+        return (
+            f"TextFiles(path={self.path!r}, eval_path={self.eval_path!r}, eval_fraction={self.eval_fraction})"
+        )
 
 
 class JsonlFiles(_LocalFiles):
-  """JSON-lines files (`*.jsonl` when `path` is a directory), one document per line."""
+    """JSON-lines files (`*.jsonl` when `path` is a directory), one document per line."""
 
-  suffixes = (".jsonl", ".json")
+    suffixes = (".jsonl", ".json")
 
-  def __init__(self, path: str, text_key: str = "text", eval_path: str = "",
-               eval_fraction: float = DEFAULT_EVAL_FRACTION):
-    super().__init__(path, eval_path, eval_fraction)
-    self.text_key = text_key
+    def __init__(
+        self,
+        path: str,
+        text_key: str = "text",
+        eval_path: str = "",
+        eval_fraction: float = DEFAULT_EVAL_FRACTION,
+    ):
+        super().__init__(path, eval_path, eval_fraction)
+        self.text_key = text_key
 
-  def _read(self, path: str) -> Iterator[str]:
-    return read_jsonl_documents(path, self.text_key)
+    def _read(self, path: str) -> Iterator[str]:
+        return read_jsonl_documents(path, self.text_key)
 
-  def __repr__(self) -> str:
-    return (f"JsonlFiles(path={self.path!r}, text_key={self.text_key!r}, "
-            f"eval_path={self.eval_path!r}, eval_fraction={self.eval_fraction})")
+    def __repr__(self) -> str:
+        return (
+            f"JsonlFiles(path={self.path!r}, text_key={self.text_key!r}, "
+            f"eval_path={self.eval_path!r}, eval_fraction={self.eval_fraction})"
+        )
 
 
 class TfdsText:
-  """A TFDS dataset read with `tfds.data_source` (ArrayRecord, random access, no TensorFlow).
+    """A TFDS dataset read with `tfds.data_source` (ArrayRecord, random access, no TensorFlow).
 
-  The dataset must already be prepared in `data_dir` (no download happens here). Documents are
-  streamed and tokenized on the fly by the pipeline, so the corpus never has to fit in memory.
-  """
+    The dataset must already be prepared in `data_dir` (no download happens here). Documents are
+    streamed and tokenized on the fly by the pipeline, so the corpus never has to fit in memory.
+    """
 
-  def __init__(self, name: str, data_dir: str = "", text_key: str = "text"):
-    if not name:
-      raise ValueError("data.tfds_name is empty: name a prepared TFDS dataset, e.g. 'c4/en:3.1.0'")
-    self.name = name
-    self.data_dir = data_dir
-    self.text_key = text_key
+    def __init__(self, name: str, data_dir: str = "", text_key: str = "text"):
+        if not name:
+            raise ValueError("data.tfds_name is empty: name a prepared TFDS dataset, e.g. 'c4/en:3.1.0'")
+        self.name = name
+        self.data_dir = data_dir
+        self.text_key = text_key
 
-  def data_source(self, split: str):
-    import tensorflow_datasets as tfds  # lazy: importing tfds costs ~0.7 s
+    def data_source(self, split: str):
+        import tensorflow_datasets as tfds  # lazy: importing tfds costs ~0.7 s
 
-    try:
-      src = tfds.data_source(self.name, split=split, data_dir=self.data_dir or None,
-                             download=False)
-    except Exception as e:  # tfds raises several types for "not prepared" / "unknown split"
-      raise ValueError(f"Cannot open TFDS {self.name!r} split {split!r} in data_dir "
-                       f"{self.data_dir!r}: {e}") from e
-    if len(src) == 0:
-      raise ValueError(f"Empty corpus: TFDS {self.name!r} split {split!r} has no examples")
-    return src
+        try:
+            src = tfds.data_source(self.name, split=split, data_dir=self.data_dir or None, download=False)
+        except Exception as e:  # tfds raises several types for "not prepared" / "unknown split"
+            raise ValueError(
+                f"Cannot open TFDS {self.name!r} split {split!r} in data_dir {self.data_dir!r}: {e}"
+            ) from e
+        if len(src) == 0:
+            raise ValueError(f"Empty corpus: TFDS {self.name!r} split {split!r} has no examples")
+        return src
 
-  def __repr__(self) -> str:
-    return f"TfdsText(name={self.name!r}, data_dir={self.data_dir!r}, text_key={self.text_key!r})"
+    def __repr__(self) -> str:
+        return f"TfdsText(name={self.name!r}, data_dir={self.data_dir!r}, text_key={self.text_key!r})"
 
 
 def record_text(record, text_key: str) -> str:
-  """The text of a TFDS record (bytes or str feature)."""
-  try:
-    value = record[text_key]
-  except (KeyError, TypeError):
-    raise ValueError(f"TFDS record has no text feature {text_key!r}; set data.text_key") from None
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    """The text of a TFDS record (bytes or str feature)."""
+    try:
+        value = record[text_key]
+    except (KeyError, TypeError):
+        raise ValueError(f"TFDS record has no text feature {text_key!r}; set data.text_key") from None
+    if isinstance(value, np.ndarray):
+        value = value.item()
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)

@@ -5,6 +5,7 @@ One einsum implementation with an explicit boolean mask serves training and deco
 decode path is the training path applied to a cache (checked against each other in the tests).
 Long sliding-window sequences take a blocked path (local_attention) tested against it.
 """
+
 from typing import NamedTuple
 
 import jax
@@ -16,127 +17,137 @@ from nl_jax.layers.rotary import apply_rope
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int = 0) -> jax.Array:
-  """bool [Tq, Tk]: key j visible to query i iff 0 <= k_pos[j] <= q_pos[i] (and within the window).
+    """bool [Tq, Tk]: key j visible to query i iff 0 <= k_pos[j] <= q_pos[i] (and within the window).
 
-  Negative key positions mark empty cache slots.
-  """
-  q, k = q_pos[:, None], k_pos[None, :]
-  mask = (k <= q) & (k >= 0)
-  if window:
-    mask &= k > q - window
-  return mask
+    Negative key positions mark empty cache slots.
+    """
+    q, k = q_pos[:, None], k_pos[None, :]
+    mask = (k <= q) & (k >= 0)
+    if window:
+        mask &= k > q - window
+    return mask
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """q [B, T, H, D], k / v [B, S, KVH, D] with H % KVH == 0 (GQA), mask bool [T, S] or [B, T, S].
+    """q [B, T, H, D], k / v [B, S, KVH, D] with H % KVH == 0 (GQA), mask bool [T, S] or [B, T, S].
 
-  Logits and softmax in float32; returns [B, T, H, D] in q's dtype.
-  """
-  b, t, h, d = q.shape
-  kvh = k.shape[2]
-  if h % kvh:
-    raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={kvh}")
-  qg = q.reshape(b, t, kvh, h // kvh, d)  # query heads grouped by the kv head they share
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
-  mask = mask if mask.ndim == 3 else mask[None]
-  logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    Logits and softmax in float32; returns [B, T, H, D] in q's dtype.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    if h % kvh:
+        raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={kvh}")
+    qg = q.reshape(b, t, kvh, h // kvh, d)  # query heads grouped by the kv head they share
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d**-0.5
+    mask = mask if mask.ndim == 3 else mask[None]
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int) -> jax.Array:
-  """Sliding-window causal attention in O(T * 2W) instead of O(T^2): same result as
-  dot_product_attention with attention_mask(pos, pos, window).
+    """Sliding-window causal attention in O(T * 2W) instead of O(T^2): same result as
+    dot_product_attention with attention_mask(pos, pos, window).
 
-  The sequence is cut into blocks of W queries; a block's keys are itself and the block before,
-  which covers every window that ends inside it. Shapes as in dot_product_attention.
-  """
-  b, t, h, d = q.shape
-  n = -(-t // window)  # number of blocks
-  pad = n * window - t  # padded keys sit after every real query, so the mask hides them
+    The sequence is cut into blocks of W queries; a block's keys are itself and the block before,
+    which covers every window that ends inside it. Shapes as in dot_product_attention.
+    """
+    b, t, h, d = q.shape
+    n = -(-t // window)  # number of blocks
+    pad = n * window - t  # padded keys sit after every real query, so the mask hides them
 
-  def blocks(x):
-    x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    return x.reshape(b, n, window, x.shape[2], d)
+    def blocks(x):
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x.reshape(b, n, window, x.shape[2], d)
 
-  qb, kb, vb = blocks(q), blocks(k), blocks(v)
-  prev = lambda x: jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]
-  kb = jnp.concatenate([prev(kb), kb], axis=2)  # [B, n, 2W, KVH, D]
-  vb = jnp.concatenate([prev(vb), vb], axis=2)
-  q_pos = jnp.arange(window)[None] + window * jnp.arange(n)[:, None]  # [n, W]
-  k_pos = jnp.arange(-window, window)[None] + window * jnp.arange(n)[:, None]  # [n, 2W]
-  mask = jax.vmap(attention_mask, in_axes=(0, 0, None))(q_pos, k_pos, window)  # [n, W, 2W]
-  # Fold blocks into the batch: each block is an independent small attention.
-  fold = lambda x: x.reshape((b * n,) + x.shape[2:])
-  out = dot_product_attention(fold(qb), fold(kb), fold(vb), jnp.tile(mask, (b, 1, 1)))
-  return out.reshape(b, n * window, h, d)[:, :t]
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    prev = lambda x: jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]
+    kb = jnp.concatenate([prev(kb), kb], axis=2)  # [B, n, 2W, KVH, D]
+    vb = jnp.concatenate([prev(vb), vb], axis=2)
+    q_pos = jnp.arange(window)[None] + window * jnp.arange(n)[:, None]  # [n, W]
+    k_pos = jnp.arange(-window, window)[None] + window * jnp.arange(n)[:, None]  # [n, 2W]
+    mask = jax.vmap(attention_mask, in_axes=(0, 0, None))(q_pos, k_pos, window)  # [n, W, 2W]
+    # Fold blocks into the batch: each block is an independent small attention.
+    fold = lambda x: x.reshape((b * n,) + x.shape[2:])
+    out = dot_product_attention(fold(qb), fold(kb), fold(vb), jnp.tile(mask, (b, 1, 1)))
+    return out.reshape(b, n * window, h, d)[:, :t]
 
 
 class KVCache(NamedTuple):
-  """Per-layer decode state. Slot s holds the newest position p <= pos with p % S == s.
+    """Per-layer decode state. Slot s holds the newest position p <= pos with p % S == s.
 
-  S = max_len for full attention; S = window for sliding-window attention (a ring buffer, so
-  memory stays constant however long the stream runs).
-  """
-  k: jax.Array  # [B, S, KVH, D], RoPE already applied
-  v: jax.Array  # [B, S, KVH, D]
-  pos: jax.Array  # int32 []: position of the next token
+    S = max_len for full attention; S = window for sliding-window attention (a ring buffer, so
+    memory stays constant however long the stream runs).
+    """
+
+    k: jax.Array  # [B, S, KVH, D], RoPE already applied
+    v: jax.Array  # [B, S, KVH, D]
+    pos: jax.Array  # int32 []: position of the next token
 
 
 class Attention(nnx.Module):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        rope_theta: float = 10000.0,
+        sliding_window: int = 0,
+        init_std: float = 0.02,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rope_theta, self.sliding_window = rope_theta, sliding_window
+        self.dtype = to_dtype(dtype)
+        kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q = Linear((d_model,), (num_heads, head_dim), ("embed",), ("heads", "head_dim"), **kw)
+        kv_names = ("kv_heads", "head_dim")
+        self.k = Linear((d_model,), (num_kv_heads, head_dim), ("embed",), kv_names, **kw)
+        self.v = Linear((d_model,), (num_kv_heads, head_dim), ("embed",), kv_names, **kw)
+        self.o = Linear((num_heads, head_dim), (d_model,), ("heads", "head_dim"), ("embed",), **kw)
 
-  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-               rope_theta: float = 10000.0, sliding_window: int = 0, init_std: float = 0.02,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if num_heads % num_kv_heads:
-      raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.rope_theta, self.sliding_window = rope_theta, sliding_window
-    self.dtype = to_dtype(dtype)
-    kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q = Linear((d_model,), (num_heads, head_dim), ("embed",), ("heads", "head_dim"), **kw)
-    kv_names = ("kv_heads", "head_dim")
-    self.k = Linear((d_model,), (num_kv_heads, head_dim), ("embed",), kv_names, **kw)
-    self.v = Linear((d_model,), (num_kv_heads, head_dim), ("embed",), kv_names, **kw)
-    self.o = Linear((num_heads, head_dim), (d_model,), ("heads", "head_dim"), ("embed",), **kw)
+    def _qkv(self, x, positions):
+        q = apply_rope(self.q(x), positions, self.rope_theta)
+        k = apply_rope(self.k(x), positions, self.rope_theta)
+        return q, k, self.v(x)
 
-  def _qkv(self, x, positions):
-    q = apply_rope(self.q(x), positions, self.rope_theta)
-    k = apply_rope(self.k(x), positions, self.rope_theta)
-    return q, k, self.v(x)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Training / prefill over a whole sequence: x [B, T, d_model] -> [B, T, d_model]."""
+        pos = jnp.arange(x.shape[1])
+        q, k, v = self._qkv(x, pos)
+        if self.sliding_window and x.shape[1] > 2 * self.sliding_window:
+            return self.o(local_attention(q, k, v, self.sliding_window))  # O(T W), not O(T^2)
+        return self.o(dot_product_attention(q, k, v, attention_mask(pos, pos, self.sliding_window)))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Training / prefill over a whole sequence: x [B, T, d_model] -> [B, T, d_model]."""
-    pos = jnp.arange(x.shape[1])
-    q, k, v = self._qkv(x, pos)
-    if self.sliding_window and x.shape[1] > 2 * self.sliding_window:
-      return self.o(local_attention(q, k, v, self.sliding_window))  # O(T W), not O(T^2)
-    return self.o(dot_product_attention(q, k, v, attention_mask(pos, pos, self.sliding_window)))
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """Empty cache. Full attention needs max_len (the longest stream to decode); a sliding window
+        needs only its window. Past max_len a full cache wraps and behaves as a window of max_len."""
+        if self.sliding_window and (max_len is None or max_len > self.sliding_window):
+            size = self.sliding_window
+        elif max_len is None:
+            raise ValueError("full-attention decoding needs max_len (the cache length)")
+        else:
+            size = max_len
+        shape = (batch_size, size, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32))
 
-  def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-    """Empty cache. Full attention needs max_len (the longest stream to decode); a sliding window
-    needs only its window. Past max_len a full cache wraps and behaves as a window of max_len."""
-    if self.sliding_window and (max_len is None or max_len > self.sliding_window):
-      size = self.sliding_window
-    elif max_len is None:
-      raise ValueError("full-attention decoding needs max_len (the cache length)")
-    else:
-      size = max_len
-    shape = (batch_size, size, self.num_kv_heads, self.head_dim)
-    return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
-                   jnp.zeros((), jnp.int32))
-
-  def decode(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One token per sequence: x [B, 1, d_model] -> (y [B, 1, d_model], updated cache)."""
-    if x.shape[1] != 1:
-      raise ValueError(f"decode takes one token at a time, got length {x.shape[1]}")
-    t = cache.pos
-    q, k, v = self._qkv(x, t[None])
-    size = cache.k.shape[1]
-    slot = t % size
-    kc = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
-    vc = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
-    slot_pos = t - (t - jnp.arange(size)) % size  # newest position stored in each slot (< 0: empty)
-    mask = attention_mask(t[None], slot_pos, self.sliding_window)
-    y = self.o(dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask))
-    return y, KVCache(kc, vc, t + 1)
+    def decode(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One token per sequence: x [B, 1, d_model] -> (y [B, 1, d_model], updated cache)."""
+        if x.shape[1] != 1:
+            raise ValueError(f"decode takes one token at a time, got length {x.shape[1]}")
+        t = cache.pos
+        q, k, v = self._qkv(x, t[None])
+        size = cache.k.shape[1]
+        slot = t % size
+        kc = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), slot, axis=1)
+        vc = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
+        slot_pos = t - (t - jnp.arange(size)) % size  # newest position stored in each slot (< 0: empty)
+        mask = attention_mask(t[None], slot_pos, self.sliding_window)
+        y = self.o(dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask))
+        return y, KVCache(kc, vc, t + 1)

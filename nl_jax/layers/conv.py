@@ -4,6 +4,7 @@ y_t = sum_{i<W} w[i] * x_{t-W+1+i}: w[W-1] multiplies the current token, earlier
 The decode state is the last W-1 inputs, so streaming token by token (or chunk by chunk) equals
 the full convolution over the whole sequence.
 """
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,33 +13,45 @@ from nl_jax.layers.linear import logical_param, to_dtype
 
 
 class ShortConv(nnx.Module):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        width: int = 4,
+        channel_name: str = "embed",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.channels, self.width, self.dtype = channels, width, to_dtype(dtype)
+        # Fan-in of a depthwise filter is its width; std 1/sqrt(W) keeps the output scale of the input.
+        self.kernel = logical_param(
+            rngs,
+            jax.nn.initializers.normal(width**-0.5),
+            (width, channels),
+            ("conv_width", channel_name),
+            param_dtype,
+        )
 
-  def __init__(self, channels: int, *, width: int = 4, channel_name: str = "embed",
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.channels, self.width, self.dtype = channels, width, to_dtype(dtype)
-    # Fan-in of a depthwise filter is its width; std 1/sqrt(W) keeps the output scale of the input.
-    self.kernel = logical_param(rngs, jax.nn.initializers.normal(width ** -0.5),
-                                (width, channels), ("conv_width", channel_name), param_dtype)
+    def init_state(self, batch_size: int, dtype=None) -> jax.Array:
+        """Zeros [B, W-1, C]: the inputs before the first token (the same zero padding as training)."""
+        return jnp.zeros((batch_size, self.width - 1, self.channels), dtype or self.dtype)
 
-  def init_state(self, batch_size: int, dtype=None) -> jax.Array:
-    """Zeros [B, W-1, C]: the inputs before the first token (the same zero padding as training)."""
-    return jnp.zeros((batch_size, self.width - 1, self.channels), dtype or self.dtype)
+    def forward(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, C], state [B, W-1, C] or None (zeros) -> (y [B, T, C], new state)."""
+        b, t, _ = x.shape
+        x = x.astype(self.dtype)
+        if state is None:
+            state = self.init_state(b)
+        xp = jnp.concatenate([state.astype(self.dtype), x], axis=1)  # [B, T+W-1, C]
+        w = self.kernel[...].astype(self.dtype)
+        y = sum(xp[:, i : i + t] * w[i] for i in range(self.width))  # W is tiny: unrolled taps
+        return y, xp[:, t:]
 
-  def forward(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """x [B, T, C], state [B, W-1, C] or None (zeros) -> (y [B, T, C], new state)."""
-    b, t, _ = x.shape
-    x = x.astype(self.dtype)
-    if state is None:
-      state = self.init_state(b)
-    xp = jnp.concatenate([state.astype(self.dtype), x], axis=1)  # [B, T+W-1, C]
-    w = self.kernel[...].astype(self.dtype)
-    y = sum(xp[:, i:i + t] * w[i] for i in range(self.width))  # W is tiny: unrolled taps
-    return y, xp[:, t:]
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.forward(x)[0]
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.forward(x)[0]
-
-  def step(self, x_t: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One decode token: x_t [B, C] -> (y_t [B, C], new state)."""
-    y, state = self.forward(x_t[:, None], state)
-    return y[:, 0], state
+    def step(self, x_t: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One decode token: x_t [B, C] -> (y_t [B, C], new state)."""
+        y, state = self.forward(x_t[:, None], state)
+        return y[:, 0], state

@@ -1,4 +1,5 @@
 """Parameters with logical axis names, and a bias-free dense layer over several axes at once."""
+
 from collections.abc import Sequence
 
 import jax
@@ -7,46 +8,60 @@ from flax import nnx
 
 
 def to_dtype(dtype) -> jnp.dtype:
-  """Accepts a jnp dtype or its config name ('float32', 'bfloat16')."""
-  return jnp.dtype(dtype)
+    """Accepts a jnp dtype or its config name ('float32', 'bfloat16')."""
+    return jnp.dtype(dtype)
 
 
-def logical_param(rngs: nnx.Rngs | None, init, shape: Sequence[int], names: Sequence[str | None],
-                  dtype=jnp.float32) -> nnx.Param:
-  """An `nnx.Param` whose `out_sharding` metadata holds logical axis names, one per dimension.
+def logical_param(
+    rngs: nnx.Rngs | None, init, shape: Sequence[int], names: Sequence[str | None], dtype=jnp.float32
+) -> nnx.Param:
+    """An `nnx.Param` whose `out_sharding` metadata holds logical axis names, one per dimension.
 
-  Eager sharding is off on purpose: placement is decided once for the whole state by
-  `nl_jax.parallel.rules` (jit(init, out_shardings=...)), so models build with or without a mesh.
-  `rngs=None` is for deterministic initialisers (ones / zeros).
-  """
-  shape, names = tuple(shape), tuple(names)
-  if len(shape) != len(names):
-    raise ValueError(f"param shape {shape} has {len(shape)} dims but {len(names)} axis names "
-                     f"{names}")
-  key = rngs.params() if rngs is not None else jax.random.key(0)
-  return nnx.Param(init(key, shape, to_dtype(dtype)), out_sharding=names, eager_sharding=False)
+    Eager sharding is off on purpose: placement is decided once for the whole state by
+    `nl_jax.parallel.rules` (jit(init, out_shardings=...)), so models build with or without a mesh.
+    `rngs=None` is for deterministic initialisers (ones / zeros).
+    """
+    shape, names = tuple(shape), tuple(names)
+    if len(shape) != len(names):
+        raise ValueError(f"param shape {shape} has {len(shape)} dims but {len(names)} axis names {names}")
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, shape, to_dtype(dtype)), out_sharding=names, eager_sharding=False)
 
 
 class Linear(nnx.Module):
-  """y = x . W contracting the last len(in_shape) dims of x; W has shape in_shape + out_shape.
+    """y = x . W contracting the last len(in_shape) dims of x; W has shape in_shape + out_shape.
 
-  Multi-axis shapes keep heads as their own dimension, e.g. a query projection is
-  (embed,) -> (heads, head_dim), so 'heads' can be sharded over 'tensor' without reshapes.
-  """
+    Multi-axis shapes keep heads as their own dimension, e.g. a query projection is
+    (embed,) -> (heads, head_dim), so 'heads' can be sharded over 'tensor' without reshapes.
+    """
 
-  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], in_names: Sequence[str],
-               out_names: Sequence[str], *, init_std: float = 0.02, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-    self.dtype = to_dtype(dtype)
-    self.kernel = logical_param(rngs, jax.nn.initializers.normal(init_std),
-                                self.in_shape + self.out_shape, tuple(in_names) + tuple(out_names),
-                                param_dtype)
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        in_names: Sequence[str],
+        out_names: Sequence[str],
+        *,
+        init_std: float = 0.02,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.dtype = to_dtype(dtype)
+        self.kernel = logical_param(
+            rngs,
+            jax.nn.initializers.normal(init_std),
+            self.in_shape + self.out_shape,
+            tuple(in_names) + tuple(out_names),
+            param_dtype,
+        )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    n = len(self.in_shape)
-    if x.shape[x.ndim - n:] != self.in_shape:
-      raise ValueError(f"Linear expects trailing dims {self.in_shape}, got input shape {x.shape}")
-    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-    return jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                               (contract, ((), ())))
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = len(self.in_shape)
+        if x.shape[x.ndim - n :] != self.in_shape:
+            raise ValueError(f"Linear expects trailing dims {self.in_shape}, got input shape {x.shape}")
+        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        return jax.lax.dot_general(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (contract, ((), ()))
+        )

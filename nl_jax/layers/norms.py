@@ -1,4 +1,5 @@
 """RMSNorm (Zhang & Sennrich 2019), computed in float32 whatever the compute dtype."""
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -7,14 +8,14 @@ from nl_jax.layers.linear import logical_param
 
 
 class RMSNorm(nnx.Module):
-  """y = x / sqrt(mean(x^2, last axis) + eps) * scale, with a learned scale initialised to 1."""
+    """y = x / sqrt(mean(x^2, last axis) + eps) * scale, with a learned scale initialised to 1."""
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, names=("norm",), param_dtype=jnp.float32):
-    self.eps = eps
-    self.scale = logical_param(None, jax.nn.initializers.ones, (dim,), names, param_dtype)
+    def __init__(self, dim: int, *, eps: float = 1e-6, names=("norm",), param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = logical_param(None, jax.nn.initializers.ones, (dim,), names, param_dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    # float32 statistics: bf16 sums of squares lose too many bits over d_model ~ 2048 terms.
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # float32 statistics: bf16 sums of squares lose too many bits over d_model ~ 2048 terms.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)

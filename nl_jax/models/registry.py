@@ -15,6 +15,7 @@ full forward. A model class is registered with `@register("name")` and is constr
 `cls(model_cfg, rngs=rngs)`; its module must be listed in _MODEL_MODULES so that
 `build_model` finds it without the caller importing it.
 """
+
 import difflib
 import importlib
 import math
@@ -29,39 +30,39 @@ _REGISTRY: dict[str, type] = {}
 
 
 def register(name: str):
-  """Class decorator: makes `build_model` construct `cls(model_cfg, rngs=rngs)` for `name`."""
+    """Class decorator: makes `build_model` construct `cls(model_cfg, rngs=rngs)` for `name`."""
 
-  def wrap(cls):
-    if name in _REGISTRY and _REGISTRY[name] is not cls:
-      raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name]}")
-    _REGISTRY[name] = cls
-    return cls
+    def wrap(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name]}")
+        _REGISTRY[name] = cls
+        return cls
 
-  return wrap
+    return wrap
 
 
 def registered_models() -> tuple[str, ...]:
-  for module in _MODEL_MODULES:
-    importlib.import_module(module)
-  return tuple(sorted(_REGISTRY))
+    for module in _MODEL_MODULES:
+        importlib.import_module(module)
+    return tuple(sorted(_REGISTRY))
 
 
 def get_model_class(name: str) -> type:
-  names = registered_models()
-  if name not in _REGISTRY:
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"unknown model name {name!r}{hint} (registered: {', '.join(names)})")
-  return _REGISTRY[name]
+    names = registered_models()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model name {name!r}{hint} (registered: {', '.join(names)})")
+    return _REGISTRY[name]
 
 
 def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:
-  """Instantiates the model named `model_cfg.name` with parameters from `rngs`."""
-  return get_model_class(model_cfg.name)(model_cfg, rngs=rngs)
+    """Instantiates the model named `model_cfg.name` with parameters from `rngs`."""
+    return get_model_class(model_cfg.name)(model_cfg, rngs=rngs)
 
 
 def count_params(model_cfg) -> int:
-  """Total number of nnx.Param elements, from shapes only (jax.eval_shape: nothing allocated)."""
-  abstract = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
-  params = nnx.state(abstract, nnx.Param)
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    """Total number of nnx.Param elements, from shapes only (jax.eval_shape: nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

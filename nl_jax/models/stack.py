@@ -18,6 +18,7 @@ body that merges one layer's slice and returns only the non-Param state (plus th
 Returning the whole module from the body would stack a second copy of the read-only params
 (MaxText commit 655c636dd: ~12.7 GiB of HBM).
 """
+
 from collections.abc import Callable
 
 import jax
@@ -35,66 +36,74 @@ REMAT_POLICIES = tuple(_POLICIES)
 
 
 def get_remat_policy(name: str):
-  """jax.checkpoint policy by config name (None for 'none': no remat)."""
-  if name not in _POLICIES:
-    raise ValueError(f"unknown remat_policy {name!r}; choose one of {REMAT_POLICIES}")
-  return _POLICIES[name]
+    """jax.checkpoint policy by config name (None for 'none': no remat)."""
+    if name not in _POLICIES:
+        raise ValueError(f"unknown remat_policy {name!r}; choose one of {REMAT_POLICIES}")
+    return _POLICIES[name]
 
 
 class Stack(nnx.Module):
-  """L stacked copies of `make_block(rngs)`; call as stack(x, states=None, **kwargs)."""
+    """L stacked copies of `make_block(rngs)`; call as stack(x, states=None, **kwargs)."""
 
-  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
-               scan_layers: bool = True, remat_policy: str = "none", rngs: nnx.Rngs):
-    get_remat_policy(remat_policy)  # fail at build time, not at the first step
-    self.num_layers, self.scan_layers, self.remat = num_layers, scan_layers, remat_policy
+    def __init__(
+        self,
+        make_block: Callable[[nnx.Rngs], nnx.Module],
+        num_layers: int,
+        *,
+        scan_layers: bool = True,
+        remat_policy: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        get_remat_policy(remat_policy)  # fail at build time, not at the first step
+        self.num_layers, self.scan_layers, self.remat = num_layers, scan_layers, remat_policy
 
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(r):
-      return make_block(r)
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(
+            in_axes=(0,), out_axes=0, axis_size=num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"}
+        )
+        def make(r):
+            return make_block(r)
 
-    self.layers = make(rngs)
+        self.layers = make(rngs)
 
-  def _slice(self, i: int):
-    graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
-    take = lambda a: a[i]
-    return nnx.merge(graphdef, jax.tree.map(take, params), jax.tree.map(take, rest))
+    def _slice(self, i: int):
+        graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
+        take = lambda a: a[i]
+        return nnx.merge(graphdef, jax.tree.map(take, params), jax.tree.map(take, rest))
 
-  def init_state(self, *args, **kwargs):
-    """Per-layer states from block.init_state(*args), stacked along a leading axis L."""
-    s = self._slice(0).init_state(*args, **kwargs)
-    return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers,) + a.shape), s)
+    def init_state(self, *args, **kwargs):
+        """Per-layer states from block.init_state(*args), stacked along a leading axis L."""
+        s = self._slice(0).init_state(*args, **kwargs)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers,) + a.shape), s)
 
-  def __call__(self, x: jax.Array, states=None, **kwargs):
-    """Applies the L blocks in order; kwargs are passed to every block (static values only).
+    def __call__(self, x: jax.Array, states=None, **kwargs):
+        """Applies the L blocks in order; kwargs are passed to every block (static values only).
 
-    Returns (y, new_states) with new_states stacked along L (None when states is None).
-    """
-    graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
+        Returns (y, new_states) with new_states stacked along L (None when states is None).
+        """
+        graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
 
-    def body(h, layer):
-      p, r, s = layer
-      block = nnx.merge(graphdef, p, r)
-      h, s = block(h, s, **kwargs)
-      return h, (nnx.state(block, nnx.Not(nnx.Param)), s)
+        def body(h, layer):
+            p, r, s = layer
+            block = nnx.merge(graphdef, p, r)
+            h, s = block(h, s, **kwargs)
+            return h, (nnx.state(block, nnx.Not(nnx.Param)), s)
 
-    policy = get_remat_policy(self.remat)
-    if self.remat != "none":
-      # Inside scan CSE across iterations is impossible anyway, so prevent_cse can be off there.
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+        policy = get_remat_policy(self.remat)
+        if self.remat != "none":
+            # Inside scan CSE across iterations is impossible anyway, so prevent_cse can be off there.
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
 
-    if self.scan_layers:
-      x, (rest, states) = jax.lax.scan(body, x, (params, rest, states))
-    else:
-      outs = []
-      for i in range(self.num_layers):
-        x, out = body(x, jax.tree.map(lambda a: a[i], (params, rest, states)))
-        outs.append(out)
-      rest, states = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    # Non-Param state (counters, RNG keys) is written back. Under jax.grad the caller must merge
-    # with nnx.merge(..., copy=True): Variables reused from a non-differentiated input belong
-    # to the outer trace and cannot be written inside the gradient trace.
-    nnx.update(self.layers, rest)
-    return x, states
+        if self.scan_layers:
+            x, (rest, states) = jax.lax.scan(body, x, (params, rest, states))
+        else:
+            outs = []
+            for i in range(self.num_layers):
+                x, out = body(x, jax.tree.map(lambda a: a[i], (params, rest, states)))
+                outs.append(out)
+            rest, states = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        # Non-Param state (counters, RNG keys) is written back. Under jax.grad the caller must merge
+        # with nnx.merge(..., copy=True): Variables reused from a non-differentiated input belong
+        # to the outer trace and cannot be written inside the gradient trace.
+        nnx.update(self.layers, rest)
+        return x, states

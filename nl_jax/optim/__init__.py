@@ -13,6 +13,7 @@ Matrix optimizers take ``dims`` (:class:`MatrixDims`, a pytree of them, or a cal
 axes of each parameter form the matrix; by default the last two, with leading axes as batch
 (scanned layers), and vectors / scalars use each optimizer's documented fallback.
 """
+
 from nl_jax.optim.adam_memory import AdamMemoryState
 from nl_jax.optim.adam_memory import adam_memory
 from nl_jax.optim.adam_memory import scale_by_adam_memory
@@ -39,10 +40,28 @@ from nl_jax.optim.newton_schulz import orthogonalize
 from nl_jax.optim.newton_schulz import scale_by_newton_schulz
 
 __all__ = [
-    "AdamMemoryState", "DeepMomentumState", "DeltaMomentumState", "M3State", "MatrixDims",
-    "MomentumMLP", "MomentumMemoryState", "PreconditionedMomentumState", "adam_memory",
-    "deep_momentum", "delta_momentum", "m3", "momentum_memory", "muon", "newton_schulz",
-    "orthogonalize", "preconditioned_momentum", "scale_by_adam_memory", "scale_by_deep_momentum",
-    "scale_by_delta_momentum", "scale_by_m3", "scale_by_momentum_memory",
-    "scale_by_newton_schulz", "scale_by_preconditioned_momentum",
+    "AdamMemoryState",
+    "DeepMomentumState",
+    "DeltaMomentumState",
+    "M3State",
+    "MatrixDims",
+    "MomentumMLP",
+    "MomentumMemoryState",
+    "PreconditionedMomentumState",
+    "adam_memory",
+    "deep_momentum",
+    "delta_momentum",
+    "m3",
+    "momentum_memory",
+    "muon",
+    "newton_schulz",
+    "orthogonalize",
+    "preconditioned_momentum",
+    "scale_by_adam_memory",
+    "scale_by_deep_momentum",
+    "scale_by_delta_momentum",
+    "scale_by_m3",
+    "scale_by_momentum_memory",
+    "scale_by_newton_schulz",
+    "scale_by_preconditioned_momentum",
 ]

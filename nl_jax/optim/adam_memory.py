@@ -1,4 +1,5 @@
 """Adam derived as an optimal element-wise associative memory (paper 2.8, App. B, A-Eq.101-105)."""
+
 from __future__ import annotations
 
 from typing import Literal, NamedTuple, Optional
@@ -10,13 +11,20 @@ import optax
 
 class AdamMemoryState(NamedTuple):
     """State of :func:`scale_by_adam_memory`: value memory ``mu`` (M~) and key memory ``nu`` (H)."""
+
     count: jax.Array
     mu: optax.Updates
     nu: optax.Updates
 
 
 def scale_by_adam_memory(
-    b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, ridge=0.0, mu_dtype=None, *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    ridge=0.0,
+    mu_dtype=None,
+    *,
     value: Literal["sqrt", "identity"] = "sqrt",
 ) -> optax.GradientTransformation:
     """Element-wise associative memory whose optimum is Adam (paper 2.8).
@@ -38,13 +46,15 @@ def scale_by_adam_memory(
         raise ValueError(f"value must be 'sqrt' or 'identity', got {value!r}")
 
     def init_fn(params):
-        return AdamMemoryState(count=jnp.zeros([], jnp.int32),
-                               mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-                               nu=optax.tree.zeros_like(params))
+        return AdamMemoryState(
+            count=jnp.zeros([], jnp.int32),
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            nu=optax.tree.zeros_like(params),
+        )
 
     def update_fn(updates, state, params=None):
         del params
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)          # value memory M~
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)  # value memory M~
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)  # key memory H
         count = optax.safe_increment(state.count)
         mu_hat = optax.tree.bias_correction(mu, b1, count)
@@ -52,19 +62,29 @@ def scale_by_adam_memory(
         if value == "sqrt":
             read = lambda m, h: m / (jnp.sqrt(h + eps_root) + eps)
         else:
+
             def read(m, h):
                 shrunk = m * (h / (h + ridge))
                 return jnp.where(ridge == 0, m, jnp.where(h + ridge > 0, shrunk, 0))
+
         out = jax.tree.map(lambda m, h, g: read(m, h).astype(g.dtype), mu_hat, nu_hat, updates)
-        return out, AdamMemoryState(count=count, mu=optax.tree.cast(mu, mu_dtype),
-                                    nu=optax.tree.cast_like(nu, state.nu))
+        return out, AdamMemoryState(
+            count=count, mu=optax.tree.cast(mu, mu_dtype), nu=optax.tree.cast_like(nu, state.nu)
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 def adam_memory(
-    learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, ridge=0.0,
-    weight_decay: Optional[float] = None, mu_dtype=None, *,
+    learning_rate: optax.ScalarOrSchedule,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    ridge=0.0,
+    weight_decay: Optional[float] = None,
+    mu_dtype=None,
+    *,
     value: Literal["sqrt", "identity"] = "sqrt",
 ) -> optax.GradientTransformation:
     """Adam as an associative memory (paper 2.8): ``W <- W - lr (m* + wd W)``.

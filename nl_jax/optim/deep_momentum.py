@@ -25,6 +25,7 @@ memory's initial read-out is zero, as for momentum. Stacked / N-D parameters use
 :mod:`nl_jax.optim.matrix` (one MLP per batch element); vectors and scalars use the linear path only
 (plain momentum).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,7 @@ from nl_jax.optim import matrix
 
 class MomentumMLP(NamedTuple):
     """Shape of the deep momentum memory (static: not injected by ``inject_hyperparams``)."""
+
     hidden: int = 16
     activation: Callable[[jax.Array], jax.Array] = jnp.tanh
     init_scale: float = 1.0
@@ -55,6 +57,7 @@ class DeepMomentumState(NamedTuple):
     must then divide by the mesh axes that shard those axes: the default 16 does for meshes of up to
     16 along them); vectors keep an unused param-shaped zero and scalars a 0-d zero.
     """
+
     mu: optax.Updates
     w_in: optax.Updates
     w_out: optax.Updates
@@ -62,8 +65,7 @@ class DeepMomentumState(NamedTuple):
 
 def _mlp_shapes(shape, d: matrix.MatrixDims, hidden: int):
     red, out = matrix.normalize_axes(len(shape), d)
-    return (matrix.with_axes_resized(shape, out, hidden),
-            matrix.with_axes_resized(shape, red, hidden))
+    return (matrix.with_axes_resized(shape, out, hidden), matrix.with_axes_resized(shape, red, hidden))
 
 
 def readout(m, a, b, activation):
@@ -72,8 +74,14 @@ def readout(m, a, b, activation):
 
 
 def scale_by_deep_momentum(
-    decay=0.9, inner_lr=1.0, mlp_lr=1.0, memory: Optional[MomentumMLP] = MomentumMLP(),
-    mu_dtype=None, *, objective: Literal["dot", "l2"] = "dot", dims: matrix.DimsSpec = None,
+    decay=0.9,
+    inner_lr=1.0,
+    mlp_lr=1.0,
+    memory: Optional[MomentumMLP] = MomentumMLP(),
+    mu_dtype=None,
+    *,
+    objective: Literal["dot", "l2"] = "dot",
+    dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
     """DMGD (paper 2.4): momentum = residual MLP memory trained online on the gradients.
 
@@ -91,12 +99,14 @@ def scale_by_deep_momentum(
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
         leaves, treedef = jax.tree.flatten(params)
         dims_list = matrix.leaf_dims(dims, params) if memory is not None else [None] * len(leaves)
-        shapes = [None if d is None else _mlp_shapes(p.shape, d, memory.hidden)
-                  for d, p in zip(dims_list, leaves)]
+        shapes = [
+            None if d is None else _mlp_shapes(p.shape, d, memory.hidden) for d, p in zip(dims_list, leaves)
+        ]
         sizes = [0 if s is None else math.prod(s[0]) for s in shapes]
         if sum(sizes):  # one normal draw for every A (one RNG kernel, whatever the number of leaves)
             flat = memory.init_scale * jax.random.normal(
-                jax.random.key(memory.seed), (sum(sizes),), jnp.float32)
+                jax.random.key(memory.seed), (sum(sizes),), jnp.float32
+            )
         offsets = np.cumsum([0] + sizes)
         w_in, w_out = [], []
         for i, (s, p) in enumerate(zip(shapes, leaves)):
@@ -106,14 +116,15 @@ def scale_by_deep_momentum(
                 w_in.append(dummy)
                 w_out.append(dummy)
                 continue
-            w_in.append(flat[offsets[i]:offsets[i + 1]].reshape(s[0]).astype(dtype))
+            w_in.append(flat[offsets[i] : offsets[i + 1]].reshape(s[0]).astype(dtype))
             w_out.append(jnp.zeros(s[1], dtype))
         return DeepMomentumState(mu=mu, w_in=treedef.unflatten(w_in), w_out=treedef.unflatten(w_out))
 
     def update_fn(updates, state, params=None):
         del params
-        dims_list = (matrix.leaf_dims(dims, updates) if memory is not None
-                     else [None] * len(jax.tree.leaves(updates)))
+        dims_list = (
+            matrix.leaf_dims(dims, updates) if memory is not None else [None] * len(jax.tree.leaves(updates))
+        )
 
         def one(d, g, m, a, b):
             if d is None:  # linear path only: M <- decay M + inner_lr s
@@ -128,26 +139,37 @@ def scale_by_deep_momentum(
             am, bm = a_view.to_matrix(a).astype(f32), b_view.to_matrix(b).astype(f32)
             read = lambda a_, b_: readout(mm, a_, b_, memory.activation)
             u_old, vjp = jax.vjp(read, am, bm)
-            s = gm if objective == "dot" else gm - u_old   # = -dL/dU
+            s = gm if objective == "dot" else gm - u_old  # = -dL/dU
             ga, gb = vjp(s)
             new_m = decay * mm + inner_lr * s
             new_a = decay * am + mlp_lr * ga
             new_b = decay * bm + mlp_lr * gb
             u = readout(new_m, new_a, new_b, memory.activation)
-            return (view.from_matrix(new_m).astype(m.dtype), a_view.from_matrix(new_a).astype(a.dtype),
-                    b_view.from_matrix(new_b).astype(b.dtype), view.from_matrix(u).astype(g.dtype))
+            return (
+                view.from_matrix(new_m).astype(m.dtype),
+                a_view.from_matrix(new_a).astype(a.dtype),
+                b_view.from_matrix(new_b).astype(b.dtype),
+                view.from_matrix(u).astype(g.dtype),
+            )
 
         mu, w_in, w_out, out = matrix.map_leaves_multi(
-            one, 4, dims_list, updates, state.mu, state.w_in, state.w_out)
+            one, 4, dims_list, updates, state.mu, state.w_in, state.w_out
+        )
         return out, DeepMomentumState(mu=mu, w_in=w_in, w_out=w_out)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 def deep_momentum(
-    learning_rate: optax.ScalarOrSchedule, decay=0.9, inner_lr=1.0, mlp_lr=1.0,
-    memory: Optional[MomentumMLP] = MomentumMLP(), mu_dtype=None, *,
-    objective: Literal["dot", "l2"] = "dot", dims: matrix.DimsSpec = None,
+    learning_rate: optax.ScalarOrSchedule,
+    decay=0.9,
+    inner_lr=1.0,
+    mlp_lr=1.0,
+    memory: Optional[MomentumMLP] = MomentumMLP(),
+    mu_dtype=None,
+    *,
+    objective: Literal["dot", "l2"] = "dot",
+    dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
     """DMGD SGD (paper 2.4): ``theta <- decay theta - lr_theta grad L(theta; G)``, ``W -= lr U(theta)``.
 
@@ -155,6 +177,6 @@ def deep_momentum(
     memory), ``objective='dot'``, ``inner_lr=1``.
     """
     return optax.chain(
-        scale_by_deep_momentum(decay, inner_lr, mlp_lr, memory, mu_dtype, objective=objective,
-                               dims=dims),
-        optax.scale_by_learning_rate(learning_rate))
+        scale_by_deep_momentum(decay, inner_lr, mlp_lr, memory, mu_dtype, objective=objective, dims=dims),
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -1,4 +1,5 @@
 """Delta momentum (paper 2.3): momentum with an L2 objective, i.e. gradient-dependent decay."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -13,6 +14,7 @@ from nl_jax.optim.momentum import resolve_preconditioner
 
 class DeltaMomentumState(NamedTuple):
     """State of :func:`scale_by_delta_momentum`."""
+
     mu: optax.Updates
     preconditioner: optax.OptState
 
@@ -34,8 +36,12 @@ def delta_step(m: jax.Array, g: jax.Array, pg: jax.Array, decay, beta) -> jax.Ar
 
 
 def scale_by_delta_momentum(
-    decay=0.9, beta=0.5, preconditioner: Optional[optax.GradientTransformation] = None,
-    mu_dtype=None, *, dims: matrix.DimsSpec = None,
+    decay=0.9,
+    beta=0.5,
+    preconditioner: Optional[optax.GradientTransformation] = None,
+    mu_dtype=None,
+    *,
+    dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
     """Delta momentum, the right-multiplied arXiv form (paper 2.3, A-Eq.48-49).
 
@@ -62,8 +68,9 @@ def scale_by_delta_momentum(
     precond = resolve_preconditioner(preconditioner)
 
     def init_fn(params):
-        return DeltaMomentumState(mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-                                  preconditioner=precond.init(params))
+        return DeltaMomentumState(
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype), preconditioner=precond.init(params)
+        )
 
     def update_fn(updates, state, params=None):
         pg, pstate = precond.update(updates, state.preconditioner, params)
@@ -72,8 +79,13 @@ def scale_by_delta_momentum(
         def one(d, g, p, m):
             view = matrix.matrix_view(g.shape, d)
             f32 = jnp.promote_types(m.dtype, jnp.float32)
-            new = delta_step(view.to_matrix(m).astype(f32), view.to_matrix(g).astype(f32),
-                             view.to_matrix(p).astype(f32), decay, beta)
+            new = delta_step(
+                view.to_matrix(m).astype(f32),
+                view.to_matrix(g).astype(f32),
+                view.to_matrix(p).astype(f32),
+                decay,
+                beta,
+            )
             return view.from_matrix(new).astype(m.dtype)
 
         mu = matrix.map_leaves(one, dims_list, updates, pg, state.mu)
@@ -84,13 +96,19 @@ def scale_by_delta_momentum(
 
 
 def delta_momentum(
-    learning_rate: optax.ScalarOrSchedule, decay=0.9, beta=0.5,
-    preconditioner: Optional[optax.GradientTransformation] = None, mu_dtype=None, *,
+    learning_rate: optax.ScalarOrSchedule,
+    decay=0.9,
+    beta=0.5,
+    preconditioner: Optional[optax.GradientTransformation] = None,
+    mu_dtype=None,
+    *,
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
     """Delta-momentum SGD (paper 2.3): ``M <- (decay I - beta G G^T/||G||^2) M + P(G)``, ``W -= lr M``.
 
     Reduces to ``optax.sgd(learning_rate, momentum=decay)`` when ``beta == 0`` (and ``P`` identity).
     """
-    return optax.chain(scale_by_delta_momentum(decay, beta, preconditioner, mu_dtype, dims=dims),
-                       optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(
+        scale_by_delta_momentum(decay, beta, preconditioner, mu_dtype, dims=dims),
+        optax.scale_by_learning_rate(learning_rate),
+    )

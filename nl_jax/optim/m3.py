@@ -1,4 +1,5 @@
 """M3, Multi-scale Momentum Muon (paper 2.11, A-Section 7.2, Algorithm 1)."""
+
 from __future__ import annotations
 
 from typing import Literal, NamedTuple, Optional
@@ -13,12 +14,13 @@ from nl_jax.optim.newton_schulz import Coeffs, newton_schulz
 
 class M3State(NamedTuple):
     """State of :func:`scale_by_m3` (all but ``count`` are param-shaped)."""
-    count: jax.Array          # steps taken, int32
-    mu: optax.Updates         # M1, fast momentum
-    mu_slow: optax.Updates    # M2, slow momentum (updated every `period` steps)
-    nu: optax.Updates         # V, second moment
-    grad_sum: optax.Updates   # sum of the gradients of the current slow chunk
-    slow_out: optax.Updates   # O2 = sigma(M2), cached between chunk boundaries
+
+    count: jax.Array  # steps taken, int32
+    mu: optax.Updates  # M1, fast momentum
+    mu_slow: optax.Updates  # M2, slow momentum (updated every `period` steps)
+    nu: optax.Updates  # V, second moment
+    grad_sum: optax.Updates  # sum of the gradients of the current slow chunk
+    slow_out: optax.Updates  # O2 = sigma(M2), cached between chunk boundaries
 
 
 def _cast(tree, like):
@@ -27,9 +29,18 @@ def _cast(tree, like):
 
 
 def scale_by_m3(
-    b1=0.9, b2=0.999, b3=0.9, alpha=1.0, eps=1e-3, period=100, ns_steps=5,
-    ns_coeffs: Coeffs = "quintic", mu_dtype=None, *,
-    form: Literal["ema", "accumulate"] = "ema", dims: matrix.DimsSpec = None,
+    b1=0.9,
+    b2=0.999,
+    b3=0.9,
+    alpha=1.0,
+    eps=1e-3,
+    period=100,
+    ns_steps=5,
+    ns_coeffs: Coeffs = "quintic",
+    mu_dtype=None,
+    *,
+    form: Literal["ema", "accumulate"] = "ema",
+    dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
     """Multi-scale momentum Muon (paper 2.11, Algorithm 1): two momentum memories, NS outputs.
 
@@ -73,8 +84,9 @@ def scale_by_m3(
 
     def init_fn(params):
         z = lambda: optax.tree.zeros_like(params, dtype=mu_dtype)
-        return M3State(count=jnp.zeros([], jnp.int32), mu=z(), mu_slow=z(), nu=z(), grad_sum=z(),
-                       slow_out=z())
+        return M3State(
+            count=jnp.zeros([], jnp.int32), mu=z(), mu_slow=z(), nu=z(), grad_sum=z(), slow_out=z()
+        )
 
     def update_fn(updates, state, params=None):
         del params
@@ -83,8 +95,8 @@ def scale_by_m3(
         if form == "ema":
             mu = optax.tree.update_moment(updates, state.mu, b1, 1)
             nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-            mu_hat = jax.tree.map(lambda m: m / (1 - b1 ** t).astype(m.dtype), mu)
-            nu_hat = jax.tree.map(lambda v: v / (1 - b2 ** t).astype(v.dtype), nu)
+            mu_hat = jax.tree.map(lambda m: m / (1 - b1**t).astype(m.dtype), mu)
+            nu_hat = jax.tree.map(lambda v: v / (1 - b2**t).astype(v.dtype), nu)
         else:
             mu = jax.tree.map(lambda m, g: m + b1 * g, state.mu, updates)
             nu = jax.tree.map(lambda v, g: v + b2 * jnp.square(g), state.nu, updates)
@@ -92,7 +104,11 @@ def scale_by_m3(
         fast_out = sigma(mu_hat)
         out = jax.tree.map(
             lambda o1, o2, v, g: ((o1 + alpha * o2) / (jnp.sqrt(v) + eps)).astype(g.dtype),
-            fast_out, state.slow_out, nu_hat, updates)
+            fast_out,
+            state.slow_out,
+            nu_hat,
+            updates,
+        )
 
         grad_sum = jax.tree.map(lambda s, g: s + g, state.grad_sum, updates)
 
@@ -101,32 +117,49 @@ def scale_by_m3(
             if form == "ema":
                 k = (count // period).astype(jnp.float32)
                 mu_slow = jax.tree.map(lambda m, s: b3 * m + (1 - b3) * s / period, mu_slow, grad_sum)
-                slow_hat = jax.tree.map(lambda m: m / (1 - b3 ** k).astype(m.dtype), mu_slow)
+                slow_hat = jax.tree.map(lambda m: m / (1 - b3**k).astype(m.dtype), mu_slow)
             else:
                 mu_slow = jax.tree.map(lambda m, s: m + b3 * s, mu_slow, grad_sum)
                 slow_hat = mu_slow
             return _cast((mu_slow, jax.tree.map(jnp.zeros_like, grad_sum), sigma(slow_hat)), carry)
 
-        carry = _cast((state.mu_slow, grad_sum, state.slow_out),
-                      (state.mu_slow, state.grad_sum, state.slow_out))
+        carry = _cast(
+            (state.mu_slow, grad_sum, state.slow_out), (state.mu_slow, state.grad_sum, state.slow_out)
+        )
         mu_slow, grad_sum, slow_out = jax.lax.cond(count % period == 0, refresh, lambda c: c, carry)
-        return out, M3State(count=count, mu=_cast(mu, state.mu), mu_slow=mu_slow,
-                            nu=_cast(nu, state.nu), grad_sum=grad_sum, slow_out=slow_out)
+        return out, M3State(
+            count=count,
+            mu=_cast(mu, state.mu),
+            mu_slow=mu_slow,
+            nu=_cast(nu, state.nu),
+            grad_sum=grad_sum,
+            slow_out=slow_out,
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
 
 def m3(
-    learning_rate: optax.ScalarOrSchedule, b1=0.9, b2=0.999, b3=0.9, alpha=1.0, eps=1e-3,
-    period=100, ns_steps=5, ns_coeffs: Coeffs = "quintic", weight_decay: Optional[float] = None,
-    mu_dtype=None, *, form: Literal["ema", "accumulate"] = "ema", dims: matrix.DimsSpec = None,
+    learning_rate: optax.ScalarOrSchedule,
+    b1=0.9,
+    b2=0.999,
+    b3=0.9,
+    alpha=1.0,
+    eps=1e-3,
+    period=100,
+    ns_steps=5,
+    ns_coeffs: Coeffs = "quintic",
+    weight_decay: Optional[float] = None,
+    mu_dtype=None,
+    *,
+    form: Literal["ema", "accumulate"] = "ema",
+    dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
     """M3 optimizer (paper 2.11): ``W <- W - lr ((O1 + alpha O2)/(sqrt(V) + eps) + wd W)``.
 
     See :func:`scale_by_m3` for both forms. ``weight_decay=None`` leaves decay (and params) out.
     """
-    parts = [scale_by_m3(b1, b2, b3, alpha, eps, period, ns_steps, ns_coeffs, mu_dtype, form=form,
-                         dims=dims)]
+    parts = [scale_by_m3(b1, b2, b3, alpha, eps, period, ns_steps, ns_coeffs, mu_dtype, form=form, dims=dims)]
     if weight_decay is not None:
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.scale_by_learning_rate(learning_rate))

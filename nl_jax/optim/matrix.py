@@ -14,6 +14,7 @@ norm scales, scalars) get each optimizer's documented element-wise / vector fall
 pytree with the structure of the params holding a :class:`MatrixDims` or ``None`` (fallback) per
 leaf, or a callable ``params -> such a pytree`` (it is called on the updates, as in optax's Muon).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,6 +31,7 @@ class MatrixDims(NamedTuple):
     default ``MatrixDims()`` is (reduction=-2, output=-1): last two axes, leading axes are batch.
     A conv kernel ``(kh, kw, c_in, c_out)`` is ``MatrixDims((0, 1, 2), 3)``.
     """
+
     reduction_axis: Union[int, Sequence[int]] = -2
     output_axis: Union[int, Sequence[int]] = -1
 
@@ -95,6 +97,7 @@ def normalize_axes(ndim: int, dims: MatrixDims) -> tuple[tuple[int, ...], tuple[
 
 class MatrixView(NamedTuple):
     """How to reshape an array with a given shape to ``(batch, n_in, n_out)`` and back."""
+
     perm: tuple[int, ...]
     inv_perm: tuple[int, ...]
     flat_shape: tuple[int, int, int]

@@ -5,6 +5,7 @@ Sign convention (all of ``nl_jax.optim``, as in optax): a ``scale_by_*`` transfo
 ``W <- W - lr u``. The paper's momentum ``m_paper`` (``W <- W + m_paper``) is ``-lr * m`` here when
 the learning rate is constant.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -15,11 +16,13 @@ import optax
 
 class MomentumMemoryState(NamedTuple):
     """State of :func:`scale_by_momentum_memory`: the memory ``m`` (one per parameter)."""
+
     mu: optax.Updates
 
 
-def scale_by_momentum_memory(decay=0.9, inner_lr=1.0, nesterov: bool = False,
-                             mu_dtype=None) -> optax.GradientTransformation:
+def scale_by_momentum_memory(
+    decay=0.9, inner_lr=1.0, nesterov: bool = False, mu_dtype=None
+) -> optax.GradientTransformation:
     """Momentum as a value-less associative memory (paper 2.1, A-Eq.33).
 
     The memory ``m`` minimises the value-less objective ``L(m) = -<m, g_i>`` (``<m g_i^T, I>`` in the
@@ -30,6 +33,7 @@ def scale_by_momentum_memory(decay=0.9, inner_lr=1.0, nesterov: bool = False,
 
     Reduces to ``optax.trace(decay, nesterov)`` (exactly) when ``inner_lr == 1``.
     """
+
     def init_fn(params):
         return MomentumMemoryState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
@@ -45,20 +49,24 @@ def scale_by_momentum_memory(decay=0.9, inner_lr=1.0, nesterov: bool = False,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def momentum_memory(learning_rate: optax.ScalarOrSchedule, decay=0.9, inner_lr=1.0,
-                    nesterov: bool = False, mu_dtype=None) -> optax.GradientTransformation:
+def momentum_memory(
+    learning_rate: optax.ScalarOrSchedule, decay=0.9, inner_lr=1.0, nesterov: bool = False, mu_dtype=None
+) -> optax.GradientTransformation:
     """SGD whose momentum is a value-less associative memory (paper 2.1).
 
     ``m <- decay m + inner_lr g``; ``W <- W - lr m``.
     Reduces to ``optax.sgd(learning_rate, momentum=decay, nesterov=nesterov)`` exactly (bitwise)
     when ``inner_lr == 1`` (tests/optim/test_reductions.py).
     """
-    return optax.chain(scale_by_momentum_memory(decay, inner_lr, nesterov, mu_dtype),
-                       optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(
+        scale_by_momentum_memory(decay, inner_lr, nesterov, mu_dtype),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
-def resolve_preconditioner(preconditioner: Optional[optax.GradientTransformation]
-                           ) -> optax.GradientTransformation:
+def resolve_preconditioner(
+    preconditioner: Optional[optax.GradientTransformation],
+) -> optax.GradientTransformation:
     """``None`` -> ``optax.identity()``; otherwise it must be an ``optax.GradientTransformation``.
 
     A plain function ``g -> P(g)`` can be given as ``optax.stateless_with_tree_map(
@@ -68,8 +76,10 @@ def resolve_preconditioner(preconditioner: Optional[optax.GradientTransformation
     if preconditioner is None:
         return optax.identity()
     if not isinstance(preconditioner, optax.GradientTransformation):
-        raise TypeError("preconditioner must be an optax.GradientTransformation (wrap a function "
-                        "with optax.stateless_with_tree_map), got " + repr(type(preconditioner)))
+        raise TypeError(
+            "preconditioner must be an optax.GradientTransformation (wrap a function "
+            "with optax.stateless_with_tree_map), got " + repr(type(preconditioner))
+        )
     return preconditioner
 
 
@@ -80,13 +90,18 @@ def default_preconditioner() -> optax.GradientTransformation:
 
 class PreconditionedMomentumState(NamedTuple):
     """State of :func:`scale_by_preconditioned_momentum`."""
+
     mu: optax.Updates
     preconditioner: optax.OptState
 
 
 def scale_by_preconditioned_momentum(
-    decay=0.9, inner_lr=1.0, preconditioner: Optional[optax.GradientTransformation] = None,
-    mu_dtype=None, *, use_default_preconditioner: bool = True,
+    decay=0.9,
+    inner_lr=1.0,
+    preconditioner: Optional[optax.GradientTransformation] = None,
+    mu_dtype=None,
+    *,
+    use_default_preconditioner: bool = True,
 ) -> optax.GradientTransformation:
     """Momentum with a more expressive association (paper 2.2, A-Eq.46-47).
 
@@ -106,8 +121,7 @@ def scale_by_preconditioned_momentum(
     memory = scale_by_momentum_memory(decay, inner_lr, False, mu_dtype)
 
     def init_fn(params):
-        return PreconditionedMomentumState(mu=memory.init(params).mu,
-                                           preconditioner=precond.init(params))
+        return PreconditionedMomentumState(mu=memory.init(params).mu, preconditioner=precond.init(params))
 
     def update_fn(updates, state, params=None):
         pg, pstate = precond.update(updates, state.preconditioner, params)
@@ -118,8 +132,11 @@ def scale_by_preconditioned_momentum(
 
 
 def preconditioned_momentum(
-    learning_rate: optax.ScalarOrSchedule, decay=0.9, inner_lr=1.0,
-    preconditioner: Optional[optax.GradientTransformation] = None, mu_dtype=None,
+    learning_rate: optax.ScalarOrSchedule,
+    decay=0.9,
+    inner_lr=1.0,
+    preconditioner: Optional[optax.GradientTransformation] = None,
+    mu_dtype=None,
 ) -> optax.GradientTransformation:
     """Preconditioned momentum SGD (paper 2.2): ``m <- decay m + inner_lr P(g)``; ``W <- W - lr m``.
 
@@ -130,4 +147,5 @@ def preconditioned_momentum(
     """
     return optax.chain(
         scale_by_preconditioned_momentum(decay, inner_lr, preconditioner, mu_dtype),
-        optax.scale_by_learning_rate(learning_rate))
+        optax.scale_by_learning_rate(learning_rate),
+    )

@@ -4,6 +4,7 @@ Paper 2.6: ``W_{i+1} = W_i + sigma(m_{i+1}(u_i))``; with ``sigma`` = Newton-Schu
 and ``m`` the linear momentum memory of paper 2.1, this is Muon (A-Eq.42): ``W += NS_k(m)``,
 ``m = alpha m - eta g``.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional, Sequence, Union
@@ -15,8 +16,8 @@ import optax
 from nl_jax.optim import matrix
 from nl_jax.optim.momentum import scale_by_momentum_memory
 
-QUINTIC = (3.4445, -4.7750, 2.0315)   # Muon's coefficients (Jordan et al.)
-CUBIC = (1.5, -0.5, 0.0)              # X <- X (3I - X^T X) / 2: the NL derivation (A-Eq.43-44)
+QUINTIC = (3.4445, -4.7750, 2.0315)  # Muon's coefficients (Jordan et al.)
+CUBIC = (1.5, -0.5, 0.0)  # X <- X (3I - X^T X) / 2: the NL derivation (A-Eq.43-44)
 _PRESETS = {"quintic": QUINTIC, "cubic": CUBIC}
 
 Coeffs = Union[str, Sequence[float]]
@@ -64,8 +65,9 @@ def newton_schulz(x: jax.Array, ns_steps=5, ns_coeffs: Coeffs = "quintic", eps=1
     return x.astype(dtype)
 
 
-def orthogonalize(x: jax.Array, dims: matrix.MatrixDims, ns_steps=5, ns_coeffs: Coeffs = "quintic",
-                  eps=1e-7) -> jax.Array:
+def orthogonalize(
+    x: jax.Array, dims: matrix.MatrixDims, ns_steps=5, ns_coeffs: Coeffs = "quintic", eps=1e-7
+) -> jax.Array:
     """Newton-Schulz on an N-D array whose matrix axes are given by ``dims`` (batch axes vmapped)."""
     view = matrix.matrix_view(x.shape, dims)
     return view.from_matrix(newton_schulz(view.to_matrix(x), ns_steps, ns_coeffs, eps))
@@ -109,6 +111,7 @@ def scale_by_newton_schulz(
     ``'identity'`` passes it through.
     Chain it after any momentum memory: after :func:`scale_by_momentum_memory` it is Muon.
     """
+
     def update_fn(updates, state, params=None):
         del params
         dims_list = matrix.leaf_dims(dims, updates)
@@ -156,8 +159,9 @@ def muon(
     """
     parts = [
         scale_by_momentum_memory(decay=beta, nesterov=nesterov, mu_dtype=mu_dtype),
-        scale_by_newton_schulz(ns_steps, ns_coeffs, eps, shape_scale=shape_scale,
-                               consistent_rms=consistent_rms, dims=dims),
+        scale_by_newton_schulz(
+            ns_steps, ns_coeffs, eps, shape_scale=shape_scale, consistent_rms=consistent_rms, dims=dims
+        ),
     ]
     if weight_decay is not None:
         parts.append(optax.add_decayed_weights(weight_decay))

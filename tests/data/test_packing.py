@@ -1,4 +1,5 @@
 """Packing is exact: every token but the first is a target exactly once, in order."""
+
 import grain
 import numpy as np
 import pytest
@@ -9,70 +10,70 @@ EOS = 2
 
 
 def _docs(rng, n=13):
-  return [rng.integers(3, 50, size=int(rng.integers(0, 40))).astype(np.int32) for _ in range(n)]
+    return [rng.integers(3, 50, size=int(rng.integers(0, 40))).astype(np.int32) for _ in range(n)]
 
 
 def test_pack_documents_exact():
-  rng = np.random.default_rng(0)
-  docs = _docs(rng)
-  stream = packing.pack_documents(docs, EOS)
-  nonempty = [d for d in docs if len(d)]
-  assert len(stream) == sum(len(d) + 1 for d in nonempty)
-  assert (stream == EOS).sum() == len(nonempty)
-  pieces = np.split(stream, np.flatnonzero(stream == EOS) + 1)[:-1]
-  for doc, piece in zip(nonempty, pieces):
-    np.testing.assert_array_equal(piece, np.concatenate([doc, [EOS]]))
+    rng = np.random.default_rng(0)
+    docs = _docs(rng)
+    stream = packing.pack_documents(docs, EOS)
+    nonempty = [d for d in docs if len(d)]
+    assert len(stream) == sum(len(d) + 1 for d in nonempty)
+    assert (stream == EOS).sum() == len(nonempty)
+    pieces = np.split(stream, np.flatnonzero(stream == EOS) + 1)[:-1]
+    for doc, piece in zip(nonempty, pieces):
+        np.testing.assert_array_equal(piece, np.concatenate([doc, [EOS]]))
 
 
 @pytest.mark.parametrize("seq_len,n", [(1, 10), (4, 9), (4, 10), (4, 13), (7, 100), (128, 100)])
 def test_windows_cover_stream_once(seq_len, n):
-  stream = np.arange(n, dtype=np.int32)
-  w = packing.windows(stream, seq_len)
-  assert w.shape == (packing.num_windows(n, seq_len), seq_len + 1)
-  assert len(w) == max(0, (n - 1) // seq_len)
-  targets = w[:, 1:].reshape(-1)
-  inputs = w[:, :-1].reshape(-1)
-  np.testing.assert_array_equal(targets, stream[1:1 + len(targets)])  # no gap, no duplicate
-  np.testing.assert_array_equal(inputs, stream[:len(inputs)])
-  assert n - 1 - len(targets) < seq_len  # only the tail that does not fill a window is dropped
+    stream = np.arange(n, dtype=np.int32)
+    w = packing.windows(stream, seq_len)
+    assert w.shape == (packing.num_windows(n, seq_len), seq_len + 1)
+    assert len(w) == max(0, (n - 1) // seq_len)
+    targets = w[:, 1:].reshape(-1)
+    inputs = w[:, :-1].reshape(-1)
+    np.testing.assert_array_equal(targets, stream[1 : 1 + len(targets)])  # no gap, no duplicate
+    np.testing.assert_array_equal(inputs, stream[: len(inputs)])
+    assert n - 1 - len(targets) < seq_len  # only the tail that does not fill a window is dropped
 
 
 def test_eval_windows_include_the_tail():
-  rng = np.random.default_rng(1)
-  docs = _docs(rng)
-  stream = packing.pack_documents(docs, EOS)
-  out = list(packing.iter_eval_windows(docs, 8, EOS))
-  full = packing.windows(stream, 8)
-  for i, row in enumerate(full):
-    np.testing.assert_array_equal(out[i][0], row)
-    assert out[i][1] == 9
-  tail, n_valid = out[-1]
-  assert len(out) == len(full) + 1 and n_valid < 9
-  np.testing.assert_array_equal(tail[:n_valid], stream[len(full) * 8:])
-  assert sum(v - 1 for _, v in out) == len(stream) - 1  # every target once
+    rng = np.random.default_rng(1)
+    docs = _docs(rng)
+    stream = packing.pack_documents(docs, EOS)
+    out = list(packing.iter_eval_windows(docs, 8, EOS))
+    full = packing.windows(stream, 8)
+    for i, row in enumerate(full):
+        np.testing.assert_array_equal(out[i][0], row)
+        assert out[i][1] == 9
+    tail, n_valid = out[-1]
+    assert len(out) == len(full) + 1 and n_valid < 9
+    np.testing.assert_array_equal(tail[:n_valid], stream[len(full) * 8 :])
+    assert sum(v - 1 for _, v in out) == len(stream) - 1  # every target once
 
 
 def test_pack_iter_dataset_matches_windows_and_resumes():
-  rng = np.random.default_rng(2)
-  docs = _docs(rng, 40)
-  expected = packing.windows(packing.pack_documents(docs, EOS), 6)
-  ds = packing.PackWindowsIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), 6, EOS)
-  got = np.stack(list(ds))
-  np.testing.assert_array_equal(got, expected)
-  for k in (0, 1, 7, len(expected) - 1):
-    it = iter(ds)
-    for _ in range(k):
-      next(it)
-    state = it.get_state()
-    rest = list(it)
-    it2 = iter(ds)
-    it2.set_state(state)
-    np.testing.assert_array_equal(np.stack(list(it2)), np.stack(rest))
+    rng = np.random.default_rng(2)
+    docs = _docs(rng, 40)
+    expected = packing.windows(packing.pack_documents(docs, EOS), 6)
+    ds = packing.PackWindowsIterDataset(grain.MapDataset.source(docs).to_iter_dataset(), 6, EOS)
+    got = np.stack(list(ds))
+    np.testing.assert_array_equal(got, expected)
+    for k in (0, 1, 7, len(expected) - 1):
+        it = iter(ds)
+        for _ in range(k):
+            next(it)
+        state = it.get_state()
+        rest = list(it)
+        it2 = iter(ds)
+        it2.set_state(state)
+        np.testing.assert_array_equal(np.stack(list(it2)), np.stack(rest))
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
 def test_bad_seq_len(bad):
-  with pytest.raises(ValueError, match="seq_len"):
-    packing.num_windows(100, bad)
-  with pytest.raises(ValueError, match="seq_len"):
-    packing.PackWindowsIterDataset(grain.MapDataset.range(3).to_iter_dataset(), bad, EOS)
+    with pytest.raises(ValueError, match="seq_len"):
+        packing.num_windows(100, bad)
+    with pytest.raises(ValueError, match="seq_len"):
+        packing.PackWindowsIterDataset(grain.MapDataset.range(3).to_iter_dataset(), bad, EOS)

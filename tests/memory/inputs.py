@@ -3,6 +3,7 @@
 Each test run draws a new seed (set NL_JAX_TEST_SEED to replay one); the seed is in every failure
 message. Keys and queries are l2-normalised and rates lie in (0, 1), as the layers produce them.
 """
+
 import os
 import secrets
 
@@ -20,17 +21,20 @@ def unit(x):
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def make_inputs(seed, spec, *, batch=2, length=16, heads=2, dim=8, hidden=6, momentum=True,
-                retention=True, dgd=True):
+def make_inputs(
+    seed, spec, *, batch=2, length=16, heads=2, dim=8, hidden=6, momentum=True, retention=True, dgd=True
+):
     ks = jax.random.split(jax.random.key(seed), 8)
     shape = (batch, length, heads, dim)
     q, k = unit(jax.random.normal(ks[0], shape)), unit(jax.random.normal(ks[1], shape))
     v = jax.random.normal(ks[2], shape)
     gate = lambda key: jax.nn.sigmoid(jax.random.normal(key, (batch, length, heads)))  # noqa: E731
-    rates = ops.Rates(lr=0.5 * gate(ks[3]),
-                      retention=0.5 + 0.5 * gate(ks[4]) if retention else None,
-                      momentum=gate(ks[5]) if momentum else None,
-                      dgd=0.5 * gate(ks[6]) if dgd else None)
+    rates = ops.Rates(
+        lr=0.5 * gate(ks[3]),
+        retention=0.5 + 0.5 * gate(ks[4]) if retention else None,
+        momentum=gate(ks[5]) if momentum else None,
+        dgd=0.5 * gate(ks[6]) if dgd else None,
+    )
     weights = ops.init_weights(spec, ks[7], (batch, heads), dim, hidden=hidden, scale=0.3)
     return ops.init_state(weights, momentum=momentum), q, k, v, rates
 

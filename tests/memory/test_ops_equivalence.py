@@ -3,6 +3,7 @@
 Everything is float32 and must agree to a relative error under 1e-5: outputs, final states, and
 gradients with respect to every input and to the initial state.
 """
+
 import itertools
 
 import jax
@@ -35,8 +36,9 @@ def _run(form, spec, state, q, k, v, rates, chunk, read):
 # Every structure x objective x rule once, the read modes spread over them (each mode >= 6 times).
 CHUNK_ONE_CASES = [
     (structure, objective, rule, ops.READ_MODES[i % 3])
-    for i, (structure, objective, rule) in enumerate(itertools.product(
-        ["linear", "mlp"], ["l2", "dot"], list(RULES)))
+    for i, (structure, objective, rule) in enumerate(
+        itertools.product(["linear", "mlp"], ["l2", "dot"], list(RULES))
+    )
 ]
 
 
@@ -56,6 +58,7 @@ def test_chunk_size_one_equals_naive(structure, objective, rule, read):
 
 def _loss_fn(form, spec, chunk, read, cot_y, cot_w):
     """A scalar that touches the outputs and the final weights, with fixed random cotangents."""
+
     def loss(weights, momentum, q, k, v, rates):
         state = ops.init_state(weights, momentum=False)._replace(momentum=momentum)
         y, s = _run(form, spec, state, q, k, v, rates, chunk, read)
@@ -63,6 +66,7 @@ def _loss_fn(form, spec, chunk, read, cot_y, cot_w):
         for w, c in zip(jax.tree.leaves(s.weights), jax.tree.leaves(cot_w)):
             out = out + jnp.sum(w * c)
         return out
+
     return loss
 
 
@@ -86,8 +90,18 @@ def test_chunked_equals_naive_with_gradients(structure, rule, read, shape):
     batch, length, heads, dim, hidden, chunk = shape
     spec = ops.MemorySpec(structure, "l2")
     mom, ret, dgd = RULES[rule]
-    state, q, k, v, rates = make_inputs(seed, spec, batch=batch, length=length, heads=heads, dim=dim,
-                                        hidden=hidden, momentum=mom, retention=ret, dgd=dgd)
+    state, q, k, v, rates = make_inputs(
+        seed,
+        spec,
+        batch=batch,
+        length=length,
+        heads=heads,
+        dim=dim,
+        hidden=hidden,
+        momentum=mom,
+        retention=ret,
+        dgd=dgd,
+    )
     y_ref, s_ref = _run("naive", spec, state, q, k, v, rates, chunk, read)
     y, s = _run("chunked", spec, state, q, k, v, rates, chunk, read)
     assert rel_err(y, y_ref) < TOL, seed
@@ -109,7 +123,9 @@ def test_chunked_equals_naive_with_gradients(structure, rule, read, shape):
     assert float(jnp.abs(jax.tree.leaves(g[0])[0]).max()) > 0
 
 
-@pytest.mark.parametrize("structure,read", [("linear", "per_token"), ("mlp", "boundary"), ("mlp", "post_update")])
+@pytest.mark.parametrize(
+    "structure,read", [("linear", "per_token"), ("mlp", "boundary"), ("mlp", "post_update")]
+)
 def test_streaming_equals_one_call(structure, read):
     seed = fresh_seed()
     spec = ops.MemorySpec(structure, "l2")
@@ -150,11 +166,19 @@ def test_causality(structure, read):
     assert float(jnp.abs(y_write[:, first:] - y[:, first:]).max()) > 1e-4, seed
 
 
-@pytest.mark.parametrize("structure,objective,read,chunk", [
-    ("linear", "l2", "per_token", 1), ("linear", "dot", "post_update", 4), ("linear", "l2", "boundary", 4),
-    ("mlp", "l2", "boundary", 1), ("mlp", "l2", "per_token", 4), ("mlp", "dot", "post_update", 1),
-    ("mlp", "l2", "post_update", 4), ("mlp", "dot", "boundary", 4),
-])
+@pytest.mark.parametrize(
+    "structure,objective,read,chunk",
+    [
+        ("linear", "l2", "per_token", 1),
+        ("linear", "dot", "post_update", 4),
+        ("linear", "l2", "boundary", 4),
+        ("mlp", "l2", "boundary", 1),
+        ("mlp", "l2", "per_token", 4),
+        ("mlp", "dot", "post_update", 1),
+        ("mlp", "l2", "post_update", 4),
+        ("mlp", "dot", "boundary", 4),
+    ],
+)
 def test_recurrent_steps_equal_naive(structure, objective, read, chunk):
     seed = fresh_seed()
     spec = ops.MemorySpec(structure, objective)

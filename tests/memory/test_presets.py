@@ -1,5 +1,6 @@
 """DeltaNet, the gated delta rule, linear attention / RetNet, TTT, Titans and the self-modifying update,
 each run through the chunked core, against its textbook recurrence written out here in float64 numpy."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +39,9 @@ def _loop(step, s0, q, k, v, *gates):
             s = s0[b, h].copy()
             boundary = s.copy()
             for t in range(T):
-                s, out[b, t, h] = step(s, boundary, q[b, t, h], k[b, t, h], v[b, t, h], *[g[b, t, h] for g in gates])
+                s, out[b, t, h] = step(
+                    s, boundary, q[b, t, h], k[b, t, h], v[b, t, h], *[g[b, t, h] for g in gates]
+                )
                 if (t + 1) % C == 0:
                     boundary = s.copy()
             finals[b, h] = s
@@ -57,6 +60,7 @@ def test_delta_rule():
     def step(s, _, q, k, v, beta):  # S_t = S_{t-1} - beta (S_{t-1} k - v) k^T ; o = S_t q
         s = s - beta * np.outer(s @ k - v, k)
         return s, s @ q
+
     _check(_chunked(presets.delta_rule(beta), s0, q, k, v), _loop(step, s0, q, k, v, beta), seed)
 
 
@@ -67,7 +71,12 @@ def test_gated_delta_rule():
     def step(s, _, q, k, v, alpha, beta):  # S_t = alpha S (I - beta k k^T) + beta v k^T
         s = alpha * s @ (np.eye(D) - beta * np.outer(k, k)) + beta * np.outer(v, k)
         return s, s @ q
-    _check(_chunked(presets.gated_delta_rule(alpha, beta), s0, q, k, v), _loop(step, s0, q, k, v, alpha, beta), seed)
+
+    _check(
+        _chunked(presets.gated_delta_rule(alpha, beta), s0, q, k, v),
+        _loop(step, s0, q, k, v, alpha, beta),
+        seed,
+    )
 
 
 def test_retention_linear_attention():
@@ -78,8 +87,12 @@ def test_retention_linear_attention():
     def step(s, _, q, k, v, gamma):
         s = gamma * s + np.outer(v, k)
         return s, s @ q
-    _check(_chunked(presets.linear_attention(jnp.ones((B, T, H)), decay), s0, q, k, v),
-           _loop(step, s0, q, k, v, decay), seed)
+
+    _check(
+        _chunked(presets.linear_attention(jnp.ones((B, T, H)), decay), s0, q, k, v),
+        _loop(step, s0, q, k, v, decay),
+        seed,
+    )
 
 
 def test_ttt_linear_minibatch_gd():
@@ -89,6 +102,7 @@ def test_ttt_linear_minibatch_gd():
     def step(s, boundary, q, k, v, lr):  # gradient at the mini-batch start; dual-form read W_t q
         s = s - lr * np.outer(boundary @ k - v, k)
         return s, s @ q
+
     _check(_chunked(presets.ttt(lr), s0, q, k, v), _loop(step, s0, q, k, v, lr), seed)
 
 
@@ -102,6 +116,7 @@ def test_self_modifying_matrix_is_paper_eq_93():
         o = s @ q
         s = s @ (alpha * np.eye(D) - eta * np.outer(k, k)) - eta * np.outer(boundary @ k - v, k)
         return s, o
+
     m = presets.self_modifying(eta, alpha, structure="linear", read="per_token")
     _check(_chunked(m, s0, q, k, v), _loop(step, s0, q, k, v, eta, alpha), seed)
 
@@ -127,9 +142,9 @@ def test_titans_lmm(structure):
             boundary = w
             for t in range(T):
                 g = grad(boundary, k[b, t, h], v[b, t, h])
-                s = jax.tree.map(lambda s, g: eta[b, t, h] * s - theta[b, t, h] * g, s, g)   # S_t
-                w = jax.tree.map(lambda w, s: (1 - forget[b, t, h]) * w + s, w, s)            # M_t
-                ys[b, t, h] = ops.apply(m.spec, w, q[b, t, h][None])[0]                      # y_t = M_t(q_t)
+                s = jax.tree.map(lambda s, g: eta[b, t, h] * s - theta[b, t, h] * g, s, g)  # S_t
+                w = jax.tree.map(lambda w, s: (1 - forget[b, t, h]) * w + s, w, s)  # M_t
+                ys[b, t, h] = ops.apply(m.spec, w, q[b, t, h][None])[0]  # y_t = M_t(q_t)
                 if (t + 1) % C == 0:
                     boundary = w
             for got, want in zip(jax.tree.leaves(final.weights), jax.tree.leaves(w)):

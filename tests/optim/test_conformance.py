@@ -1,4 +1,5 @@
 """One conformance suite over every nl_jax.optim optimizer (after optax contrib/_common_test.py)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,8 +70,13 @@ def run(tx, params, steps, update=None):
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-6):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(
-        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol
+        ),
+        a,
+        b,
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -144,8 +150,13 @@ def test_sharding_kept(name):
     psh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
     params = jax.device_put(toy_params(), psh)
     tx = make(name)
-    osh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), psh,
-                                transform_non_params=lambda _: NamedSharding(mesh, P()))
+    osh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, params),
+        psh,
+        transform_non_params=lambda _: NamedSharding(mesh, P()),
+    )
     state0 = jax.jit(tx.init, out_shardings=osh)(params)
     grads = jax.device_put(toy_grads(params, 0), psh)
     u, state1 = jax.jit(tx.update)(grads, state0, params)
@@ -171,8 +182,7 @@ def test_orbax_round_trip(name, tmp_path):
     ckptr.wait_until_finished()
     restored = ckptr.restore(tmp_path / "state", jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
     assert jax.tree.structure(restored) == jax.tree.structure(state)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 state, restored)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state, restored)
     # The restored state continues exactly like the original.
     g = toy_grads(params, 5)
     assert_close(update(g, state, params)[0], update(g, restored, params)[0], 0, 0)
@@ -199,6 +209,7 @@ def test_converges_least_squares(name):
             g = jax.grad(loss_fn)(p)
             u, s = tx.update(g, s, p)
             return (optax.apply_updates(p, u), s), None
+
         return jax.lax.scan(body, (params, state), None, length=300)[0]
 
     init_loss = loss_fn(params)

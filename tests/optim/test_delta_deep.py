@@ -1,4 +1,5 @@
 """Delta momentum (paper 2.3) and deep momentum / DMGD (paper 2.4) against numpy references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +12,7 @@ SHAPES = {"w": (6, 4), "stack": (2, 3, 5), "b": (5,), "s": ()}
 
 def draws(seed, n):
     rng = np.random.default_rng(seed)
-    return [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-            for _ in range(n)]
+    return [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()} for _ in range(n)]
 
 
 def run_transform(tx, grads):
@@ -86,8 +86,9 @@ def deep_reference(gs, a0, b0, decay, inner_lr, mlp_lr, objective):
 @pytest.mark.parametrize("objective", ["dot", "l2"])
 def test_deep_momentum_matches_reference(objective):
     grads = draws(2, 4)
-    tx = optim.scale_by_deep_momentum(decay=0.8, inner_lr=0.7, mlp_lr=0.5,
-                                      memory=optim.MomentumMLP(hidden=3), objective=objective)
+    tx = optim.scale_by_deep_momentum(
+        decay=0.8, inner_lr=0.7, mlp_lr=0.5, memory=optim.MomentumMLP(hidden=3), objective=objective
+    )
     outs, state0 = run_transform(tx, grads)
     # w: one (6, 4) matrix with A: (6, 3), B: (3, 4); stack: per layer.
     assert state0.w_in["w"].shape == (6, 3) and state0.w_out["w"].shape == (3, 4)
@@ -99,8 +100,9 @@ def test_deep_momentum_matches_reference(objective):
         for layer in range(a0.shape[0]):
             ref = deep_reference([g[layer] for g in gs], a0[layer], b0[layer], 0.8, 0.7, 0.5, objective)
             for o, r in zip(outs, ref):
-                np.testing.assert_allclose(np.asarray(o[k]).reshape(gs[0].shape)[layer], r, rtol=1e-5,
-                                           atol=1e-6)
+                np.testing.assert_allclose(
+                    np.asarray(o[k]).reshape(gs[0].shape)[layer], r, rtol=1e-5, atol=1e-6
+                )
     # vectors / scalars: linear memory (momentum with inner_lr), no MLP.
     m = np.zeros(5, np.float32)
     for o, g in zip(outs, grads):
@@ -110,8 +112,7 @@ def test_deep_momentum_matches_reference(objective):
 
 def test_deep_momentum_custom_dims_and_state_sizes():
     params = {"w": jnp.zeros((3, 10, 2))}  # (in, batch, out)
-    tx = optim.deep_momentum(0.1, memory=optim.MomentumMLP(hidden=4),
-                             dims={"w": optim.MatrixDims(0, 2)})
+    tx = optim.deep_momentum(0.1, memory=optim.MomentumMLP(hidden=4), dims={"w": optim.MatrixDims(0, 2)})
     state = tx.init(params)
     inner = state[0]
     assert inner.w_in["w"].shape == (3, 10, 4) and inner.w_out["w"].shape == (4, 10, 2)

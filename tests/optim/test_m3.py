@@ -1,4 +1,5 @@
 """M3 (paper 2.11) against a plain python loop of Algorithm 1, in both forms."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,9 @@ def algorithm1(params, grads, lr, b1, b2, b3, alpha, eps, f, form):
     w = {k: np.asarray(v, np.float32).copy() for k, v in params.items()}
     n = len(grads)
     for name in w:
-        m1 = np.zeros_like(w[name]); m2 = np.zeros_like(w[name]); v = np.zeros_like(w[name])
+        m1 = np.zeros_like(w[name])
+        m2 = np.zeros_like(w[name])
+        v = np.zeros_like(w[name])
         o2 = np.zeros_like(w[name])
         for k in range(-(-n // f)):
             if k > 0:
@@ -35,7 +38,7 @@ def algorithm1(params, grads, lr, b1, b2, b3, alpha, eps, f, form):
                     o2 = sigma(m2)
                 else:
                     m2 = b3 * m2 + (1 - b3) * chunk / f
-                    o2 = sigma(m2 / (1 - b3 ** k))
+                    o2 = sigma(m2 / (1 - b3**k))
             for t in range(k * f, min((k + 1) * f, n)):
                 g = grads[t][name]
                 if form == "accumulate":
@@ -54,8 +57,7 @@ def algorithm1(params, grads, lr, b1, b2, b3, alpha, eps, f, form):
 def test_m3_matches_algorithm1(form):
     rng = np.random.default_rng(5)
     params = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-             for _ in range(8)]
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()} for _ in range(8)]
     hp = dict(b1=0.9, b2=0.99, b3=0.8, alpha=0.7, eps=1e-3)
     tx = optim.m3(0.01, period=3, form=form, **hp)
 
@@ -65,6 +67,7 @@ def test_m3_matches_algorithm1(form):
             p, s = carry
             u, s = tx.update(g, s, p)
             return (optax.apply_updates(p, u), s), None
+
         return jax.lax.scan(body, (params, tx.init(params)), grads)[0]
 
     stacked = jax.tree.map(lambda *g: np.stack(g), *grads)

@@ -1,4 +1,5 @@
 """Which axes form the matrix: reshapes, per-parameter specs, and N-D / stacked weights."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,13 +8,16 @@ from nl_jax.optim import MatrixDims, orthogonalize
 from nl_jax.optim import matrix
 
 
-@pytest.mark.parametrize("shape,dims,flat", [
-    ((6, 8), MatrixDims(), (1, 6, 8)),
-    ((3, 6, 8), MatrixDims(), (3, 6, 8)),                  # scanned layers: leading axis is batch
-    ((3, 3, 4, 5), MatrixDims((0, 1, 2), 3), (1, 36, 5)),  # conv kernel
-    ((4, 2, 6, 8), MatrixDims(2, (0, 3)), (2, 6, 32)),     # batch axis in the middle
-    ((7,), None, (1, 7, 1)),                               # vector fallback: one column
-])
+@pytest.mark.parametrize(
+    "shape,dims,flat",
+    [
+        ((6, 8), MatrixDims(), (1, 6, 8)),
+        ((3, 6, 8), MatrixDims(), (3, 6, 8)),  # scanned layers: leading axis is batch
+        ((3, 3, 4, 5), MatrixDims((0, 1, 2), 3), (1, 36, 5)),  # conv kernel
+        ((4, 2, 6, 8), MatrixDims(2, (0, 3)), (2, 6, 32)),  # batch axis in the middle
+        ((7,), None, (1, 7, 1)),  # vector fallback: one column
+    ],
+)
 def test_matrix_view_round_trip(shape, dims, flat):
     x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
     view = matrix.matrix_view(shape, dims)
@@ -46,8 +50,6 @@ def test_orthogonalize_stacked_equals_per_layer_and_transposed_dims():
     x = jnp.asarray(rng.standard_normal((3, 6, 4)), jnp.float32)
     stacked = orthogonalize(x, MatrixDims())
     for i in range(3):
-        np.testing.assert_allclose(stacked[i], orthogonalize(x[i], MatrixDims()), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(stacked[i], orthogonalize(x[i], MatrixDims()), rtol=1e-5, atol=1e-6)
     # Swapping reduction and output axes is the same matrix transposed (NS commutes with ^T).
-    np.testing.assert_allclose(orthogonalize(x[0], MatrixDims(1, 0)), stacked[0], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(orthogonalize(x[0], MatrixDims(1, 0)), stacked[0], rtol=1e-5, atol=1e-6)

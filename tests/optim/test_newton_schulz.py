@@ -1,4 +1,5 @@
 """Newton-Schulz nonlinearity (paper 2.6)."""
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -25,8 +26,10 @@ def test_quintic_newton_schulz_singular_values_in_muon_band():
 
 def test_scale_by_newton_schulz_vectors_and_shape_scale():
     rng = np.random.default_rng(3)
-    upd = {"w": jnp.asarray(rng.standard_normal((4, 16)), jnp.float32),
-           "b": jnp.asarray(rng.standard_normal((9,)), jnp.float32)}
+    upd = {
+        "w": jnp.asarray(rng.standard_normal((4, 16)), jnp.float32),
+        "b": jnp.asarray(rng.standard_normal((9,)), jnp.float32),
+    }
     out, _ = optim.scale_by_newton_schulz(shape_scale="width").update(upd, optax.EmptyState())
     # vector: its 1 x n polar factor b/||b|| times the width scale sqrt(n) -> unit RMS
     np.testing.assert_allclose(np.sqrt(np.mean(np.square(out["b"]))), 1.0, rtol=1e-5)
@@ -38,5 +41,6 @@ def test_scale_by_newton_schulz_vectors_and_shape_scale():
 
 def test_traced_ns_steps_matches_static():
     x = jnp.asarray(np.random.default_rng(4).standard_normal((5, 7)), jnp.float32)
-    np.testing.assert_allclose(optim.newton_schulz(x, jnp.asarray(3)), optim.newton_schulz(x, 3),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        optim.newton_schulz(x, jnp.asarray(3)), optim.newton_schulz(x, 3), rtol=1e-5, atol=1e-6
+    )

@@ -1,4 +1,5 @@
 """Each deep optimizer equals an optax optimizer (or a plain reference) under its degenerate settings."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,9 @@ def trajectory(tx, steps=6, params=PARAMS):
             u, state = tx.update(g, state, params)
             params = optax.apply_updates(params, u)
             return (params, state), params
+
         return jax.lax.scan(body, (params, tx.init(params)), grads)[1]
+
     stacked = jax.device_get(run(params, grads))
     return [jax.tree.map(lambda x: x[i], stacked) for i in range(steps)]
 
@@ -79,8 +82,12 @@ def test_deep_momentum_mlp_changes_the_update():
 
 def test_delta_momentum_beta0_is_sgd_momentum():
     # Equal to float32 rounding (XLA fuses optax's g + decay m into one FMA, ours in another order).
-    assert_same(trajectory(optim.delta_momentum(0.1, decay=0.9, beta=0.0)),
-                trajectory(optax.sgd(0.1, momentum=0.9)), rtol=1e-6, atol=1e-7)
+    assert_same(
+        trajectory(optim.delta_momentum(0.1, decay=0.9, beta=0.0)),
+        trajectory(optax.sgd(0.1, momentum=0.9)),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def test_preconditioned_momentum_identity_is_sgd_momentum():
@@ -91,8 +98,9 @@ def test_preconditioned_momentum_identity_is_sgd_momentum():
 def test_preconditioned_momentum_rms_is_rmsprop_momentum():
     p = optax.scale_by_rms(decay=0.95, eps=1e-6, eps_in_sqrt=False, bias_correction=True)
     ours = trajectory(optim.preconditioned_momentum(0.01, 0.9, preconditioner=p))
-    ref = trajectory(optax.rmsprop(0.01, decay=0.95, eps=1e-6, eps_in_sqrt=False,
-                                   bias_correction=True, momentum=0.9))
+    ref = trajectory(
+        optax.rmsprop(0.01, decay=0.95, eps=1e-6, eps_in_sqrt=False, bias_correction=True, momentum=0.9)
+    )
     assert_same(ours, ref, rtol=1e-6, atol=1e-7)  # float32 rounding: XLA fuses the two differently
 
 
@@ -148,6 +156,5 @@ def test_muon_matches_optax_contrib_muon():
     so optax's debiased EMA and our trace agree up to the eps of the normalisation)."""
     params = {"w": PARAMS["w"], "v": PARAMS["w"].T}
     ours = trajectory(optim.muon(0.05, beta=0.9, eps=1e-12), steps=4, params=params)
-    ref = trajectory(optax.contrib.muon(0.05, beta=0.9, eps=1e-12, nesterov=False), steps=4,
-                     params=params)
+    ref = trajectory(optax.contrib.muon(0.05, beta=0.9, eps=1e-12, nesterov=False), steps=4, params=params)
     assert_same(ours, ref, rtol=2e-5, atol=2e-6)

@@ -25,6 +25,16 @@ from nl_jax.memory.ops.structures import (
 )
 
 __all__ = [
-    "READ_MODES", "LinearWeights", "MLPWeights", "MemorySpec", "MemoryState", "Rates", "apply",
-    "init_state", "init_weights", "memory_chunked", "memory_naive", "memory_recurrent",
+    "READ_MODES",
+    "LinearWeights",
+    "MLPWeights",
+    "MemorySpec",
+    "MemoryState",
+    "Rates",
+    "apply",
+    "init_state",
+    "init_weights",
+    "memory_chunked",
+    "memory_naive",
+    "memory_recurrent",
 ]

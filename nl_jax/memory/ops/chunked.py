@@ -90,12 +90,12 @@ def _shift(v: jax.Array, first) -> jax.Array:
 
 
 class _Coefs(NamedTuple):
-    A: jax.Array    # [B, H, C, C] retention products
-    a: jax.Array    # [B, H, C]    prefix retention
-    Cm: jax.Array   # [B, H, C, C] coefficient of each token's gradient in W_i
-    mu: jax.Array | None   # [B, H, C] coefficient of S_0 in W_i
-    Bm: jax.Array | None   # [B, H, C, C] momentum products
-    b: jax.Array | None    # [B, H, C]
+    A: jax.Array  # [B, H, C, C] retention products
+    a: jax.Array  # [B, H, C]    prefix retention
+    Cm: jax.Array  # [B, H, C, C] coefficient of each token's gradient in W_i
+    mu: jax.Array | None  # [B, H, C] coefficient of S_0 in W_i
+    Bm: jax.Array | None  # [B, H, C, C] momentum products
+    b: jax.Array | None  # [B, H, C]
 
 
 def _coefs(rates: rules.Rates, c: int, dtype) -> tuple[_Coefs, _Coefs]:
@@ -111,19 +111,20 @@ def _coefs(rates: rules.Rates, c: int, dtype) -> tuple[_Coefs, _Coefs]:
         Cm = A @ Bm
         mu = jnp.einsum("...ij,...j->...i", A, b)
     post = _Coefs(A, a, Cm, mu, Bm, b)
-    pre = _Coefs(_shift_rows(A), _shift(a, 1.0), _shift_rows(Cm),
-                 None if mu is None else _shift(mu, 0.0), Bm, b)
+    pre = _Coefs(
+        _shift_rows(A), _shift(a, 1.0), _shift_rows(Cm), None if mu is None else _shift(mu, 0.0), Bm, b
+    )
     return post, pre
 
 
 class _Track(NamedTuple):
     """The within-chunk trajectory of one weight matrix, in closed form."""
 
-    w0: jax.Array          # [B, H, O, I]
-    s0: jax.Array | None   # momentum at the boundary
-    x: jax.Array           # [B, H, C, I] inputs of this matrix at the boundary state
-    ue: jax.Array          # [B, H, C, O] eta_s * e_s
-    gp: jax.Array | None   # [B, H, C, O] gamma_s * p_s (DGD), with p_s = W_{s-1} k_s
+    w0: jax.Array  # [B, H, O, I]
+    s0: jax.Array | None  # momentum at the boundary
+    x: jax.Array  # [B, H, C, I] inputs of this matrix at the boundary state
+    ue: jax.Array  # [B, H, C, O] eta_s * e_s
+    gp: jax.Array | None  # [B, H, C, O] gamma_s * p_s (DGD), with p_s = W_{s-1} k_s
 
 
 def _boundary_terms(co: _Coefs, tr: _Track, qr: jax.Array, qw0: jax.Array | None = None) -> jax.Array:
@@ -166,7 +167,9 @@ def _final(co: _Coefs, tr: _Track):
     if tr.s0 is None:
         return w, None
     w = w + co.mu[..., -1, None, None] * tr.s0
-    s = co.b[..., -1, None, None] * tr.s0 - jnp.einsum("...s,...so,...si->...oi", co.Bm[..., -1, :], tr.ue, tr.x)
+    s = co.b[..., -1, None, None] * tr.s0 - jnp.einsum(
+        "...s,...so,...si->...oi", co.Bm[..., -1, :], tr.ue, tr.x
+    )
     return w, s
 
 
@@ -204,8 +207,18 @@ def _chunk(spec: st.MemorySpec, read: str, carry, xs):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "remat"))
-def memory_chunked(spec: st.MemorySpec, state: st.MemoryState, q, k, v, rates: rules.Rates, *,
-                   chunk_size: int, read: str = "per_token", remat: bool = False):
+def memory_chunked(
+    spec: st.MemorySpec,
+    state: st.MemoryState,
+    q,
+    k,
+    v,
+    rates: rules.Rates,
+    *,
+    chunk_size: int,
+    read: str = "per_token",
+    remat: bool = False,
+):
     """Training form. q, k [B, T, H, Dk], v [B, T, H, Dv], rates [B, T, H] -> (y [B, T, H, Dv], state).
 
     `state` must sit at a chunk boundary (as `init_state` and every chunked call leave it), and the

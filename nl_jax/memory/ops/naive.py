@@ -29,8 +29,17 @@ def _head_step(spec: st.MemorySpec, chunk_size: int, read: str, state: st.Memory
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read"))
-def memory_naive(spec: st.MemorySpec, state: st.MemoryState, q, k, v, rates: rules.Rates, *,
-                 chunk_size: int = 1, read: str = "per_token"):
+def memory_naive(
+    spec: st.MemorySpec,
+    state: st.MemoryState,
+    q,
+    k,
+    v,
+    rates: rules.Rates,
+    *,
+    chunk_size: int = 1,
+    read: str = "per_token",
+):
     """Reference form. q, k [B, T, H, Dk], v [B, T, H, Dv]; returns (y [B, T, H, Dv], final state).
 
     Streams across calls at any split point: the state carries the boundary weights and the

@@ -42,7 +42,9 @@ def delta_rule(beta: jax.Array) -> Mechanism:
 
 def gated_delta_rule(alpha: jax.Array, beta: jax.Array) -> Mechanism:
     """Gated DeltaNet: S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t."""
-    return Mechanism(MemorySpec("linear", "dot"), Rates(lr=beta, retention=alpha, dgd=alpha * beta), "post_update")
+    return Mechanism(
+        MemorySpec("linear", "dot"), Rates(lr=beta, retention=alpha, dgd=alpha * beta), "post_update"
+    )
 
 
 def ttt(lr: jax.Array, structure: str = "linear", activation: str = "gelu") -> Mechanism:
@@ -53,25 +55,42 @@ def ttt(lr: jax.Array, structure: str = "linear", activation: str = "gelu") -> M
     return Mechanism(MemorySpec(structure, "l2", activation), Rates(lr=lr), "post_update")
 
 
-def titans(lr: jax.Array, forget: jax.Array, surprise_decay: jax.Array, structure: str = "mlp",
-           activation: str = "gelu") -> Mechanism:
+def titans(
+    lr: jax.Array,
+    forget: jax.Array,
+    surprise_decay: jax.Array,
+    structure: str = "mlp",
+    activation: str = "gelu",
+) -> Mechanism:
     """Titans LMM (paper 3.1): S_t = eta_t S_{t-1} - theta_t dl(M_B; x_t), M_t = (1 - alpha_t) M_{t-1} + S_t.
 
     `lr` is theta, `forget` is alpha (so retention = 1 - alpha), `surprise_decay` is eta. Retrieval
     y_t = M_t(q_t) after the update, as in Titans.
     """
-    return Mechanism(MemorySpec(structure, "l2", activation),
-                     Rates(lr=lr, retention=1.0 - forget, momentum=surprise_decay), "post_update")
+    return Mechanism(
+        MemorySpec(structure, "l2", activation),
+        Rates(lr=lr, retention=1.0 - forget, momentum=surprise_decay),
+        "post_update",
+    )
 
 
-def self_modifying(lr: jax.Array, retention: jax.Array, momentum: jax.Array | None = None,
-                   structure: str = "mlp", activation: str = "gelu", read: str = "per_token",
-                   dgd: bool = True) -> Mechanism:
+def self_modifying(
+    lr: jax.Array,
+    retention: jax.Array,
+    momentum: jax.Array | None = None,
+    structure: str = "mlp",
+    activation: str = "gelu",
+    read: str = "per_token",
+    dgd: bool = True,
+) -> Mechanism:
     """The self-modifying Titans update (paper 4.4, 4.6): DGD + weight decay (+ momentum, SPEC D5).
 
     M_t = M_{t-1} (alpha_t I - eta_t k_t k_t^T) - eta_t dL(M_B; k_t, v_hat_t), L2 objective, gradients
     at the chunk boundary. With `structure="linear"` it is a gated delta rule with modified values
     (paper 4.7). The self-generated values v_hat are computed by the layer and passed as `v`.
     """
-    return Mechanism(MemorySpec(structure, "l2", activation),
-                     Rates(lr=lr, retention=retention, momentum=momentum, dgd=lr if dgd else None), read)
+    return Mechanism(
+        MemorySpec(structure, "l2", activation),
+        Rates(lr=lr, retention=retention, momentum=momentum, dgd=lr if dgd else None),
+        read,
+    )

@@ -47,8 +47,10 @@ def check_call(spec: st.MemorySpec, state: st.MemoryState, rates: Rates, read: s
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if (rates.momentum is None) != (state.momentum is None):
-        raise ValueError("rates.momentum and state.momentum must both be given or both be None "
-                         "(build the state with init_state(weights, momentum=...))")
+        raise ValueError(
+            "rates.momentum and state.momentum must both be given or both be None "
+            "(build the state with init_state(weights, momentum=...))"
+        )
 
 
 def _bcast(r, w):
@@ -81,8 +83,17 @@ def advance(state: st.MemoryState, weights, momentum, chunk_size: int) -> st.Mem
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read"))
-def memory_recurrent(spec: st.MemorySpec, state: st.MemoryState, q, k, v, rates: Rates, *,
-                     chunk_size: int = 1, read: str = "per_token"):
+def memory_recurrent(
+    spec: st.MemorySpec,
+    state: st.MemoryState,
+    q,
+    k,
+    v,
+    rates: Rates,
+    *,
+    chunk_size: int = 1,
+    read: str = "per_token",
+):
     """One token: q, k [B, H, Dk], v [B, H, Dv], rates [B, H]. Returns (y [B, H, Dv], new state).
 
     Uses the closed-form rank-one gradient factors (`structures.token_errors`), so a decode step costs

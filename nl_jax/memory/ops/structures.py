@@ -56,7 +56,9 @@ class MemorySpec:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"memory objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"memory activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
+            raise ValueError(
+                f"memory activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
+            )
 
     @property
     def act(self):
@@ -93,7 +95,8 @@ def check_weights(spec: MemorySpec, weights: Weights) -> None:
         d_out, d_hid = weights.w1.shape[-2:]
         if weights.w2.shape[-2:] != (d_hid, d_out):
             raise ValueError(
-                f"mlp memory needs w1 [.., D, Dh] and w2 [.., Dh, D]; got {weights.w1.shape} and {weights.w2.shape}")
+                f"mlp memory needs w1 [.., D, Dh] and w2 [.., Dh, D]; got {weights.w1.shape} and {weights.w2.shape}"
+            )
 
 
 def _mm(x, w):
@@ -146,8 +149,15 @@ def input_side(spec: MemorySpec) -> str:
     return "w" if spec.structure == "linear" else "w2"
 
 
-def init_weights(spec: MemorySpec, key: jax.Array, shape_prefix: tuple[int, ...], dim: int,
-                 value_dim: int | None = None, hidden: int | None = None, scale: float = 0.02) -> Weights:
+def init_weights(
+    spec: MemorySpec,
+    key: jax.Array,
+    shape_prefix: tuple[int, ...],
+    dim: int,
+    value_dim: int | None = None,
+    hidden: int | None = None,
+    scale: float = 0.02,
+) -> Weights:
     """Random initial fast weights with leading axes `shape_prefix` (e.g. (heads,) or (B, H))."""
     if spec.structure == "linear":
         dv = dim if value_dim is None else value_dim
@@ -156,5 +166,7 @@ def init_weights(spec: MemorySpec, key: jax.Array, shape_prefix: tuple[int, ...]
         raise ValueError(f"the residual mlp memory maps D to D; value_dim {value_dim} != dim {dim}")
     hidden = dim if hidden is None else hidden
     k1, k2 = jax.random.split(key)
-    return MLPWeights(w1=scale * jax.random.normal(k1, (*shape_prefix, dim, hidden)),
-                      w2=scale * jax.random.normal(k2, (*shape_prefix, hidden, dim)))
+    return MLPWeights(
+        w1=scale * jax.random.normal(k1, (*shape_prefix, dim, hidden)),
+        w2=scale * jax.random.normal(k2, (*shape_prefix, hidden, dim)),
+    )
