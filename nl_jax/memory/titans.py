@@ -1,0 +1,152 @@
+"""Titans neural long-term memory (LMM) as an NNX layer, thin over `nl_jax.memory.ops`.
+
+    q, k, v = SiLU(conv(x W_q)), SiLU(conv(x W_k)), SiLU(conv(x W_v))     per head; q, k l2-normalised
+    theta_t = max_lr * sigmoid(x W_theta)      inner learning rate
+    alpha_t = sigmoid(x W_alpha)               forget gate (retention 1 - alpha)
+    eta_t   = sigmoid(x W_eta)                 surprise (momentum) decay
+    S_t = eta_t S_{t-1} - theta_t grad l(M_B; k_t, v_t),   M_t = (1 - alpha_t) M_{t-1} + S_t
+    y = W_o (RMSNorm(M_t(q_t)) * SiLU(x W_g))
+
+(paper_notes 3.1; output norm and gate as in Titans 4.4). The fast weights are not Params: only
+their meta-learned initial value (`memory_init_*`) is, together with the projections and gates. A
+training forward starts every sequence from `memory_init` (SPEC D8); with a decode state the layer
+continues from that state token by token.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nl_jax.layers.conv import ShortConv
+from nl_jax.layers.linear import Linear, logical_param, to_dtype
+from nl_jax.layers.norms import RMSNorm
+from nl_jax.memory import ops
+
+
+class NeuralMemoryState(NamedTuple):
+    """Decode state of one layer: conv tails of q/k/v and the memory's fast state."""
+
+    conv: tuple[jax.Array, jax.Array, jax.Array]
+    memory: ops.MemoryState
+
+
+class NeuralMemory(nnx.Module):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        structure: str = "mlp",
+        hidden: int = 0,
+        activation: str = "silu",
+        chunk_size: int = 64,
+        read: str = "post_update",
+        momentum: bool = True,
+        max_lr: float = 0.1,
+        conv_width: int = 4,
+        remat_chunks: bool = False,
+        init_std: float = 0.02,
+        dtype="float32",
+        param_dtype="float32",
+        rngs: nnx.Rngs,
+    ):
+        self.spec = ops.MemorySpec(structure, "l2", activation)
+        self.num_heads, self.head_dim, self.chunk_size, self.read = num_heads, head_dim, chunk_size, read
+        self.momentum, self.max_lr, self.remat_chunks = momentum, max_lr, remat_chunks
+        self.dtype = to_dtype(dtype)
+        h, dh = num_heads, head_dim
+        lin = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj, self.k_proj, self.v_proj = (
+            Linear((d_model,), (h, dh), ("embed",), ("heads", "head_dim"), **lin) for _ in range(3)
+        )
+        conv = dict(width=conv_width, channel_name="heads", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_conv, self.k_conv, self.v_conv = (ShortConv(h * dh, **conv) for _ in range(3))
+        self.lr_proj, self.forget_proj, self.momentum_proj = (
+            Linear((d_model,), (h,), ("embed",), ("heads",), **lin) for _ in range(3)
+        )
+        self.gate_proj = Linear((d_model,), (h, dh), ("embed",), ("heads", "head_dim"), **lin)
+        self.out_proj = Linear((h, dh), (d_model,), ("heads", "head_dim"), ("embed",), **lin)
+        self.out_norm = RMSNorm(dh, names=("head_dim",), param_dtype=param_dtype)
+        # Meta-learned initial memory. A matrix memory starts empty (as linear attention does). The MLP
+        # starts as the identity map: W1 = 0, W2 ~ N(0, 1/dh), so the first inner gradients reach W1
+        # at once and W2 as soon as W1 moves.
+        names = ("heads", "memory_out", "memory_in")
+        hid = hidden or dh
+        inits = {
+            "w": (jax.nn.initializers.zeros, (h, dh, dh)),
+            "w1": (jax.nn.initializers.zeros, (h, dh, hid)),
+            "w2": (jax.nn.initializers.normal(dh**-0.5), (h, hid, dh)),
+        }
+        self.weight_names = ops.LinearWeights._fields if structure == "linear" else ops.MLPWeights._fields
+        for name in self.weight_names:  # one Param per fast-weight matrix: memory_init_w, memory_init_w1, ...
+            init, shape = inits[name]
+            setattr(self, f"memory_init_{name}", logical_param(rngs, init, shape, names, param_dtype))
+
+    def _initial_memory(self, batch_size: int) -> ops.MemoryState:
+        # Fast weights accumulate in float32 whatever the compute dtype (SPEC D10).
+        cls = ops.LinearWeights if self.spec.structure == "linear" else ops.MLPWeights
+        weights = {}
+        for name in self.weight_names:
+            p = getattr(self, f"memory_init_{name}")[...].astype(jnp.float32)
+            weights[name] = jnp.broadcast_to(p, (batch_size, *p.shape))
+        return ops.init_state(cls(**weights), momentum=self.momentum)
+
+    def init_state(self, batch_size: int) -> NeuralMemoryState:
+        convs = tuple(c.init_state(batch_size) for c in (self.q_conv, self.k_conv, self.v_conv))
+        return NeuralMemoryState(convs, self._initial_memory(batch_size))
+
+    def _qkv_rates(self, x, conv_states):
+        b, t, _ = x.shape
+        h, dh = self.num_heads, self.head_dim
+        outs, new_convs = [], []
+        for proj, conv, cs in zip(
+            (self.q_proj, self.k_proj, self.v_proj), (self.q_conv, self.k_conv, self.v_conv), conv_states
+        ):
+            z, cs = conv.forward(proj(x).reshape(b, t, h * dh), cs)
+            outs.append(jax.nn.silu(z).reshape(b, t, h, dh).astype(jnp.float32))
+            new_convs.append(cs)
+        q, k, v = outs
+        unit = lambda z: z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+        gate = lambda proj: jax.nn.sigmoid(proj(x).astype(jnp.float32))  # noqa: E731
+        rates = ops.Rates(
+            lr=self.max_lr * gate(self.lr_proj),
+            retention=1.0 - gate(self.forget_proj),
+            momentum=gate(self.momentum_proj) if self.momentum else None,
+        )
+        return unit(q), unit(k), v, rates, tuple(new_convs)
+
+    def _output(self, x, y):
+        y = self.out_norm(y.astype(self.dtype)) * jax.nn.silu(self.gate_proj(x))
+        return self.out_proj(y)
+
+    def __call__(self, x: jax.Array, state: NeuralMemoryState | None = None):
+        """x [B, T, D] -> (y [B, T, D], new state). Without a state: a training forward, state None."""
+        b = x.shape[0]
+        if state is None:
+            q, k, v, rates, _ = self._qkv_rates(x, (None, None, None))
+            y, _ = ops.memory_chunked(
+                self.spec,
+                self._initial_memory(b),
+                q,
+                k,
+                v,
+                rates,
+                chunk_size=self.chunk_size,
+                read=self.read,
+                remat=self.remat_chunks,
+            )
+            return self._output(x, y), None
+        q, k, v, rates, convs = self._qkv_rates(x, state.conv)
+
+        def step(mem, inputs):  # any number of tokens from any position: the decode step, scanned
+            y, mem = ops.memory_recurrent(self.spec, mem, *inputs, chunk_size=self.chunk_size, read=self.read)
+            return mem, y
+
+        time_major = jax.tree.map(lambda z: jnp.moveaxis(z, 1, 0), (q, k, v, rates))
+        memory, ys = jax.lax.scan(step, state.memory, time_major)
+        return self._output(x, jnp.moveaxis(ys, 0, 1)), NeuralMemoryState(convs, memory)
