@@ -72,23 +72,24 @@ def _loss_fn(form, spec, chunk, read, cot_y, cot_w):
 
 # Each structure meets each rule, each read mode and each shape (a covering set, not the full product).
 GRAD_CASES = [
-    ("linear", "gd_retention", "boundary", SHAPES[0]),
-    ("linear", "titans_momentum", "post_update", SHAPES[1]),
-    ("linear", "dgd_momentum", "per_token", SHAPES[2]),
-    ("linear", "dgd", "post_update", SHAPES[0]),
-    ("mlp", "gd_retention", "per_token", SHAPES[1]),
-    ("mlp", "titans_momentum", "boundary", SHAPES[2]),
-    ("mlp", "dgd_momentum", "post_update", SHAPES[0]),
-    ("mlp", "dgd_momentum", "per_token", SHAPES[1]),
-    ("mlp", "dgd", "boundary", SHAPES[0]),
+    ("linear", "l2", "gd_retention", "boundary", SHAPES[0]),
+    ("linear", "l2", "titans_momentum", "post_update", SHAPES[1]),
+    ("linear", "l2", "dgd_momentum", "per_token", SHAPES[2]),
+    ("linear", "dot", "dgd", "post_update", SHAPES[0]),
+    ("mlp", "l2", "gd_retention", "per_token", SHAPES[1]),
+    ("mlp", "l2", "titans_momentum", "boundary", SHAPES[2]),
+    ("mlp", "l2", "dgd_momentum", "post_update", SHAPES[0]),
+    ("mlp", "l2", "dgd_momentum", "per_token", SHAPES[1]),
+    ("mlp", "dot", "dgd_momentum", "per_token", SHAPES[2]),
+    ("mlp", "l2", "dgd", "boundary", SHAPES[0]),
 ]
 
 
-@pytest.mark.parametrize("structure,rule,read,shape", GRAD_CASES)
-def test_chunked_equals_naive_with_gradients(structure, rule, read, shape):
+@pytest.mark.parametrize("structure,objective,rule,read,shape", GRAD_CASES)
+def test_chunked_equals_naive_with_gradients(structure, objective, rule, read, shape):
     seed = fresh_seed()
     batch, length, heads, dim, hidden, chunk = shape
-    spec = ops.MemorySpec(structure, "l2")
+    spec = ops.MemorySpec(structure, objective)
     mom, ret, dgd = RULES[rule]
     state, q, k, v, rates = make_inputs(
         seed,
@@ -206,6 +207,38 @@ def test_closed_form_gradient_factors_match_autodiff():
             assert max_tree_rel_err(closed, g) < TOL, (structure, objective, seed)
 
 
+@pytest.mark.parametrize("structure", ["linear", "mlp"])
+def test_rates_of_exactly_zero_and_one(structure):
+    """Saturated gates: retention 0 (forget all), momentum decay 0 and 1, in values and gradients."""
+    seed = fresh_seed()
+    spec = ops.MemorySpec(structure, "l2")
+    state, q, k, v, rates = make_inputs(seed, spec, length=16)
+    rates = rates._replace(
+        retention=rates.retention.at[:, 5].set(0.0).at[:, 9].set(1.0),
+        momentum=rates.momentum.at[:, 6].set(0.0).at[:, 10].set(1.0),
+    )
+    grad = lambda form: jax.grad(  # noqa: E731
+        lambda r: jnp.sum(_run(form, spec, state, q, k, v, r, 8, "per_token")[0] ** 2)
+    )(rates)
+    y_ref, _ = _run("naive", spec, state, q, k, v, rates, 8, "per_token")
+    y, _ = _run("chunked", spec, state, q, k, v, rates, 8, "per_token")
+    assert rel_err(y, y_ref) < TOL, seed
+    assert max_tree_rel_err(grad("chunked"), grad("naive")) < TOL, seed
+
+
+def test_state_keeps_its_dtype():
+    spec = ops.MemorySpec("mlp", "l2")
+    state, q, k, v, rates = make_inputs(0, spec, length=8)
+    state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, state)
+    for fn in (ops.memory_chunked, ops.memory_naive):
+        _, s = fn(spec, state, q, k, v, rates, chunk_size=4)
+        assert {x.dtype for x in jax.tree.leaves((s.weights, s.momentum))} == {jnp.dtype(jnp.bfloat16)}
+    _, s = ops.memory_recurrent(spec, state, *jax.tree.map(lambda x: x[:, 0], (q, k, v, rates)), chunk_size=4)
+    assert {x.dtype for x in jax.tree.leaves((s.weights, s.momentum, s.boundary))} == {
+        jnp.dtype(jnp.bfloat16)
+    }
+
+
 def test_bad_inputs_are_named():
     spec = ops.MemorySpec("linear", "l2")
     state, q, k, v, rates = make_inputs(0, spec, length=10)
@@ -217,5 +250,10 @@ def test_bad_inputs_are_named():
         ops.memory_chunked(spec, state, q, k, v, rates._replace(momentum=None), chunk_size=5)
     with pytest.raises(ValueError, match="memory structure"):
         ops.MemorySpec("conv", "l2")
+    _, mid = ops.memory_naive(
+        spec, state, q[:, :3], k[:, :3], v[:, :3], jax.tree.map(lambda r: r[:, :3], rates), chunk_size=5
+    )
+    with pytest.raises(ValueError, match="3 tokens into a chunk"):
+        ops.memory_chunked(spec, mid, q, k, v, rates, chunk_size=5)
     with pytest.raises(TypeError, match="MLPWeights"):
         ops.memory_chunked(ops.MemorySpec("mlp"), state, q, k, v, rates, chunk_size=5)

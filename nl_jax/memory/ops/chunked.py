@@ -35,28 +35,30 @@ from nl_jax.memory.ops import structures as st
 
 
 def segment_products(x: jax.Array) -> jax.Array:
-    """P[..., i, s] = prod_{s < r <= i} x_r for s <= i, else 0, for rates x in (0, 1].
+    """P[..., i, s] = prod_{s < r <= i} x_r for s <= i, else 0.
 
-    Computed as exp of segment sums of log x, the sums as one masked matmul: each entry sums only its
-    own segment (no cancellation between prefix sums), and the gradient is a matmul, where cumprod's
-    would be an associative scan. Rates are clamped at the smallest normal float, so a rate of
-    exactly 0 contributes ~1e-38 instead of 0.
+    A cumulative product per column: exact with rates of exactly 0 in value and in gradient (a
+    saturated sigmoid gate does reach 0 in float32), where exp of summed logs would not be.
     """
     c = x.shape[-1]
     i = jnp.arange(c)[:, None]
     s = jnp.arange(c)[None, :]
-    log_x = jnp.log(jnp.maximum(x, jnp.finfo(x.dtype).tiny))
-    terms = jnp.where(i > s, log_x[..., :, None], 0.0)  # row r, column s: log x_r if r > s
-    sums = (i >= s).astype(x.dtype) @ terms  # sums[i, s] = sum_{r <= i} terms[r, s]
-    return jnp.where(i >= s, jnp.exp(sums), 0.0)
+    factors = jnp.where(i > s, x[..., :, None], jnp.ones((), x.dtype))  # row r, column s: x_r if r > s
+    return jnp.where(i >= s, jnp.cumprod(factors, axis=-2), 0.0)
+
+
+def _mm_hi(a, b):
+    """Matmul at full float32 precision: the coefficient matrices compound products and inverses,
+    which the default TPU precision (bf16 passes) would round at 1e-3."""
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def unit_lower_inverse(t: jax.Array) -> jax.Array:
     """Inverse of unit lower-triangular matrices [..., n, n] by bottom-up block recursion.
 
     Doubles the solved diagonal blocks each level: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
-    Only batched matmuls (log2 n levels), as stable as forward substitution, and no LAPACK call: on
-    CPU, jax's triangular solve goes through a threaded BLAS that can stall inside XLA's executor.
+    Only batched matmuls (log2 n levels), at full float32 precision. Chosen over jax's triangular
+    solve because on CPU that calls a threaded BLAS which stalled inside XLA's executor here.
     """
     n = t.shape[-1]
     size = 1 << max(n - 1, 0).bit_length()  # pad to a power of two with identity
@@ -72,7 +74,7 @@ def unit_lower_inverse(t: jax.Array) -> jax.Array:
         blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)  # [..., nb, 2s, 2s]
         pairs = inv.reshape(*lead, nb, 2, s, s)
         a_inv, d_inv = pairs[..., 0, :, :], pairs[..., 1, :, :]
-        lower = -(d_inv @ blocks[..., s:, :s] @ a_inv)
+        lower = -_mm_hi(_mm_hi(d_inv, blocks[..., s:, :s]), a_inv)
         top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], axis=-1)
         inv = jnp.concatenate([top, jnp.concatenate([lower, d_inv], axis=-1)], axis=-2)
         s *= 2
@@ -98,21 +100,24 @@ class _Coefs(NamedTuple):
     b: jax.Array | None  # [B, H, C]
 
 
-def _coefs(rates: rules.Rates, c: int, dtype) -> tuple[_Coefs, _Coefs]:
-    """Coefficients for W_i (post-update) and for W_{i-1} (before token i)."""
-    alpha = rates.retention if rates.retention is not None else jnp.ones(rates.lr.shape, dtype)
+def _coefs(rates: rules.Rates) -> tuple[_Coefs, _Coefs]:
+    """Coefficients for W_i (post-update) and for W_{i-1} (before token i), in float32."""
+    f32 = lambda r: r.astype(jnp.float32)  # noqa: E731  (bf16 rates would round the products)
+    alpha = f32(rates.retention) if rates.retention is not None else jnp.ones(rates.lr.shape, jnp.float32)
     A = segment_products(alpha)
     a = A[..., :, 0] * alpha[..., :1]
     if rates.momentum is None:
         Cm, mu, Bm, b = A, None, None, None
     else:
-        Bm = segment_products(rates.momentum)
-        b = Bm[..., :, 0] * rates.momentum[..., :1]
-        Cm = A @ Bm
-        mu = jnp.einsum("...ij,...j->...i", A, b)
+        beta = f32(rates.momentum)
+        Bm = segment_products(beta)
+        b = Bm[..., :, 0] * beta[..., :1]
+        Cm = _mm_hi(A, Bm)
+        mu = _mm_hi(A, b[..., None])[..., 0]
     post = _Coefs(A, a, Cm, mu, Bm, b)
+    # Only the final state uses Bm and b, and only from `post`.
     pre = _Coefs(
-        _shift_rows(A), _shift(a, 1.0), _shift_rows(Cm), None if mu is None else _shift(mu, 0.0), Bm, b
+        _shift_rows(A), _shift(a, 1.0), _shift_rows(Cm), None if mu is None else _shift(mu, 0.0), None, None
     )
     return post, pre
 
@@ -165,19 +170,18 @@ def _final(co: _Coefs, tr: _Track):
     if tr.gp is not None:
         w = w - jnp.einsum("...s,...so,...si->...oi", co.A[..., -1, :], tr.gp, tr.x)
     if tr.s0 is None:
-        return w, None
+        return w.astype(tr.w0.dtype), None  # the state keeps its dtype
     w = w + co.mu[..., -1, None, None] * tr.s0
     s = co.b[..., -1, None, None] * tr.s0 - jnp.einsum(
         "...s,...so,...si->...oi", co.Bm[..., -1, :], tr.ue, tr.x
     )
-    return w, s
+    return w.astype(tr.w0.dtype), s.astype(tr.s0.dtype)
 
 
 def _chunk(spec: st.MemorySpec, read: str, carry, xs):
     weights, momentum = carry
     q, k, v, rates = xs
-    c = q.shape[-2]
-    post, pre = _coefs(rates, c, q.dtype)
+    post, pre = _coefs(rates)
     fac = st.token_errors(spec, weights, k, v)
     tracks = {}
     for name in weights._fields:
@@ -206,7 +210,6 @@ def _chunk(spec: st.MemorySpec, read: str, carry, xs):
     return (new_w, new_s), y
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "remat"))
 def memory_chunked(
     spec: st.MemorySpec,
     state: st.MemoryState,
@@ -221,10 +224,31 @@ def memory_chunked(
 ):
     """Training form. q, k [B, T, H, Dk], v [B, T, H, Dv], rates [B, T, H] -> (y [B, T, H, Dv], state).
 
-    `state` must sit at a chunk boundary (as `init_state` and every chunked call leave it), and the
-    sequence length must be a multiple of `chunk_size`. `remat` recomputes each chunk in the
-    backward pass instead of storing its intermediates.
+    `state` must sit at a chunk boundary (as `init_state` and every chunked call leave it; checked
+    when the state is concrete), and the sequence length must be a multiple of `chunk_size`.
+    `remat` recomputes each chunk in the backward pass instead of storing its intermediates.
     """
+    if not isinstance(state.step, jax.core.Tracer) and int(state.step) != 0:
+        raise ValueError(
+            f"memory_chunked needs a state at a chunk boundary, got one {int(state.step)} tokens into a chunk; "
+            "continue it with memory_naive or memory_recurrent up to the boundary"
+        )
+    return _memory_chunked(spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, remat=remat)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "remat"))
+def _memory_chunked(
+    spec: st.MemorySpec,
+    state: st.MemoryState,
+    q,
+    k,
+    v,
+    rates: rules.Rates,
+    *,
+    chunk_size: int,
+    read: str = "per_token",
+    remat: bool = False,
+):
     rules.check_call(spec, state, rates, read, chunk_size)
     b, t, h = q.shape[:3]
     if t % chunk_size:

@@ -63,14 +63,14 @@ def apply_update(spec: st.MemorySpec, weights, momentum, grads, k, rates: Rates)
     u = jax.tree.map(lambda g: -_bcast(rates.lr, g) * g, grads)
     if rates.momentum is not None:
         u = jax.tree.map(lambda s, x: _bcast(rates.momentum, s) * s + x, momentum, u)
-        momentum = u
+        momentum = jax.tree.map(lambda s, x: x.astype(s.dtype), momentum, u)
     new = {}
     for name, w in weights._asdict().items():
         w_new = w if rates.retention is None else _bcast(rates.retention, w) * w
         if rates.dgd is not None and name == st.input_side(spec):
             wk = jnp.einsum("...oi,...i->...o", w, k)
             w_new = w_new - _bcast(rates.dgd, w) * jnp.einsum("...o,...i->...oi", wk, k)
-        new[name] = w_new + getattr(u, name)
+        new[name] = (w_new + getattr(u, name)).astype(w.dtype)  # the state keeps its dtype
     return type(weights)(**new), momentum
 
 
