@@ -44,6 +44,8 @@ def scale_by_adam_memory(
     """
     if value not in ("sqrt", "identity"):
         raise ValueError(f"value must be 'sqrt' or 'identity', got {value!r}")
+    if value == "sqrt" and isinstance(ridge, (int, float)) and ridge != 0:
+        raise ValueError("ridge applies to value='identity'; with value='sqrt' the ridge is eps * sqrt(H)")
 
     def init_fn(params):
         return AdamMemoryState(

@@ -83,9 +83,17 @@ def scale_by_m3(
         return matrix.map_leaves(one, dims_list, tree)
 
     def init_fn(params):
-        z = lambda: optax.tree.zeros_like(params, dtype=mu_dtype)
+        # mu_dtype is for the two momenta only, as in optax; the second moment and sums stay in the
+        # parameters' dtype.
+        moment = lambda: optax.tree.zeros_like(params, dtype=mu_dtype)  # noqa: E731
+        plain = lambda: optax.tree.zeros_like(params)  # noqa: E731
         return M3State(
-            count=jnp.zeros([], jnp.int32), mu=z(), mu_slow=z(), nu=z(), grad_sum=z(), slow_out=z()
+            count=jnp.zeros([], jnp.int32),
+            mu=moment(),
+            mu_slow=moment(),
+            nu=plain(),
+            grad_sum=plain(),
+            slow_out=plain(),
         )
 
     def update_fn(updates, state, params=None):

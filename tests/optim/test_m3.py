@@ -93,3 +93,12 @@ def test_m3_slow_memory_changes_only_at_chunk_boundaries():
     changed = [i for i in range(1, 9) if not np.array_equal(seen[i], seen[i - 1])]
     assert changed == [3, 7]  # after steps 4 and 8
     assert not np.any(seen[2]) and np.any(seen[3])
+
+
+def test_mu_dtype_applies_to_the_momenta_only():
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    state = optim.scale_by_m3(mu_dtype=jnp.bfloat16).init(params)
+    assert {x.dtype for x in jax.tree.leaves((state.mu, state.mu_slow))} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves((state.nu, state.grad_sum, state.slow_out))} == {
+        jnp.dtype(jnp.float32)
+    }

@@ -158,3 +158,8 @@ def test_muon_matches_optax_contrib_muon():
     ours = trajectory(optim.muon(0.05, beta=0.9, eps=1e-12), steps=4, params=params)
     ref = trajectory(optax.contrib.muon(0.05, beta=0.9, eps=1e-12, nesterov=False), steps=4, params=params)
     assert_same(ours, ref, rtol=2e-5, atol=2e-6)
+
+
+def test_adam_memory_rejects_a_ridge_it_would_ignore():
+    with pytest.raises(ValueError, match="ridge applies to value='identity'"):
+        optim.scale_by_adam_memory(ridge=0.1)
