@@ -23,11 +23,6 @@ class M3State(NamedTuple):
     slow_out: optax.Updates  # O2 = sigma(M2), cached between chunk boundaries
 
 
-def _cast(tree, like):
-    """``tree`` with the dtypes of ``like`` (the state keeps its dtypes through an update)."""
-    return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)
-
-
 def scale_by_m3(
     b1=0.9,
     b2=0.999,
@@ -129,17 +124,19 @@ def scale_by_m3(
             else:
                 mu_slow = jax.tree.map(lambda m, s: m + b3 * s, mu_slow, grad_sum)
                 slow_hat = mu_slow
-            return _cast((mu_slow, jax.tree.map(jnp.zeros_like, grad_sum), sigma(slow_hat)), carry)
+            return optax.tree.cast_like(
+                (mu_slow, jax.tree.map(jnp.zeros_like, grad_sum), sigma(slow_hat)), carry
+            )
 
-        carry = _cast(
+        carry = optax.tree.cast_like(
             (state.mu_slow, grad_sum, state.slow_out), (state.mu_slow, state.grad_sum, state.slow_out)
         )
         mu_slow, grad_sum, slow_out = jax.lax.cond(count % period == 0, refresh, lambda c: c, carry)
         return out, M3State(
             count=count,
-            mu=_cast(mu, state.mu),
+            mu=optax.tree.cast_like(mu, state.mu),
             mu_slow=mu_slow,
-            nu=_cast(nu, state.nu),
+            nu=optax.tree.cast_like(nu, state.nu),
             grad_sum=grad_sum,
             slow_out=slow_out,
         )

@@ -69,19 +69,21 @@ def leaf_dims(dims: DimsSpec, tree) -> list[MatrixDims | None]:
     return out
 
 
-def map_leaves(fn, dims_list, tree, *rest):
-    """``fn(dims, leaf, *rest_leaves)`` over the leaves of ``tree``; returns a tree like ``tree``."""
+def _map(fn, dims_list, tree, rest):
     leaves, treedef = jax.tree.flatten(tree)
     rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-    outs = [fn(d, x, *rs) for d, x, *rs in zip(dims_list, leaves, *rest_leaves)]
+    return [fn(d, x, *rs) for d, x, *rs in zip(dims_list, leaves, *rest_leaves)], treedef
+
+
+def map_leaves(fn, dims_list, tree, *rest):
+    """``fn(dims, leaf, *rest_leaves)`` over the leaves of ``tree``; returns a tree like ``tree``."""
+    outs, treedef = _map(fn, dims_list, tree, rest)
     return treedef.unflatten(outs)
 
 
 def map_leaves_multi(fn, n_out, dims_list, tree, *rest):
     """Like :func:`map_leaves` for an ``fn`` returning a tuple of ``n_out`` leaves."""
-    leaves, treedef = jax.tree.flatten(tree)
-    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-    outs = [fn(d, x, *rs) for d, x, *rs in zip(dims_list, leaves, *rest_leaves)]
+    outs, treedef = _map(fn, dims_list, tree, rest)
     return tuple(treedef.unflatten([o[i] for o in outs]) for i in range(n_out))
 
 

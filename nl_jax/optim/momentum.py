@@ -100,24 +100,19 @@ def scale_by_preconditioned_momentum(
     inner_lr=1.0,
     preconditioner: Optional[optax.GradientTransformation] = None,
     mu_dtype=None,
-    *,
-    use_default_preconditioner: bool = True,
 ) -> optax.GradientTransformation:
     """Momentum with a more expressive association (paper 2.2, A-Eq.46-47).
 
     Objective ``L(m) = -<m, P_i g_i>`` gives ``m_{i+1} = decay m_i + inner_lr P_i(g_i)``, ``u = m``.
     ``P`` is pluggable: any ``optax.GradientTransformation`` (stateful ones such as
     ``optax.scale_by_rms`` keep their state inside this one). ``preconditioner=None`` uses
-    :func:`default_preconditioner` (RMS) when ``use_default_preconditioner`` else the identity.
+    :func:`default_preconditioner` (RMS).
 
     Reduces to :func:`scale_by_momentum_memory` with ``P = optax.identity()``, and
     ``chain(this(decay, P=optax.scale_by_rms(...)), scale_by_learning_rate(lr))`` is exactly
     ``optax.rmsprop(lr, ..., momentum=decay)``.
     """
-    if preconditioner is None:
-        precond = default_preconditioner() if use_default_preconditioner else optax.identity()
-    else:
-        precond = resolve_preconditioner(preconditioner)
+    precond = default_preconditioner() if preconditioner is None else resolve_preconditioner(preconditioner)
     memory = scale_by_momentum_memory(decay, inner_lr, False, mu_dtype)
 
     def init_fn(params):

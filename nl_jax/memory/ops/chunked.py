@@ -81,14 +81,10 @@ def unit_lower_inverse(t: jax.Array) -> jax.Array:
     return inv.reshape(*lead, size, size)[..., :n, :n]
 
 
-def _shift_rows(m: jax.Array, first_row_fill=0.0) -> jax.Array:
-    """Row i of the result is row i-1 of m (the state before token i); row 0 is `first_row_fill`."""
-    first = jnp.full_like(m[..., :1, :], first_row_fill)
-    return jnp.concatenate([first, m[..., :-1, :]], axis=-2)
-
-
-def _shift(v: jax.Array, first) -> jax.Array:
-    return jnp.concatenate([jnp.full_like(v[..., :1], first), v[..., :-1]], axis=-1)
+def _shift(x: jax.Array, fill: float, axis: int) -> jax.Array:
+    """Entry i along `axis` becomes entry i-1 (the state before token i); entry 0 is `fill`."""
+    first = jnp.full_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis), fill)
+    return jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, x.shape[axis] - 1, axis=axis)], axis=axis)
 
 
 class _Coefs(NamedTuple):
@@ -117,7 +113,12 @@ def _coefs(rates: rules.Rates) -> tuple[_Coefs, _Coefs]:
     post = _Coefs(A, a, Cm, mu, Bm, b)
     # Only the final state uses Bm and b, and only from `post`.
     pre = _Coefs(
-        _shift_rows(A), _shift(a, 1.0), _shift_rows(Cm), None if mu is None else _shift(mu, 0.0), None, None
+        _shift(A, 0.0, -2),
+        _shift(a, 1.0, -1),
+        _shift(Cm, 0.0, -2),
+        None if mu is None else _shift(mu, 0.0, -1),
+        None,
+        None,
     )
     return post, pre
 
@@ -134,14 +135,10 @@ class _Track(NamedTuple):
 
 def _boundary_terms(co: _Coefs, tr: _Track, qr: jax.Array, qw0: jax.Array | None = None) -> jax.Array:
     """a_i W_0 q_i + mu_i S_0 q_i; `qw0` = W_0 q_i when the caller has it already."""
-    if tr.s0 is None:
-        return co.a[..., None] * (st._mm(qr, tr.w0) if qw0 is None else qw0)
-    if qw0 is None:  # one matmul for both boundary matrices
-        both = st._mm(qr, jnp.concatenate([tr.w0, tr.s0], axis=-2))
-        qw0, qs0 = jnp.split(both, 2, axis=-1)
-    else:
-        qs0 = st._mm(qr, tr.s0)
-    return co.a[..., None] * qw0 + co.mu[..., None] * qs0
+    y = co.a[..., None] * (st.matmul_t(qr, tr.w0) if qw0 is None else qw0)
+    if tr.s0 is not None:
+        y = y + co.mu[..., None] * st.matmul_t(qr, tr.s0)
+    return y
 
 
 def _dgd_predictions(co: _Coefs, tr: _Track, kw0, gamma):

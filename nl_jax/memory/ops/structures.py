@@ -99,7 +99,7 @@ def check_weights(spec: MemorySpec, weights: Weights) -> None:
             )
 
 
-def _mm(x, w):
+def matmul_t(x, w):
     """x [..., C, I] times w[..., O, I]^T -> [..., C, O], batched over the leading axes of w."""
     return jnp.einsum("...ci,...oi->...co", x, w)
 
@@ -107,8 +107,8 @@ def _mm(x, w):
 def apply(spec: MemorySpec, weights: Weights, x: jax.Array) -> jax.Array:
     """M(x) for a block of tokens: weights [..., O, I], x [..., C, I] -> [..., C, O]."""
     if spec.structure == "linear":
-        return _mm(x, weights.w)
-    return x + _mm(spec.act(_mm(x, weights.w2)), weights.w1)
+        return matmul_t(x, weights.w)
+    return x + matmul_t(spec.act(matmul_t(x, weights.w2)), weights.w1)
 
 
 def output_error(spec: MemorySpec, pred: jax.Array, v: jax.Array) -> jax.Array:
@@ -135,11 +135,11 @@ class Factors(NamedTuple):
 def token_errors(spec: MemorySpec, weights: Weights, k: jax.Array, v: jax.Array) -> Factors:
     """Per-token gradient factors of the objective at `weights`, for k [..., C, I], v [..., C, O]."""
     if spec.structure == "linear":
-        pred = _mm(k, weights.w)
+        pred = matmul_t(k, weights.w)
         return Factors(LinearWeights(k), LinearWeights(output_error(spec, pred, v)), pred)
-    z = _mm(k, weights.w2)
+    z = matmul_t(k, weights.w2)
     h, dh = jax.jvp(spec.act, (z,), (jnp.ones_like(z),))  # elementwise activation: jvp with ones = s'(z)
-    e1 = output_error(spec, k + _mm(h, weights.w1), v)
+    e1 = output_error(spec, k + matmul_t(h, weights.w1), v)
     e2 = jnp.einsum("...co,...oh->...ch", e1, weights.w1) * dh
     return Factors(MLPWeights(w1=h, w2=k), MLPWeights(w1=e1, w2=e2), z)
 
