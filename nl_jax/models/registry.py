@@ -12,19 +12,20 @@ Models that decode (recurrent ones, and attention with a KV cache) also provide:
 
 so that feeding a sequence token by token through decode_step gives the same logits as the
 full forward. A model class is registered with `@register("name")` and is constructed as
-`cls(model_cfg, rngs=rngs)`; its module must be listed in _MODEL_MODULES so that
-`build_model` finds it without the caller importing it.
+`cls(model_cfg, rngs=rngs)`. Every module of the `nl_jax.models` package is imported on the first
+lookup, so a new model file registers itself by existing.
+
+A model class may also provide `forward_flops_per_token(model_cfg, seq_len) -> float`, the analytic
+forward FLOPs per token including inner (fast-weight) loops, which the trainer uses for MFU.
 """
 
 import difflib
 import importlib
 import math
+import pkgutil
 
 import jax
 from flax import nnx
-
-# Modules that register models when imported (add yours here).
-_MODEL_MODULES = ("nl_jax.models.transformer",)
 
 _REGISTRY: dict[str, type] = {}
 
@@ -41,9 +42,14 @@ def register(name: str):
     return wrap
 
 
+def _import_model_modules() -> None:
+    package = importlib.import_module("nl_jax.models")
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"nl_jax.models.{info.name}")
+
+
 def registered_models() -> tuple[str, ...]:
-    for module in _MODEL_MODULES:
-        importlib.import_module(module)
+    _import_model_modules()
     return tuple(sorted(_REGISTRY))
 
 

@@ -1,15 +1,16 @@
-"""Registry lookups, parameter counts from shapes only, and the named transformer configs."""
+"""Registry lookups, parameter counts from shapes only, and the named configs."""
 
-import importlib
 import math
 
 import jax
 import pytest
 from flax import nnx
 
+from experiments import configs
 from nl_jax.models import build_model, count_params, registered_models
 
-SIZED = {"transformer_340m": 340e6, "transformer_760m": 760e6, "transformer_1_3b": 1.3e9}
+_SIZE_SUFFIXES = {"_340m": 340e6, "_760m": 760e6, "_1_3b": 1.3e9}
+SIZED = {n: size for n in configs.names() for suffix, size in _SIZE_SUFFIXES.items() if n.endswith(suffix)}
 # Exact counts (fix the table in the report / README if a config changes on purpose).
 EXACT = {
     "transformer_340m": 341_099_520,
@@ -20,7 +21,7 @@ EXACT = {
 
 
 def _config(name):
-    return importlib.import_module(f"experiments.configs.{name}").get_config()
+    return configs.load(name)
 
 
 def test_unknown_model_name_lists_close_matches(tiny_cfg):
@@ -39,11 +40,25 @@ def test_count_params_matches_the_built_model(tiny_cfg):
 
 
 @pytest.mark.parametrize("name", sorted(EXACT))
-def test_named_configs_param_counts(name):
-    n = count_params(_config(name).model)  # jax.eval_shape: nothing is allocated
-    assert n == EXACT[name]
-    if name in SIZED:
-        assert abs(n / SIZED[name] - 1) < 0.05, f"{name}: {n:,} is not within 5% of its name"
+def test_transformer_configs_exact_param_counts(name):
+    assert count_params(_config(name).model) == EXACT[name]  # jax.eval_shape: nothing is allocated
+
+
+@pytest.mark.parametrize("name", sorted(SIZED))
+def test_every_sized_config_is_within_5_percent_of_its_name(name):
+    n = count_params(_config(name).model)
+    assert abs(n / SIZED[name] - 1) < 0.05, f"{name}: {n:,} is not within 5% of its name"
+
+
+def test_every_config_builds_a_registered_model():
+    models = registered_models()
+    for name in configs.names():
+        assert _config(name).model.name in models, name
+
+
+def test_unknown_config_name_lists_close_matches():
+    with pytest.raises(ValueError, match=r"unknown config 'transfomer_tiny'.*transformer_tiny"):
+        configs.load("transfomer_tiny")
 
 
 def test_configs_have_model_and_mesh_sections():
