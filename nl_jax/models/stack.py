@@ -72,9 +72,12 @@ class Stack(nnx.Module):
         return nnx.merge(graphdef, jax.tree.map(take, params), jax.tree.map(take, rest))
 
     def init_state(self, *args, **kwargs):
-        """Per-layer states from block.init_state(*args), stacked along a leading axis L."""
-        s = self._slice(0).init_state(*args, **kwargs)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers,) + a.shape), s)
+        """Per-layer states from block.init_state(*args), stacked along a leading axis L.
+
+        Each layer builds its own: a state may start from that layer's parameters (a memory's
+        meta-learned initial weights)."""
+        states = [self._slice(i).init_state(*args, **kwargs) for i in range(self.num_layers)]
+        return jax.tree.map(lambda *a: jnp.stack(a), *states)
 
     def __call__(self, x: jax.Array, states=None, **kwargs):
         """Applies the L blocks in order; kwargs are passed to every block (static values only).

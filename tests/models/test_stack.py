@@ -92,3 +92,18 @@ def test_recurrent_state_threads_through_layers(scan):
     y2, states = stack(x[:, 4:], states)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), full, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(stack.layers.calls[...], [3, 3, 3])  # non-Param state written back
+
+
+class _LearnedStartBlock(_RecurrentBlock):
+    """The recurrent block with a state that starts from its own parameters."""
+
+    def init_state(self, batch_size):
+        return jnp.broadcast_to(self.w.kernel[...][0], (batch_size, 4))
+
+
+def test_each_layer_builds_its_own_initial_state():
+    stack = Stack(_LearnedStartBlock, 3, rngs=nnx.Rngs(0))
+    states = stack.init_state(2)
+    kernels = stack.layers.w.kernel[...]
+    for i in range(3):
+        np.testing.assert_array_equal(states[i], jnp.broadcast_to(kernels[i][0], (2, 4)))
