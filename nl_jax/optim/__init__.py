@@ -9,6 +9,9 @@ Each optimizer is a ``scale_by_<name>`` transform (NamedTuple state) and a chain
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
 
+For a training run, ``make_optimizer(cfg.optim, total_steps)`` builds ``(tx, schedule)`` from the config
+(clipping, any of the above or AdamW by name, warm-up + cosine / WSD, decoupled weight decay).
+
 Matrix optimizers take ``dims`` (:class:`MatrixDims`, a pytree of them, or a callable) saying which
 axes of each parameter form the matrix; by default the last two, with leading axes as batch
 (scanned layers), and vectors / scalars use each optimizer's documented fallback.
@@ -38,6 +41,8 @@ from nl_jax.optim.newton_schulz import muon
 from nl_jax.optim.newton_schulz import newton_schulz
 from nl_jax.optim.newton_schulz import orthogonalize
 from nl_jax.optim.newton_schulz import scale_by_newton_schulz
+from nl_jax.optim import schedules
+from nl_jax.optim.factory import make_optimizer
 
 __all__ = [
     "AdamMemoryState",
@@ -64,4 +69,6 @@ __all__ = [
     "scale_by_momentum_memory",
     "scale_by_newton_schulz",
     "scale_by_preconditioned_momentum",
+    "make_optimizer",
+    "schedules",
 ]

@@ -10,6 +10,8 @@ All are optax schedules (``step -> lr``, jit-traceable) built from optax's piece
 
 from __future__ import annotations
 
+import logging
+
 import optax
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -77,6 +79,9 @@ def from_config(optim_cfg, total_steps: int) -> optax.Schedule:
     wsd_decay_fraction, wsd_decay_shape)."""
     name = optim_cfg.schedule
     peak, warmup = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
+    if warmup > total_steps:  # a short run (e.g. --config.train.steps=20) of a long config
+        logging.warning("optim.warmup_steps=%d > %d steps: warming up over all of them", warmup, total_steps)
+        warmup = total_steps
     final = float(optim_cfg.get("final_lr_fraction", 0.1))
     if name == "cosine":
         return warmup_cosine(peak, warmup, total_steps, final)

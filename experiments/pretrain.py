@@ -1,0 +1,137 @@
+r"""Pretrain a model from a named config.
+
+    python -m experiments.pretrain --config=transformer_tiny                       # laptop CPU
+    python -m experiments.pretrain --config=hope_760m --workdir=gs://BUCKET/runs/hope_760m   # TPU pod
+    python -m experiments.pretrain --config=transformer_tiny --config.train.steps=200 --config.optim.lr=1e-3
+
+`--config=NAME` loads experiments/configs/NAME.py (a path to any config file works too);
+`--config.a.b=v` overrides a field. Re-running the same command resumes from the newest
+checkpoint in `--workdir` (default ./runs/NAME), data iterator included.
+
+Multi-host: on Cloud TPU every worker runs the same command and `jax.distributed.initialize()`
+finds the others by itself (`--distributed=auto`, the default, initialises whenever the
+environment names a cluster). Elsewhere pass `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I` (or the env vars NL_JAX_COORDINATOR_ADDRESS / NL_JAX_NUM_PROCESSES /
+NL_JAX_PROCESS_ID).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+from experiments import configs
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory, local or gs:// (default: ./runs/NAME)")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "on", "off"],
+    "call jax.distributed.initialize (auto: when a cluster is set)",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("NL_JAX_COORDINATOR_ADDRESS"), "HOST:PORT of process 0"
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("NL_JAX_NUM_PROCESSES", 0)) or None, "number of processes"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    int(os.environ["NL_JAX_PROCESS_ID"]) if "NL_JAX_PROCESS_ID" in os.environ else None,
+    "this process",
+)
+
+# Environment variables that mean "this is one host of a multi-host job" (Cloud TPU, SLURM, MPI).
+_CLUSTER_ENV = (
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+)
+
+
+class NamedConfigParser(ConfigFileFlagParser):
+    """`--config=NAME` -> experiments.configs.load(NAME) (close matches on a typo); a value with a
+    `/` or ending in `.py` is read as a file path, like ml_collections does."""
+
+    last_value = None
+
+    def parse(self, value):
+        NamedConfigParser.last_value = value
+        if value.endswith(".py") or "/" in value.split(":", 1)[0]:
+            return super().parse(value)
+        config = configs.load(value)  # ValueError listing the close matches
+        config.lock()
+        return config
+
+
+def define_config_flag(flag_values=flags.FLAGS, sys_argv=None):
+    """`--config` as ml_collections' config-file flag (so `--config.a.b=v` overrides work) that
+    also takes a config name. `sys_argv`: the command line to find overrides in (default sys.argv)."""
+    holder = config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "config name (experiments/configs/NAME.py) or path",
+        flag_values=flag_values,
+        sys_argv=sys_argv,
+    )
+    flag_values["config"].parser = NamedConfigParser(name="config")
+    return holder
+
+
+_CONFIG = define_config_flag()
+
+
+def _config_name() -> str:
+    value = NamedConfigParser.last_value or "run"
+    return os.path.splitext(os.path.basename(value.split(":", 1)[0]))[0]
+
+
+def _init_distributed() -> None:
+    import jax
+
+    explicit = _COORDINATOR.value is not None
+    mode = _DISTRIBUTED.value
+    if mode == "off" or (
+        mode == "auto" and not explicit and not any(os.environ.get(k) for k in _CLUSTER_ENV)
+    ):
+        return
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    else:
+        jax.distributed.initialize()  # Cloud TPU / SLURM / MPI: the cluster is detected
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        raise app.UsageError(f"--config=NAME is required; names: {', '.join(configs.names())}")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it
+    _init_distributed()
+    from nl_jax.train import NonFiniteLossError, run
+
+    name = _config_name()
+    workdir = _WORKDIR.value or os.path.join("runs", name)
+    try:
+        summary = run(_CONFIG.value, workdir, config_name=name)
+    except (ValueError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ValueError) else 3)
+    if summary.get("preempted"):
+        sys.exit(143)  # 128 + SIGTERM, as a scheduler expects from a preempted job
+
+
+if __name__ == "__main__":
+    import jax
+
+    jax.config.config_with_absl()  # --jax_* flags (e.g. --jax_log_compiles) work too
+    app.run(main)

@@ -1,0 +1,183 @@
+"""Orbax checkpointing: async saves with a keep policy, the data iterator inside, ordered restore.
+
+Layout: `<workdir>/checkpoints/<step>/{state, data, meta}`
+  state  the train state (params, optimizer state, step), sharded arrays (orbax StandardSave)
+  data   the grain iterator state, one JSON file per process (grain's orbax handler)
+  meta   JSON: step, model config, run name (checked on restore)
+
+Restore order (MaxText's, written down): the newest checkpoint in this workdir; if it cannot be
+read (a corrupted or partial write), it is moved aside to `<workdir>/checkpoints_corrupt/` with a
+warning and the previous one is tried; with none left the run starts fresh. Nothing is deleted
+except by the keep policy. A checkpoint of a different model is an error, never a silent restart.
+Saves are committed atomically by orbax (a temporary directory renamed at the end), so a run
+killed mid-save leaves the previous checkpoints intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+ITEMS = ("state", "data", "meta")
+
+
+class _FrozenIteratorState:
+    """The iterator state captured when `save` is called (grain's handler calls `get_state()` when
+    it writes, which with async saves could be after the loop has moved on)."""
+
+    def __init__(self, state):
+        self._state = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def _comparable(cfg_dict) -> str:
+    return json.dumps(cfg_dict, sort_keys=True, default=str)
+
+
+class Checkpointer:
+    """Thin wrapper over `ocp.CheckpointManager` for the train loop."""
+
+    def __init__(self, workdir: str, ckpt_cfg, model_cfg_dict: dict):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self.corrupt_dir = epath.Path(workdir) / "checkpoints_corrupt"
+        self.model_cfg = model_cfg_dict
+        self.enabled = bool(ckpt_cfg.get("enabled", True))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=ckpt_cfg.max_to_keep if ckpt_cfg.max_to_keep > 0 else None,
+            keep_period=ckpt_cfg.keep_period if ckpt_cfg.get("keep_period", 0) > 0 else None,
+            enable_async_checkpointing=bool(ckpt_cfg.async_save),
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iterator, extra_meta: dict | None = None) -> bool:
+        """Starts an (async) save of `state` at `step`; returns False if one exists already."""
+        if not self.enabled or step in self.manager.all_steps():
+            return False
+        meta = {"step": int(step), "model": self.model_cfg, **(extra_meta or {})}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_iterator.get_state())),
+            meta=ocp.args.JsonSave(meta),
+        )
+        return self.manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _move_aside(self, step: int, error: Exception) -> None:
+        logging.warning(
+            "checkpoint %d in %s cannot be restored (%s: %s); moving it to %s and trying the previous one",
+            step,
+            self.directory,
+            type(error).__name__,
+            str(error).splitlines()[0][:300] if str(error) else "",
+            self.corrupt_dir,
+        )
+        if jax.process_index() == 0:
+            self.corrupt_dir.mkdir(parents=True, exist_ok=True)
+            target = self.corrupt_dir / str(step)
+            n = 0
+            while target.exists():
+                n += 1
+                target = self.corrupt_dir / f"{step}.{n}"
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"nl_jax_ckpt_move_aside_{step}")
+        self.manager.reload()
+
+    def _check_model(self, step: int, meta: dict) -> None:
+        saved = meta.get("model")
+        if saved is not None and _comparable(saved) != _comparable(self.model_cfg):
+            diff = sorted(
+                k
+                for k in set(saved) | set(self.model_cfg)
+                if _comparable(saved.get(k)) != _comparable(self.model_cfg.get(k))
+            )
+            raise ValueError(
+                f"{self.directory}/{step} holds a checkpoint of a different model (fields differ: "
+                f"{', '.join(diff)}); use another --workdir or the same model config"
+            )
+
+    def restore_latest(self, abstract_state, data_iterator):
+        """(state, step) from the newest readable checkpoint, or None if there is none."""
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                    "meta"
+                ]
+            except Exception as e:  # unreadable metadata: treat like any other corruption
+                self._move_aside(step, e)
+                continue
+            self._check_model(step, meta)
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
+            except Exception as e:
+                self._move_aside(step, e)
+                continue
+            return restored["state"], step
+        return None
+
+
+def checkpoint_files(workdir: str) -> list[str]:
+    """Step directories present under `<workdir>/checkpoints` (for summaries and tests)."""
+    d = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted((n for n in os.listdir(d) if n.isdigit()), key=int)
+
+
+def restore_params(workdir: str, model_cfg, mesh, step: int | None = None):
+    """(params, step): only the parameters of the newest (or `step`) checkpoint in `workdir`,
+    sharded for `mesh` by the logical-axis rules (for evaluation; the optimizer state stays on
+    disk). `params` is the pure dict that `ModelFn.apply` takes."""
+    from nl_jax.train.state import ModelFn
+
+    model = ModelFn.from_config(model_cfg)
+    shardings = model.param_shardings(mesh)
+    target = {
+        "params": jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            model.abstract_params(),
+            shardings,
+        )
+    }
+    manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=ITEMS)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"no checkpoint in {workdir}/checkpoints")
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        ),
+    )
+    manager.close()
+    return restored["state"]["params"], step

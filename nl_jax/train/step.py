@@ -1,0 +1,86 @@
+"""Pure train / eval steps (jit-able, the train state donated).
+
+Loss: next-token cross entropy in float32, `inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`,
+averaged over every target of the global batch. Gradient accumulation splits the global batch into
+`accum_steps` microbatches inside the step (`lax.scan`), so one call is one optimizer step and the
+step counter stays global (MaxText's choice over optax.MultiSteps).
+
+A step whose loss or gradient norm is not finite does not change the state (`finite` is False in
+its metrics); the loop then stops with an error, so a NaN never reaches a checkpoint.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nl_jax.parallel.rules import constrain
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log p(target) per position, float32 [B, T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def make_loss_fn(model):
+    def loss_fn(params, tokens):
+        tokens = constrain(tokens, ("batch", "length"))
+        logits = model.apply(params, tokens[:, :-1])
+        return token_nll(logits, tokens[:, 1:]).mean()
+
+    return loss_fn
+
+
+def make_train_step(model, tx, schedule, accum_steps: int = 1):
+    """train_step(state, batch) -> (state, metrics {loss, grad_norm, lr, finite})."""
+    loss_fn = make_loss_fn(model)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def compute_grads(params, tokens):
+        if accum_steps == 1:
+            return grad_fn(params, tokens)
+        b = tokens.shape[0]
+        # Row i * A + a goes to microbatch a: each device keeps its own rows of every microbatch,
+        # so splitting the batch moves no data.
+        micro = tokens.reshape(b // accum_steps, accum_steps, -1).swapaxes(0, 1)
+
+        def body(carry, mb):
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(params, mb)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), micro)
+        return loss_sum / accum_steps, jax.tree.map(lambda g: g / accum_steps, grad_sum)
+
+    def train_step(state, batch):
+        params = state["params"]
+        loss, grads = compute_grads(params, batch["tokens"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+        }
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(model):
+    """eval_step(params, batch) -> {nll_sum, weight_sum} over the batch's weighted targets."""
+
+    def eval_step(params, batch):
+        tokens = constrain(batch["tokens"], ("batch", "length"))
+        logits = model.apply(params, tokens[:, :-1])
+        nll = token_nll(logits, tokens[:, 1:])
+        w = batch["weights"]
+        return {"nll_sum": (nll * w).sum(), "weight_sum": w.sum()}
+
+    return eval_step
