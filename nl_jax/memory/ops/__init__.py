@@ -5,13 +5,14 @@ one contract, `f(spec, state, q, k, v, rates, ...) -> (y, state)`:
 
   memory_naive      token by token with `lax.scan` and `jax.grad`: the readable reference
   memory_chunked    the training path: `lax.scan` over chunks, batched matmuls inside
+  memory_stream     the same closed forms from any position, for any length (segments, prefill)
   memory_recurrent  one decode step with a carried state
 
 `presets` expresses DeltaNet, the gated delta rule, linear attention / retention, TTT, Titans and the
 self-modifying update through this one core.
 """
 
-from nl_jax.memory.ops.chunked import memory_chunked
+from nl_jax.memory.ops.chunked import memory_chunked, memory_stream
 from nl_jax.memory.ops.naive import memory_naive
 from nl_jax.memory.ops.rules import READ_MODES, Rates, memory_recurrent
 from nl_jax.memory.ops.structures import (
@@ -37,4 +38,5 @@ __all__ = [
     "memory_chunked",
     "memory_naive",
     "memory_recurrent",
+    "memory_stream",
 ]

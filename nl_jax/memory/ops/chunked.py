@@ -20,6 +20,12 @@ DeltaNet). Reads are the same sums applied to queries: `per_token` uses the shif
 the read of the input-side weight gives the hidden pre-activation, which is then read through the
 output-side weight. Cost per chunk: O(C^2 D + C D^2) in matmuls and the inverse of one C x C
 unit lower-triangular matrix (log2 C levels of batched matmuls).
+
+The same closed form starts from a running state partway into a chunk (gradients still at the
+chunk's boundary state, W_0 above then being the running state) and stops at any token
+(`chunk_update`). That gives the streaming form `memory_stream` (any length from any position,
+one or two passes per block of C tokens, see `stream_blocks`), which layers whose keys and rates
+come from other memories (self-modifying Titans) drive with their own block function.
 """
 
 from __future__ import annotations
@@ -160,26 +166,44 @@ def _read(co: _Coefs, tr: _Track, qr: jax.Array) -> jax.Array:
     return y
 
 
-def _final(co: _Coefs, tr: _Track):
-    """W and S after the last token of the chunk."""
-    w = co.a[..., -1, None, None] * tr.w0
-    w = w - jnp.einsum("...s,...so,...si->...oi", co.Cm[..., -1, :], tr.ue, tr.x)
+def _final(co: _Coefs, tr: _Track, last):
+    """W and S after token `last` of the block (an int, possibly traced)."""
+    w = co.a[..., last, None, None] * tr.w0
+    w = w - jnp.einsum("...s,...so,...si->...oi", co.Cm[..., last, :], tr.ue, tr.x)
     if tr.gp is not None:
-        w = w - jnp.einsum("...s,...so,...si->...oi", co.A[..., -1, :], tr.gp, tr.x)
+        w = w - jnp.einsum("...s,...so,...si->...oi", co.A[..., last, :], tr.gp, tr.x)
     if tr.s0 is None:
         return w.astype(tr.w0.dtype), None  # the state keeps its dtype
-    w = w + co.mu[..., -1, None, None] * tr.s0
-    s = co.b[..., -1, None, None] * tr.s0 - jnp.einsum(
-        "...s,...so,...si->...oi", co.Bm[..., -1, :], tr.ue, tr.x
+    w = w + co.mu[..., last, None, None] * tr.s0
+    s = co.b[..., last, None, None] * tr.s0 - jnp.einsum(
+        "...s,...so,...si->...oi", co.Bm[..., last, :], tr.ue, tr.x
     )
     return w.astype(tr.w0.dtype), s.astype(tr.s0.dtype)
 
 
-def _chunk(spec: st.MemorySpec, read: str, carry, xs):
-    weights, momentum = carry
-    q, k, v, rates = xs
+def chunk_update(
+    spec: st.MemorySpec,
+    read: str | None,
+    weights,
+    momentum,
+    boundary,
+    q,
+    k,
+    v,
+    rates: rules.Rates,
+    last=-1,
+):
+    """A block of tokens that all lie in one chunk, in chunk layout: q, k [B, H, C, Dk], v [B, H, C, Dv],
+    rates [B, H, C].
+
+    Starts from the running state (`weights`, `momentum`), which may be partway into the chunk, and
+    takes every gradient (and self-generated target) at `boundary`, the state at the chunk's start.
+    Returns (y [B, H, C, Dv], or None when `read` is None; weights; momentum), the state after token
+    `last` (an int, possibly traced). Rows after `last` do not affect rows up to it (causality), so a
+    caller may pad or wrap the block beyond `last`.
+    """
     post, pre = _coefs(rates)
-    fac = st.token_errors(spec, weights, k, v)
+    fac = st.token_errors(spec, boundary, k, st.targets(spec, boundary, v))
     tracks = {}
     for name in weights._fields:
         w0 = getattr(weights, name)
@@ -188,11 +212,15 @@ def _chunk(spec: st.MemorySpec, read: str, carry, xs):
         ue = rates.lr[..., None] * getattr(fac.errors, name)
         tr = _Track(w0, s0, x, ue, None)
         if rates.dgd is not None and name == st.input_side(spec):
-            tr = tr._replace(gp=rates.dgd[..., None] * _dgd_predictions(pre, tr, fac.key_proj, rates.dgd))
+            # the DGD erase acts on the running state: its key predictions start from w0, not the boundary
+            kw0 = fac.key_proj if weights is boundary else st.matmul_t(k, w0)
+            tr = tr._replace(gp=rates.dgd[..., None] * _dgd_predictions(pre, tr, kw0, rates.dgd))
         tracks[name] = tr
 
-    if read == "boundary":
-        y = st.apply(spec, weights, q)
+    if read is None:
+        y = None
+    elif read == "boundary":
+        y = st.apply(spec, boundary, q)
     else:
         co = pre if read == "per_token" else post
         if spec.structure == "linear":
@@ -201,10 +229,110 @@ def _chunk(spec: st.MemorySpec, read: str, carry, xs):
             hidden = spec.act(_read(co, tracks["w2"], q))
             y = q + _read(co, tracks["w1"], hidden)
 
-    finals = {name: _final(post, tr) for name, tr in tracks.items()}
+    finals = {name: _final(post, tr, last) for name, tr in tracks.items()}
     new_w = type(weights)(**{n: f[0] for n, f in finals.items()})
     new_s = None if momentum is None else type(momentum)(**{n: f[1] for n, f in finals.items()})
-    return (new_w, new_s), y
+    return y, new_w, new_s
+
+
+def _chunk(spec: st.MemorySpec, read: str, carry, xs):
+    weights, momentum = carry
+    y, weights, momentum = chunk_update(spec, read, weights, momentum, weights, *xs)
+    return (weights, momentum), y
+
+
+def to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
+    """[B, T, H, ...] -> [N, B, H, C, ...] with T = N C."""
+    b, t, h = x.shape[:3]
+    x = x.reshape(b, t // chunk_size, chunk_size, h, *x.shape[3:])
+    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+
+def from_chunks(y: jax.Array) -> jax.Array:
+    """[N, B, H, C, ...] -> [B, N C, H, ...]."""
+    n, b, h, c = y.shape[:4]
+    return jnp.moveaxis(y, 3, 2).swapaxes(0, 1).reshape(b, n * c, h, *y.shape[4:])
+
+
+def _select(pred, a, b):
+    """jnp.where over pytrees; a python bool picks statically."""
+    if isinstance(pred, bool):
+        return a if pred else b
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int):
+    """n <= chunk_size tokens from `step` tokens into a chunk: they cross at most one chunk boundary.
+
+    Pass 1 runs the block from the current boundary and stops at the boundary (token p - 1, with
+    p = chunk_size - step) or at the block's end. If the boundary falls inside the block, pass 2
+    runs the remaining tokens, rotated to the front, from the new boundary. Both passes are the
+    closed form of `chunk_update`; pass 2 only runs when needed (`lax.cond`).
+    """
+    static = isinstance(step, int)
+    p = chunk_size - step
+    new_step = (step + n) % chunk_size
+    step_arr = lambda s: jnp.asarray(s, jnp.int32)  # noqa: E731
+    ys1, upd = block_fn(states, xs, min(p, n) - 1 if static else jnp.minimum(p, n) - 1)
+    cross = p <= n
+    first = {
+        name: st.MemoryState(w, m, _select(cross, w, states[name].boundary), step_arr(new_step))
+        for name, (w, m) in upd.items()
+    }
+
+    def second(args):
+        mid, ys1 = args
+        roll = lambda x, shift: jnp.roll(x, shift, axis=2)  # noqa: E731  (the token axis of [B, H, n, ...])
+        ys2, upd2 = block_fn(mid, jax.tree.map(lambda x: roll(x, -p), xs), n - p - 1)
+        before = jnp.arange(n) < p
+        ys = jax.tree.map(
+            lambda a, b: jnp.where(before.reshape((1, 1, n) + (1,) * (a.ndim - 3)), a, roll(b, p)), ys1, ys2
+        )
+        new = {
+            name: st.MemoryState(w, m, mid[name].boundary, step_arr(new_step))
+            for name, (w, m) in upd2.items()
+        }
+        return ys, new
+
+    if static:
+        return second((first, ys1)) if p < n else (ys1, first)
+    if n == 1:  # one token never passes a boundary before its own end
+        return ys1, first
+    return jax.lax.cond(p < n, second, lambda args: (args[1], args[0]), (first, ys1))
+
+
+def stream_blocks(block_fn, states: dict, step, xs, chunk_size: int, *, remat: bool = False):
+    """Run any number of tokens through memories that share one chunk size, from any position.
+
+    `states` maps names to `MemoryState`s that are `step` tokens into the current chunk (a python
+    int when known statically, else an int32 scalar); `xs` is a pytree of [B, T, H, ...] inputs.
+    `block_fn(states, xs_block, last) -> (ys_block, updates)` handles a block of tokens in chunk
+    layout ([B, H, n, ...]) that lie in one chunk: inputs, reads and gradients from each state's
+    `boundary`, and `updates[name] = (weights, momentum)` after token `last` (see `chunk_update`).
+    Returns (ys [B, T, H, ...], new states). Full blocks of `chunk_size` tokens go through a
+    `lax.scan`; each crosses at most one chunk boundary, so it costs one or two closed-form passes
+    (`_advance_block`); the remainder is one more block.
+    """
+    t = jax.tree.leaves(xs)[0].shape[1]
+    n_full, rest = divmod(t, chunk_size)
+    outs = []
+    if n_full:
+
+        def body(states, xs_block):
+            ys, states = _advance_block(block_fn, states, step, xs_block, chunk_size, chunk_size)
+            return states, ys
+
+        if remat:
+            body = jax.checkpoint(body)
+        full = jax.tree.map(lambda x: to_chunks(x[:, : n_full * chunk_size], chunk_size), xs)
+        states, ys = jax.lax.scan(body, states, full)
+        outs.append(jax.tree.map(from_chunks, ys))
+    if rest:  # a full block leaves the position in the chunk unchanged, so the remainder starts at `step`
+        tail = jax.tree.map(lambda x: to_chunks(x[:, n_full * chunk_size :], rest)[0], xs)
+        ys, states = _advance_block(block_fn, states, step, tail, chunk_size, rest)
+        outs.append(jax.tree.map(lambda y: from_chunks(y[None]), ys))
+    ys = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outs)
+    return ys, states
 
 
 def memory_chunked(
@@ -247,19 +375,44 @@ def _memory_chunked(
     remat: bool = False,
 ):
     rules.check_call(spec, state, rates, read, chunk_size)
-    b, t, h = q.shape[:3]
+    t = q.shape[1]
     if t % chunk_size:
         raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {t}")
-    n = t // chunk_size
-
-    def to_chunks(x):  # [B, T, H, ...] -> [N, B, H, C, ...]
-        x = x.reshape(b, n, chunk_size, h, *x.shape[3:])
-        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
-
-    xs = jax.tree.map(to_chunks, (q, k, v, rates))
+    xs = jax.tree.map(lambda x: to_chunks(x, chunk_size), (q, k, v, rates))
     body = lambda carry, x: _chunk(spec, read, carry, x)  # noqa: E731
     if remat:
         body = jax.checkpoint(body)
     (weights, momentum), ys = jax.lax.scan(body, (state.weights, state.momentum), xs)
-    y = jnp.moveaxis(ys, 2, 3).swapaxes(0, 1).reshape(b, t, h, -1)  # [N, B, H, C, D] -> [B, T, H, D]
-    return y, st.MemoryState(weights, momentum, weights, jnp.zeros((), jnp.int32))
+    return from_chunks(ys), st.MemoryState(weights, momentum, weights, jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "remat"))
+def memory_stream(
+    spec: st.MemorySpec,
+    state: st.MemoryState,
+    q,
+    k,
+    v,
+    rates: rules.Rates,
+    *,
+    chunk_size: int,
+    read: str = "per_token",
+    remat: bool = False,
+):
+    """Streaming form: any number of tokens from any position inside a chunk, same shapes as
+    `memory_chunked`; equal to `memory_naive` with the same chunk size.
+
+    Closed forms throughout (no per-token loop): a block of up to `chunk_size` tokens crosses at
+    most one chunk boundary and costs one or two chunk passes, so a call costs at most twice the
+    chunked form. Segments shorter than a chunk (a model run in segments, prefill, a decode step)
+    continue exactly where the last call stopped.
+    """
+    rules.check_call(spec, state, rates, read, chunk_size)
+
+    def block_fn(states, xs, last):
+        s = states["m"]
+        y, w, m = chunk_update(spec, read, s.weights, s.momentum, s.boundary, *xs, last=last)
+        return y, {"m": (w, m)}
+
+    y, states = stream_blocks(block_fn, {"m": state}, state.step, (q, k, v, rates), chunk_size, remat=remat)
+    return y, states["m"]

@@ -21,7 +21,8 @@ def _head_step(spec: st.MemorySpec, chunk_size: int, read: str, state: st.Memory
     if read != "post_update":
         src = state.boundary if read == "boundary" else state.weights
         y = st.apply(spec, src, q[None])[0]
-    grads = jax.grad(st.token_loss, argnums=1)(spec, state.boundary, k, v)
+    target = st.targets(spec, state.boundary, v[None])[0]  # a constant of the inner problem
+    grads = jax.grad(st.token_loss, argnums=1)(spec, state.boundary, k, target)
     weights, momentum = rules.apply_update(spec, state.weights, state.momentum, grads, k, rates)
     if read == "post_update":
         y = st.apply(spec, weights, q[None])[0]

@@ -104,7 +104,7 @@ def memory_recurrent(
     if read != "post_update":
         src = state.boundary if read == "boundary" else state.weights
         y = st.apply(spec, src, one(q))[..., 0, :]
-    fac = st.token_errors(spec, state.boundary, one(k), one(v))
+    fac = st.token_errors(spec, state.boundary, one(k), st.targets(spec, state.boundary, one(v)))
     grads = jax.tree.map(lambda e, x: jnp.einsum("...co,...ci->...oi", e, x), fac.errors, fac.inputs)
     weights, momentum = apply_update(spec, state.weights, state.momentum, grads, k, rates)
     if read == "post_update":

@@ -11,6 +11,10 @@ Two inner objectives, per token:
   l2   L = 1/2 ||M(k) - v||^2              (delta rule / Titans / TTT)
   dot  L = -<M(k), v>                      (Hebbian: linear attention, RetNet)
 
+With `self_target` the memory generates its own target from the given value, v_hat = M_B(v) with
+the state of the last chunk boundary (self-modifying Titans, paper 4.3); the inner gradient treats
+v_hat as a constant (it is the regression target), the outer gradient flows through it.
+
 For one token the gradient of either objective with respect to every weight matrix is rank one,
 `dL/dW = e x^T`, with `x` the input of that matrix and `e` the error backpropagated to its output.
 The chunked and recurrent forms work with these factors (`token_errors`) instead of full gradients;
@@ -44,11 +48,12 @@ Weights = LinearWeights | MLPWeights
 
 @dataclasses.dataclass(frozen=True)
 class MemorySpec:
-    """Static description of a memory: structure, inner objective and MLP activation."""
+    """Static description of a memory: structure, inner objective, MLP activation, target source."""
 
     structure: str = "linear"
     objective: str = "l2"
     activation: str = "gelu"
+    self_target: bool = False
 
     def __post_init__(self):
         if self.structure not in STRUCTURES:
@@ -109,6 +114,11 @@ def apply(spec: MemorySpec, weights: Weights, x: jax.Array) -> jax.Array:
     if spec.structure == "linear":
         return matmul_t(x, weights.w)
     return x + matmul_t(spec.act(matmul_t(x, weights.w2)), weights.w1)
+
+
+def targets(spec: MemorySpec, boundary: Weights, v: jax.Array) -> jax.Array:
+    """The regression target of each token: v itself, or M_B(v) with the boundary state (`self_target`)."""
+    return apply(spec, boundary, v) if spec.self_target else v
 
 
 def output_error(spec: MemorySpec, pred: jax.Array, v: jax.Array) -> jax.Array:

@@ -1,0 +1,418 @@
+"""Self-modifying Titans (paper_notes 4.3-4.6) as an NNX layer, thin over `nl_jax.memory.ops`.
+
+Per head (H heads of width dh), B(t) being the state at the last chunk boundary before token t:
+
+    z_q, z_k, z_v = SiLU(conv(x W_q)), SiLU(conv(x W_k)), SiLU(conv(x W_v))      z_eta, z_alpha = x W_eta, x W_alpha
+    k_t = l2(M_k,B(t)(z_k,t))      v_t = M_v,B(t)(z_v,t)      q_t = l2(z_q,t)  (adaptive_q: l2(M_q,B(t)(z_q,t)))
+    eta_t   = eta_scale * softplus(<r_eta, M_eta,B(t)(z_eta,t)> + b_eta)          inner learning rate
+    alpha_t = sigmoid(<r_alpha, M_alpha,B(t)(z_alpha,t)> + b_alpha)               retention (weight decay)
+    beta_t  = sigmoid(x W_beta)                                                   momentum decay
+    every memory M (k, v, q, eta, alpha and the output memory) learns from (k_t, v_hat_t), v_hat_t = M_B(t)(v_t):
+        S_t = beta_t S_{t-1} - eta_t grad L(M_B(t); k_t, v_hat_t),   L = 1/2 ||M(k) - v_hat||^2
+        M_t = alpha_t M_{t-1} - eta_t (M_{t-1} k_t) k_t^T + S_t      (the DGD term on the input-side weight)
+    y_t = M_out,B(t)(q_t)  (read="boundary", the paper's Eq. 90)  or  M_out,t-1(q_t)  (read="per_token")
+    out = W_o (RMSNorm(y_t) * SiLU(x W_g))      (per-head norm and gate, as the Titans layer)
+
+Every memory is per head either a residual MLP M(z) = z + W1 s(W2 z) (`structure="mlp"`) or a
+matrix (`"linear"`), with a meta-learned initial state (the `init_*` Params of `memory_<name>`); the
+fast weights themselves are float32 arrays carried in the state, never Params (SPEC D4, D10).
+
+Chunking (SPEC D6, paper_notes A3): the k, v, q, eta and alpha memories use `chunk_size`, the
+output memory `memory_chunk_size`. Keys, values, rates and self-generated targets of a chunk come
+from the states at the end of the previous chunk. Since nothing reads the output memory except the
+output, the layer runs in two stages: a scan over `chunk_size` chunks for the small memories (which
+feed each other), then the output memory over the keys, values and rates they produced.
+
+Decisions on what the paper leaves open:
+  - scalar rates from vector memories (paper_notes A7): eta and alpha memories map dh -> dh like
+    the others (so they can learn from (k, v_hat)); a learned read-out vector and bias per head turn
+    the memory's output into the scalar, then softplus * eta_scale or sigmoid.
+  - targets v_hat are not stop-gradient: the outer gradient flows through the whole unrolled forward,
+    targets included (paper_notes A1); the inner gradient treats v_hat as the constant target.
+  - momentum (SPEC D5): Titans' surprise S_t, its decay beta_t a static gate of x, shared by all
+    memories of a head as eta and alpha are. The DGD rate is eta_t (paper 4.4).
+  - the output memory's target is M_out,B(t)(v_t) as in the paper's 4.3 (`memory_target="self"`);
+    `memory_target="value"` trains it on v_t directly (the paper's 4.2).
+  - initial states: MLP memories start as the identity map (W1 = 0, W2 ~ N(0, 1/dh)), so every adaptive
+    projection starts as its static one; matrix memories start as the identity, the output one at 0.
+  - alpha's bias starts at 4 (retention ~0.98 per token); eta's at 0 (eta ~0.69 eta_scale).
+
+Streaming: with a state the layer continues from any position, for any number of tokens, with the
+same closed forms (`ops.stream_blocks`): a segment shorter than a chunk, a prefill, or one decode
+token all equal the corresponding slice of one call over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nl_jax.layers.conv import ShortConv
+from nl_jax.layers.linear import Linear, logical_param, to_dtype
+from nl_jax.layers.norms import RMSNorm
+from nl_jax.memory import ops
+from nl_jax.memory.ops import chunked
+from nl_jax.memory.ops import structures as st
+
+READ_MODES = ("boundary", "per_token")
+MEMORY_TARGETS = ("self", "value")
+
+
+class SelfModifyingState(NamedTuple):
+    """Decode / streaming state: conv tails of q, k, v; the small memories (name -> MemoryState, all at
+    the same position in their `chunk_size` chunk); the output memory."""
+
+    conv: tuple[jax.Array, jax.Array, jax.Array]
+    memories: dict
+    memory: ops.MemoryState
+
+
+def _unit(z):
+    return z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-6)
+
+
+class MemoryInit(nnx.Module):
+    """The meta-learned initial state of one multi-head memory: one Param per fast-weight matrix."""
+
+    def __init__(self, spec, heads, dim, hidden, *, identity, param_dtype, rngs):
+        self.spec = spec
+        names = ("heads", "memory_out", "memory_in")
+        if spec.structure == "linear":
+            eye = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(dim, dtype=dtype), shape)  # noqa: E731
+            init = eye if identity else jax.nn.initializers.zeros
+            self.init_w = logical_param(rngs, init, (heads, dim, dim), names, param_dtype)
+        else:  # W1 = 0: the identity map; the first inner gradients reach W1 at once, W2 once W1 moves
+            self.init_w1 = logical_param(
+                rngs, jax.nn.initializers.zeros, (heads, dim, hidden), names, param_dtype
+            )
+            self.init_w2 = logical_param(
+                rngs, jax.nn.initializers.normal(dim**-0.5), (heads, hidden, dim), names, param_dtype
+            )
+
+    def state(self, batch_size: int, momentum: bool) -> ops.MemoryState:
+        cls = ops.LinearWeights if self.spec.structure == "linear" else ops.MLPWeights
+        weights = {}
+        for name in cls._fields:  # fast weights are float32 whatever the param dtype (SPEC D10)
+            p = getattr(self, f"init_{name}")[...].astype(jnp.float32)
+            weights[name] = jnp.broadcast_to(p, (batch_size, *p.shape))
+        return ops.init_state(cls(**weights), momentum=momentum)
+
+
+class SelfModifyingTitans(nnx.Module):
+    """Self-modifying Titans layer: x [B, T, D] -> y [B, T, D] (see the module docstring).
+
+    Flags, each switching exactly one part (the rows of the paper's ablation table, paper_notes 8.3):
+      dgd=False            plain GD (no DGD erase term)
+      momentum=False       no surprise momentum (no beta gate, no momentum state)
+      weight_decay=False   no retention gate (no alpha memory, no alpha projection)
+      adaptive_k/v=False   k / v are the static projections (no k / v memory)
+      adaptive_q=True      q is read from a memory too
+    Extra keyword arguments: `eta_scale` (scale of the softplus learning rate, default 0.1) and
+    `memory_target` ("self" or "value", the output memory's target).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        structure: str = "mlp",
+        hidden: int = 0,
+        activation: str = "silu",
+        chunk_size: int = 8,
+        memory_chunk_size: int = 64,
+        read: str = "boundary",
+        dgd: bool = True,
+        momentum: bool = True,
+        weight_decay: bool = True,
+        adaptive_k: bool = True,
+        adaptive_v: bool = True,
+        adaptive_q: bool = False,
+        eta_scale: float = 0.1,
+        conv_width: int = 4,
+        remat_chunks: bool = False,
+        init_std: float = 0.02,
+        dtype="float32",
+        param_dtype="float32",
+        memory_target: str = "self",
+        rngs: nnx.Rngs,
+    ):
+        if read not in READ_MODES:
+            raise ValueError(f"read must be one of {READ_MODES}, got {read!r}")
+        if memory_target not in MEMORY_TARGETS:
+            raise ValueError(f"memory_target must be one of {MEMORY_TARGETS}, got {memory_target!r}")
+        for name, value in (("chunk_size", chunk_size), ("memory_chunk_size", memory_chunk_size)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if hidden < 0:
+            raise ValueError(f"hidden must be >= 0 (0 means head_dim), got {hidden}")
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
+        self.chunk_size, self.memory_chunk_size, self.read = int(chunk_size), int(memory_chunk_size), read
+        self.dgd, self.momentum, self.weight_decay = dgd, momentum, weight_decay
+        self.adaptive = {
+            "k": adaptive_k,
+            "v": adaptive_v,
+            "q": adaptive_q,
+            "eta": True,
+            "alpha": weight_decay,
+        }
+        self.small = tuple(name for name, on in self.adaptive.items() if on)  # memories on `chunk_size`
+        self.eta_scale, self.remat_chunks = eta_scale, remat_chunks
+        self.dtype = to_dtype(dtype)
+        self.spec = ops.MemorySpec(structure, "l2", activation, self_target=True)
+        self.out_spec = ops.MemorySpec(structure, "l2", activation, self_target=memory_target == "self")
+
+        h, dh = num_heads, head_dim
+        lin = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        heads = lambda: Linear((d_model,), (h, dh), ("embed",), ("heads", "head_dim"), **lin)  # noqa: E731
+        self.q_proj, self.k_proj, self.v_proj, self.eta_proj = heads(), heads(), heads(), heads()
+        conv = dict(width=conv_width, channel_name="heads", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_conv, self.k_conv, self.v_conv = (ShortConv(h * dh, **conv) for _ in range(3))
+        vec = lambda init, shape, names: logical_param(rngs, init, shape, names, param_dtype)  # noqa: E731
+        self.eta_readout = vec(jax.nn.initializers.normal(init_std), (h, dh), ("heads", "head_dim"))
+        self.eta_bias = vec(jax.nn.initializers.zeros, (h,), ("heads",))
+        if weight_decay:
+            self.alpha_proj = heads()
+            self.alpha_readout = vec(jax.nn.initializers.normal(init_std), (h, dh), ("heads", "head_dim"))
+            self.alpha_bias = vec(jax.nn.initializers.constant(4.0), (h,), ("heads",))
+        if momentum:
+            self.beta_proj = Linear((d_model,), (h,), ("embed",), ("heads",), **lin)
+        self.gate_proj = heads()
+        self.out_proj = Linear((h, dh), (d_model,), ("heads", "head_dim"), ("embed",), **lin)
+        self.out_norm = RMSNorm(dh, names=("head_dim",), param_dtype=param_dtype)
+        mem = dict(param_dtype=param_dtype, rngs=rngs)
+        for name in self.small:
+            setattr(self, f"memory_{name}", MemoryInit(self.spec, h, dh, hidden or dh, identity=True, **mem))
+        self.memory_out = MemoryInit(self.out_spec, h, dh, hidden or dh, identity=False, **mem)
+
+    # ---------------------------------------------------------------- pieces shared with the reference
+
+    def init_state(self, batch_size: int) -> SelfModifyingState:
+        convs = tuple(c.init_state(batch_size) for c in (self.q_conv, self.k_conv, self.v_conv))
+        mems = {n: getattr(self, f"memory_{n}").state(batch_size, self.momentum) for n in self.small}
+        return SelfModifyingState(convs, mems, self.memory_out.state(batch_size, self.momentum))
+
+    def paths(self, x, conv_states):
+        """The memory inputs before any memory: z [B, T, H, dh] per path, beta [B, T, H], conv tails."""
+        b, t, _ = x.shape
+        h, dh = self.num_heads, self.head_dim
+        z, convs = {}, []
+        for name, proj, conv, cs in zip(
+            "qkv",
+            (self.q_proj, self.k_proj, self.v_proj),
+            (self.q_conv, self.k_conv, self.v_conv),
+            conv_states,
+        ):
+            y, cs = conv.forward(proj(x).reshape(b, t, h * dh), cs)
+            z[name] = jax.nn.silu(y).reshape(b, t, h, dh).astype(jnp.float32)
+            convs.append(cs)
+        z["eta"] = self.eta_proj(x).astype(jnp.float32)
+        if self.weight_decay:
+            z["alpha"] = self.alpha_proj(x).astype(jnp.float32)
+        beta = jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32)) if self.momentum else None
+        return z, beta, tuple(convs)
+
+    def generate(self, boundaries: dict, z: dict, beta):
+        """q, k, v and the rates of a block of tokens, read from the small memories' boundary states.
+
+        Chunk layout: z [B, H, n, dh], beta [B, H, n]; boundaries maps a memory name to its weights.
+        """
+        read = lambda n: st.apply(self.spec, boundaries[n], z[n]) if n in boundaries else z[n]  # noqa: E731
+        scalar = lambda u, r, b: jnp.einsum("bhnd,hd->bhn", u, r[...]) + b[...][:, None]  # noqa: E731
+        eta = self.eta_scale * jax.nn.softplus(scalar(read("eta"), self.eta_readout, self.eta_bias))
+        alpha = None
+        if self.weight_decay:
+            alpha = jax.nn.sigmoid(scalar(read("alpha"), self.alpha_readout, self.alpha_bias))
+        rates = ops.Rates(lr=eta, retention=alpha, momentum=beta, dgd=eta if self.dgd else None)
+        return _unit(read("q")), _unit(read("k")), read("v"), rates
+
+    def output(self, x, y):
+        """y [B, T, H, dh] -> the layer output [B, T, D]."""
+        y = self.out_norm(y.astype(self.dtype)) * jax.nn.silu(self.gate_proj(x))
+        return self.out_proj(y)
+
+    # ---------------------------------------------------------------- the chunked / streaming path
+
+    def _small_block(self, mems, xs, last):
+        """`stream_blocks` callback: one block of tokens inside one `chunk_size` chunk.
+
+        The small memories are stacked on a leading axis (`_stack`): they share keys and rates, so
+        one batched closed-form update serves them all.
+        """
+        z, beta = xs
+        s = mems["small"]
+        boundaries = {n: jax.tree.map(lambda w: w[i], s.boundary) for i, n in enumerate(self.small)}
+        q, k, v, rates = self.generate(boundaries, z, beta)
+        rep = lambda a: jnp.broadcast_to(a, (len(self.small), *a.shape))
+        _, w, m = chunked.chunk_update(
+            self.spec,
+            None,
+            s.weights,
+            s.momentum,
+            s.boundary,
+            None,
+            rep(k),
+            rep(v),
+            jax.tree.map(rep, rates),
+            last=last,
+        )
+        return (q, k, v, rates), {"small": (w, m)}
+
+    def _stack(self, mems: dict) -> ops.MemoryState:
+        parts = [mems[n] for n in self.small]
+        stack = lambda field: jax.tree.map(lambda *w: jnp.stack(w), *[getattr(p, field) for p in parts])
+        return ops.MemoryState(stack("weights"), stack("momentum"), stack("boundary"), parts[0].step)
+
+    def _unstack(self, stacked: ops.MemoryState) -> dict:
+        pick = lambda tree, i: jax.tree.map(lambda w: w[i], tree)
+        return {
+            n: ops.MemoryState(
+                pick(stacked.weights, i), pick(stacked.momentum, i), pick(stacked.boundary, i), stacked.step
+            )
+            for i, n in enumerate(self.small)
+        }
+
+    def core(self, x: jax.Array, state: SelfModifyingState | None = None):
+        """The memory read y [B, T, H, dh] before the output head, and the new state (None in training)."""
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"SelfModifyingTitans expects x [B, T, {self.d_model}], got shape {x.shape}")
+        b, t, _ = x.shape
+        training = state is None
+        if training:
+            for name, c in (("chunk_size", self.chunk_size), ("memory_chunk_size", self.memory_chunk_size)):
+                if t % c:
+                    raise ValueError(
+                        f"{name} {c} does not divide the sequence length {t} (the training forward runs "
+                        "whole chunks; pass a state from init_state to stream any length)"
+                    )
+            state = self.init_state(b)
+        z, beta, convs = self.paths(x, state.conv)
+        step = 0 if training else state.memories[self.small[0]].step
+        (q, k, v, rates), mems = chunked.stream_blocks(
+            self._small_block,
+            {"small": self._stack(state.memories)},
+            step,
+            (z, beta),
+            self.chunk_size,
+            remat=self.remat_chunks,
+        )
+        mems = self._unstack(mems["small"])
+        run = ops.memory_chunked if training else ops.memory_stream
+        y, memory = run(
+            self.out_spec,
+            state.memory,
+            q,
+            k,
+            v,
+            rates,
+            chunk_size=self.memory_chunk_size,
+            read=self.read,
+            remat=self.remat_chunks,
+        )
+        return y, (None if training else SelfModifyingState(convs, mems, memory))
+
+    def __call__(self, x: jax.Array, state: SelfModifyingState | None = None):
+        """x [B, T, D] -> (y [B, T, D], state). Without a state: the training forward from the
+        meta-learned initial memories (T a multiple of both chunk sizes), state None. With a state
+        (`init_state` or a previous call): continues from it, any number of tokens."""
+        y, state = self.core(x, state)
+        return self.output(x, y), state
+
+    # ---------------------------------------------------------------- cost
+
+    @staticmethod
+    def forward_flops_per_token(
+        seq_len: int,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        structure: str = "mlp",
+        hidden: int = 0,
+        chunk_size: int = 8,
+        memory_chunk_size: int = 64,
+        read: str = "boundary",
+        dgd: bool = True,
+        momentum: bool = True,
+        weight_decay: bool = True,
+        adaptive_k: bool = True,
+        adaptive_v: bool = True,
+        adaptive_q: bool = False,
+        conv_width: int = 4,
+        memory_target: str = "self",
+        **_,
+    ) -> float:
+        """Analytic forward FLOPs per token of the training forward, inner updates included.
+
+        Counts matmul-like work (2 per multiply-add) and the convolutions; elementwise activations,
+        norms and the log2(C)-level triangular inverse's lower-order terms are left out. `seq_len`
+        is accepted for the model interface; the cost per token does not depend on it.
+        """
+        del seq_len
+        d, h, dh = d_model, num_heads, head_dim
+        hid = hidden or dh
+        mats = [(dh, dh)] if structure == "linear" else [(dh, hid), (hid, dh)]  # (out, in); input side last
+        apply = h * sum(2 * o * i for o, i in mats)  # one memory read of one token, all heads
+
+        proj = 2 * d * h * dh * (6 + weight_decay) + 2 * d * h * momentum  # q k v eta gate out [alpha], beta
+        conv = 3 * 2 * conv_width * h * dh
+        readouts = 2 * h * dh * (1 + weight_decay)
+        n_small = 1 + adaptive_k + adaptive_v + adaptive_q + weight_decay  # eta always
+        generate = n_small * apply  # each small memory reads its input at the boundary
+
+        def update(c, self_target, read_mode):
+            """One memory over chunks of c tokens, per token: target, gradient factors, closed-form
+            update (final state of each chunk), DGD solve, coefficient products, and its read."""
+            f = apply * (1 + self_target)  # forward of the keys (+ the target M_B(v))
+            f += 2 * h * hid * dh * (structure == "mlp")  # error backpropagated through W1
+            f += h * 2 * c * c * momentum  # A Bm, A b (a C^3 product per chunk)
+            for o, i in mats:
+                f += h * 2 * o * i * (1 + momentum)  # sum of the chunk's rank-one terms into W (and S)
+            if dgd:
+                o, i = mats[-1]
+                f += h * (2 * c * i + 2 * c * o)  # Gram matrix and right-hand side
+                f += h * 2 * c * c / 3 + h * 2 * c * o  # triangular inverse (~2C^3/3 per chunk) and solve
+                f += h * 2 * o * i  # the DGD term of the final state
+            if read_mode == "boundary":
+                f += apply
+            elif read_mode == "per_token":
+                for o, i in mats:  # dual form: Q X^T, (Cm * QX^T) E, Q W0^T (+ Q S0^T)
+                    f += h * (2 * c * i + 2 * c * o + 2 * o * i * (1 + momentum))
+                f += h * 2 * c * mats[-1][0] * dgd  # (A * QK^T) (gamma P)
+            return f
+
+        small = n_small * update(chunk_size, True, None)
+        out = update(memory_chunk_size, memory_target == "self", read)
+        return float(proj + conv + readouts + generate + small + out)
+
+
+def reference_forward(layer: SelfModifyingTitans, x: jax.Array, state: SelfModifyingState | None = None):
+    """The token-by-token reference of the whole layer: a `lax.scan` over tokens, each memory updated
+    by `ops.memory_naive` (inner gradients by `jax.grad`), built apart from the chunked path.
+    Same contract as the layer's call, except that it always returns the final state."""
+    b = x.shape[0]
+    state = layer.init_state(b) if state is None else state
+    z, beta, convs = layer.paths(x, state.conv)
+    to_block = lambda a: a[:, :, None]  # noqa: E731  [B, H, ...] -> [B, H, 1, ...]
+    to_seq = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, H, 1, ...] -> [B, 1, H, ...]
+
+    def step(carry, inputs):
+        mems, memory = carry
+        zt, bt = inputs
+        q, k, v, rates = layer.generate(
+            {n: s.boundary for n, s in mems.items()}, jax.tree.map(to_block, zt), jax.tree.map(to_block, bt)
+        )
+        q, k, v, rates = jax.tree.map(to_seq, (q, k, v, rates))
+        naive = lambda spec, s, c, read: ops.memory_naive(spec, s, q, k, v, rates, chunk_size=c, read=read)  # noqa: E731
+        mems = {n: naive(layer.spec, s, layer.chunk_size, "boundary")[1] for n, s in mems.items()}
+        y, memory = naive(layer.out_spec, memory, layer.memory_chunk_size, layer.read)
+        return (mems, memory), y[:, 0]
+
+    time_major = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (z, beta))
+    (mems, memory), ys = jax.lax.scan(step, (state.memories, state.memory), time_major)
+    y = jnp.moveaxis(ys, 0, 1)
+    return layer.output(x, y), SelfModifyingState(convs, mems, memory)

@@ -1,0 +1,331 @@
+"""The self-modifying Titans layer against its token-by-token reference (outputs, final state,
+gradients wrt every parameter and the input), streaming at any split and decoding, causality, one
+test per flag, the linear case as a gated delta rule in numpy, bad input and the FLOPs helper."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nl_jax.memory.self_modifying import SelfModifyingTitans, reference_forward
+from tests.memory.inputs import fresh_seed, max_tree_rel_err, rel_err
+
+TOL = 1e-5
+D = 16
+
+
+def _layer(seed, heads=2, head_dim=4, scale=0.1, **kw):
+    """A layer whose Params are all moved off their init (so every path and gradient is exercised)."""
+    kw.setdefault("eta_scale", 0.5)
+    layer = SelfModifyingTitans(D, heads, head_dim, rngs=nnx.Rngs(seed), **kw)
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 7), len(leaves))
+    leaves = [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), rest)
+
+
+def _x(seed, length, batch=2):
+    return jax.random.normal(jax.random.key(seed + 3), (batch, length, D))
+
+
+@nnx.jit
+def _call(layer, x, state=None):
+    return layer(x, state)
+
+
+def _value_and_grads(fn, layer, x, cot):
+    """Output, final state, and gradients of <output, cot> wrt every Param and the input."""
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(params, x):
+        y, state = fn(nnx.merge(graphdef, params, rest), x)
+        return jnp.sum(y * cot), (y, state)
+
+    (_, (y, state)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    return y, state, grads
+
+
+SLOW = pytest.mark.slow
+CASES = [  # constructor kwargs, heads, head_dim, length
+    (dict(chunk_size=1, memory_chunk_size=1, read="boundary"), 2, 4, 12),
+    (dict(chunk_size=1, memory_chunk_size=1, read="per_token", structure="linear", adaptive_q=True), 1, 8, 8),
+    (dict(chunk_size=4, memory_chunk_size=8, read="per_token", hidden=6), 2, 4, 16),
+    # More shapes and flag mixes: the extended run (pytest -m slow).
+    pytest.param(
+        dict(chunk_size=2, memory_chunk_size=8, read="boundary", dgd=False, momentum=False),
+        3,
+        4,
+        16,
+        marks=SLOW,
+    ),
+    pytest.param(
+        dict(chunk_size=4, memory_chunk_size=4, read="per_token", weight_decay=False, adaptive_q=True),
+        2,
+        3,
+        8,
+        marks=SLOW,
+    ),
+]
+
+
+@pytest.mark.parametrize("kw,heads,head_dim,length", CASES)
+def test_chunked_equals_token_by_token_reference(kw, heads, head_dim, length):
+    seed = fresh_seed()
+    layer = _layer(seed, heads, head_dim, **kw)
+    x = _x(seed, length)
+    cot = jax.random.normal(jax.random.key(seed + 5), x.shape)
+    y, _, g = _value_and_grads(lambda m, x: m(x), layer, x, cot)
+    y_ref, state_ref, g_ref = _value_and_grads(reference_forward, layer, x, cot)
+    assert rel_err(y, y_ref) < TOL, seed
+    assert max_tree_rel_err(g, g_ref) < TOL, seed
+    flat = dict(nnx.to_flat_state(g[0]))
+    assert any("init_w" in str(p) for p in flat)  # the meta-learned initial memories get gradients
+    for path, leaf in flat.items():
+        assert float(jnp.abs(leaf[...]).max()) > 0, f"no gradient reaches {path} (seed {seed})"
+    # the final state of one streaming call over the whole sequence
+    _, state = _call(layer, x, layer.init_state(x.shape[0]))
+    assert max_tree_rel_err(state, state_ref) < TOL, seed
+
+
+def test_streaming_any_split_and_decoding_equal_one_call():
+    seed = fresh_seed()
+    layer = _layer(seed, chunk_size=8, memory_chunk_size=16, read="per_token")
+    x = _x(seed, 32)
+    y_full, _ = _call(layer, x)
+    state, ys, a = layer.init_state(2), [], 0
+    for n in (5, 16, 11):  # starts, crosses and ends inside chunks of both sizes
+        y, state = _call(layer, x[:, a : a + n], state)
+        ys.append(y)
+        a += n
+    assert rel_err(jnp.concatenate(ys, 1), y_full) < TOL, seed
+    _, state_one = _call(layer, x, layer.init_state(2))
+    assert max_tree_rel_err(state, state_one) < TOL, seed
+    assert int(state.memory.step) == 0 and int(state.memories["k"].step) == 0
+
+    small = _layer(seed, chunk_size=2, memory_chunk_size=4, read="boundary")
+    x = _x(seed, 8)
+    y_full, _ = _call(small, x)
+    state, ys = small.init_state(2), []
+    for t in range(8):  # decode: the one-token case of the same path
+        y, state = _call(small, x[:, t : t + 1], state)
+        ys.append(y)
+    assert rel_err(jnp.concatenate(ys, 1), y_full) < TOL, seed
+
+
+def test_streaming_gradients_equal_training_gradients():
+    """Segments that start and end inside chunks (dynamic positions, both passes of a block) give
+    the gradients of the one-call training forward, meta-learned initial memories included."""
+    seed = fresh_seed()
+    layer = _layer(seed, chunk_size=2, memory_chunk_size=4, read="per_token")
+    x = _x(seed, 8)
+    cot = jax.random.normal(jax.random.key(seed + 5), x.shape)
+
+    def segments(model, x):
+        state, ys = model.init_state(x.shape[0]), []
+        for a, b in ((0, 3), (3, 8)):
+            y, state = model(x[:, a:b], state)
+            ys.append(y)
+        return jnp.concatenate(ys, 1), state
+
+    y, _, g = _value_and_grads(lambda m, x: m(x), layer, x, cot)
+    y_seg, _, g_seg = _value_and_grads(segments, layer, x, cot)
+    assert rel_err(y_seg, y) < TOL, seed
+    assert max_tree_rel_err(g_seg, g) < TOL, seed
+
+
+def test_bfloat16_compute_keeps_float32_fast_weights():
+    layer = _layer(0, chunk_size=2, memory_chunk_size=4, dtype="bfloat16")
+    x = _x(0, 8).astype(jnp.bfloat16)
+    y, state = _call(layer, x, layer.init_state(2))
+    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+    fast = [state.memory.weights, *(s.weights for s in state.memories.values())]
+    assert {w.dtype for w in jax.tree.leaves(fast)} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("read", ["boundary", "per_token"])
+def test_causality(read):
+    seed = fresh_seed()
+    layer = _layer(seed, chunk_size=2, memory_chunk_size=8, read=read)
+    x = _x(seed, 16, batch=1)
+    t = 9
+    y, _ = _call(layer, x)
+    y2, _ = _call(layer, x.at[:, t].add(1.0))
+    assert float(jnp.abs(y2[:, :t] - y[:, :t]).max()) == 0.0, seed
+    assert float(jnp.abs(y2[:, t:] - y[:, t:]).max()) > 1e-5, seed
+
+
+# ----------------------------------------------------------------------------------------- flags
+
+
+def _params(layer):
+    return {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+
+
+def _like(src, **kw):
+    """A layer with flags `kw` that shares every Param of `src` it has (same names)."""
+    dst = SelfModifyingTitans(
+        D, 2, 4, rngs=nnx.Rngs(0), eta_scale=0.5, chunk_size=2, memory_chunk_size=8, **kw
+    )
+    src_params = _params(src)
+    state = nnx.state(dst, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        if tuple(map(str, path)) in src_params:
+            var[...] = src_params[tuple(map(str, path))][...]
+    nnx.update(dst, nnx.from_flat_state(flat))
+    return dst
+
+
+FLAGS = [  # flag, Params that appear (+) or vanish (-), state memory that appears or vanishes
+    (dict(dgd=False), set(), None),
+    (dict(momentum=False), {"-beta_proj"}, None),
+    (dict(weight_decay=False), {"-alpha_proj", "-alpha_readout", "-alpha_bias", "-memory_alpha"}, "-alpha"),
+    (dict(adaptive_k=False), {"-memory_k"}, "-k"),
+    (dict(adaptive_v=False), {"-memory_v"}, "-v"),
+    (dict(adaptive_q=True), {"+memory_q"}, "+q"),
+]
+
+
+@pytest.mark.parametrize("flag,params,memory", FLAGS)
+def test_each_flag_changes_exactly_its_part(flag, params, memory):
+    seed = fresh_seed()
+    base = _layer(seed, chunk_size=2, memory_chunk_size=8)
+    other = _like(base, **flag) if "adaptive_q" not in flag else None
+    if other is None:  # adaptive_q adds Params: start from that layer and share the rest
+        other = _layer(seed, chunk_size=2, memory_chunk_size=8, **flag)
+        base = _like(other)
+    top = lambda layer: {p[0] for p in _params(layer)}  # noqa: E731
+    diff = {"+" + n for n in top(other) - top(base)} | {"-" + n for n in top(base) - top(other)}
+    assert diff == params
+    mems_base, mems_other = set(base.init_state(1).memories), set(other.init_state(1).memories)
+    mem_diff = {"+" + n for n in mems_other - mems_base} | {"-" + n for n in mems_base - mems_other}
+    assert mem_diff == ({memory} if memory else set())
+    if "momentum" in flag:
+        assert base.init_state(1).memory.momentum is not None and other.init_state(1).memory.momentum is None
+    x = _x(seed, 16)
+    y_base, _ = _call(base, x)
+    y_other, _ = _call(other, x)
+    assert rel_err(y_other, y_base) > 1e-4, seed  # the flag changes the function
+
+
+def test_static_k_and_v_are_the_projections():
+    """With adaptive_k/v off, k and v are exactly the conv paths (l2-normalised for k)."""
+    layer = _layer(0, adaptive_k=False, adaptive_v=False)
+    x = _x(0, 8)
+    z, beta, _ = layer.paths(x, layer.init_state(2).conv)
+    blocks = jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), (z, beta))
+    q, k, v, _ = layer.generate({n: s.boundary for n, s in layer.init_state(2).memories.items()}, *blocks)
+    zk = blocks[0]["k"]
+    assert rel_err(k, zk / jnp.sqrt(jnp.sum(zk * zk, axis=-1, keepdims=True) + 1e-6)) < 1e-6
+    assert rel_err(v, blocks[0]["v"]) == 0.0
+
+
+def test_saturated_retention_equals_no_weight_decay():
+    """weight_decay=True with alpha forced to exactly 1 computes what weight_decay=False does."""
+    seed = fresh_seed()
+    off = _layer(seed, chunk_size=2, memory_chunk_size=8, weight_decay=False)
+    on = _like(off, weight_decay=True)
+    on.alpha_bias[...] = jnp.full(on.alpha_bias.shape, 1e4)  # sigmoid(1e4) == 1.0 in float32
+    on.alpha_readout[...] = jnp.zeros(on.alpha_readout.shape)
+    x = _x(seed, 16)
+    assert rel_err(_call(on, x)[0], _call(off, x)[0]) < 1e-6, seed
+
+
+# ------------------------------------------------------------------- linear memory = gated delta rule
+
+
+def test_linear_memories_are_a_gated_delta_rule_with_modified_values():
+    """structure="linear", no momentum: every memory follows S_t = a_t S_{t-1}(I - b_t k k^T) + b_t u_t k^T
+    with b = eta / alpha and u = alpha (v_hat - S_B k), v_hat = S_B v (paper_notes 4.7), here in
+    numpy float64 token by token, reads and rates from the boundary states."""
+    seed = fresh_seed()
+    c_small, c_mem = 2, 4
+    layer = _layer(seed, structure="linear", momentum=False, chunk_size=c_small, memory_chunk_size=c_mem)
+    x = _x(seed, 12)
+    y, state = _call(layer, x, layer.init_state(2))
+    y_core, _ = nnx.jit(lambda m, x, s: m.core(x, s))(layer, x, layer.init_state(2))
+
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    z, _, _ = layer.paths(x, layer.init_state(2).conv)
+    z = {n: f64(a) for n, a in z.items()}  # [B, T, H, dh]
+    init = layer.init_state(2)
+    mems = {n: f64(s.weights.w) for n, s in init.memories.items()}  # [B, H, dh, dh]
+    mems["out"] = f64(init.memory.weights.w)
+    bound = dict(mems)
+    r = {n: f64(getattr(layer, n)[...]) for n in ("eta_readout", "eta_bias", "alpha_readout", "alpha_bias")}
+    mv = lambda w, u: np.einsum("bhoi,bhi->bho", w, u)  # noqa: E731
+    unit = lambda u: u / np.sqrt(np.sum(u * u, -1, keepdims=True) + 1e-6)  # noqa: E731
+    sigmoid = lambda u: 1 / (1 + np.exp(-u))  # noqa: E731
+    ys = []
+    for t in range(x.shape[1]):
+        k = unit(mv(bound["k"], z["k"][:, t]))
+        v = mv(bound["v"], z["v"][:, t])
+        q = unit(z["q"][:, t])
+        eta = 0.5 * np.logaddexp(
+            0, np.einsum("bhd,hd->bh", mv(bound["eta"], z["eta"][:, t]), r["eta_readout"]) + r["eta_bias"]
+        )
+        alpha = sigmoid(
+            np.einsum("bhd,hd->bh", mv(bound["alpha"], z["alpha"][:, t]), r["alpha_readout"])
+            + r["alpha_bias"]
+        )
+        ys.append(mv(bound["out"], q))  # read="boundary" (Eq. 90)
+        beta = (eta / alpha)[..., None, None]
+        eye = np.eye(k.shape[-1])
+        for n in mems:
+            u = alpha[..., None] * (mv(bound[n], v) - mv(bound[n], k))  # modified values
+            mems[n] = alpha[..., None, None] * mems[n] @ (eye - beta * np.einsum("bhi,bhj->bhij", k, k))
+            mems[n] = mems[n] + beta * np.einsum("bho,bhi->bhoi", u, k)
+        for n in mems:  # boundaries after the update of the chunk's last token
+            if (t + 1) % (c_mem if n == "out" else c_small) == 0:
+                bound[n] = mems[n]
+    assert rel_err(y_core, np.stack(ys, 1)) < TOL, seed
+    for n, s in state.memories.items():
+        assert rel_err(s.weights.w, mems[n]) < TOL, (n, seed)
+    assert rel_err(state.memory.weights.w, mems["out"]) < TOL, seed
+    assert rel_err(y, _call(layer, x)[0]) < TOL, seed
+
+
+# ----------------------------------------------------------------------------------- input checks
+
+
+def test_bad_input_is_named():
+    layer = _layer(0, chunk_size=4, memory_chunk_size=8)
+    with pytest.raises(ValueError, match="memory_chunk_size 8 does not divide the sequence length 12"):
+        layer(_x(0, 12))
+    with pytest.raises(ValueError, match="chunk_size 4 does not divide the sequence length 6"):
+        layer(_x(0, 6))
+    with pytest.raises(ValueError, match=r"expects x \[B, T, 16\]"):
+        layer(jnp.zeros((2, 8, 12)))
+    with pytest.raises(ValueError, match="read must be one of"):
+        SelfModifyingTitans(D, 2, 4, read="post_update", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="memory_chunk_size must be a positive integer"):
+        SelfModifyingTitans(D, 2, 4, memory_chunk_size=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="memory_target"):
+        SelfModifyingTitans(D, 2, 4, memory_target="other", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="memory structure"):
+        SelfModifyingTitans(D, 2, 4, structure="conv", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "structure,read,momentum", [("mlp", "per_token", True), ("linear", "boundary", False)]
+)
+def test_flops_helper_against_xla_count(structure, read, momentum):
+    """The analytic count against XLA's count of the lowered (not yet optimised, so nothing is
+    pruned) forward; scan bodies are counted once, so T equals both chunk sizes. XLA also counts
+    the elementwise work the helper leaves out."""
+    kw = dict(
+        chunk_size=16, memory_chunk_size=16, read=read, hidden=32, structure=structure, momentum=momentum
+    )
+    layer = SelfModifyingTitans(64, 2, 32, rngs=nnx.Rngs(0), **kw)
+    x = jnp.zeros((1, 16, 64))
+    graphdef, params = nnx.split(layer)
+    xla = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0]).lower(params, x).cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    ours = SelfModifyingTitans.forward_flops_per_token(16, 64, 2, 32, **kw) * 16
+    assert 0.7 < ours / xla["flops"] < 1.05, (ours, xla["flops"])
+    fewer = SelfModifyingTitans.forward_flops_per_token(
+        16, 64, 2, 32, **{**kw, "adaptive_k": False, "dgd": False}
+    )
+    assert fewer < ours / 16
