@@ -151,3 +151,28 @@ class Attention(nnx.Module):
         mask = attention_mask(t[None], slot_pos, self.sliding_window)
         y = self.o(dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask))
         return y, KVCache(kc, vc, t + 1)
+
+    def extend(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """A segment of T tokens against the cache (prefill / chunked decoding): x [B, T, d_model] ->
+        (y [B, T, d_model], cache holding the segment too). Equals T calls of `decode`.
+
+        Queries see the cached keys and the segment's own keys (causally), so a ring buffer shorter
+        than the segment still gives every query its full window; then the newest min(T, S) keys
+        are written into their slots.
+        """
+        t0, t = cache.pos, x.shape[1]
+        pos = t0 + jnp.arange(t)
+        q, k, v = self._qkv(x, pos)
+        size = cache.k.shape[1]
+        cached_pos = (t0 - 1) - (
+            t0 - 1 - jnp.arange(size)
+        ) % size  # newest position < t0 per slot (< 0: empty)
+        keys = jnp.concatenate([cache.k.astype(q.dtype), k], axis=1)
+        values = jnp.concatenate([cache.v.astype(q.dtype), v], axis=1)
+        mask = attention_mask(pos, jnp.concatenate([cached_pos, pos]), self.sliding_window)
+        y = self.o(dot_product_attention(q, keys, values, mask))
+        m = min(t, size)
+        slots = (t0 + t - m + jnp.arange(m)) % size
+        kc = cache.k.at[:, slots].set(k[:, t - m :].astype(cache.k.dtype))
+        vc = cache.v.at[:, slots].set(v[:, t - m :].astype(cache.v.dtype))
+        return y, KVCache(kc, vc, t0 + t)

@@ -1,0 +1,19 @@
+"""Gated DeltaNet 1.3B: 21 layers x d2048, 6 heads (keys 256, values 512), conv 4, SwiGLU 5632 (fla
+GatedDeltaNetConfig defaults), tied embeddings (untied: 1,387,348,732, +6.7%), vocab 32000:
+1,321,812,732 parameters.
+
+    python -m experiments.pretrain --config=gated_deltanet_1_3b
+"""
+
+from experiments.configs import base, gated_deltanet_base
+
+
+def get_config():
+    config = gated_deltanet_base.get_config()
+    config.model.update(
+        d_model=2048, num_layers=21, num_heads=6, head_dim=256, mlp_hidden=5632, tie_embeddings=True
+    )
+    # TPU defaults: bf16 matmuls over float32 master weights and float32 fast weights (D10); keep the
+    # projection outputs and recompute the rest of each block in the backward pass.
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return base.paper_recipe(config, tokens=100e9)  # D1: 1.3B on 100B tokens

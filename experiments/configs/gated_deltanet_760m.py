@@ -1,0 +1,19 @@
+"""Gated DeltaNet 760M: 21 layers x d1536, 6 heads (keys 192, values 384: num_heads * head_dim =
+0.75 d_model), conv 4, SwiGLU 4096, tied embeddings (untied: 792,785,532), vocab 32000:
+743,633,532 parameters.
+
+    python -m experiments.pretrain --config=gated_deltanet_760m
+"""
+
+from experiments.configs import base, gated_deltanet_base
+
+
+def get_config():
+    config = gated_deltanet_base.get_config()
+    config.model.update(
+        d_model=1536, num_layers=21, num_heads=6, head_dim=192, mlp_hidden=4096, tie_embeddings=True
+    )
+    # TPU defaults: bf16 matmuls over float32 master weights and float32 fast weights (D10); keep the
+    # projection outputs and recompute the rest of each block in the backward pass.
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return base.paper_recipe(config, tokens=30e9)  # D1: 760M on 30B tokens

@@ -1,0 +1,17 @@
+"""HOPE 1.3B: 24 layers x d2048, self-modifying Titans 16 heads x 128, CMS 4 levels x SwiGLU 768 (periods 16,
+64, 256, 1024; ntp signal), tied embeddings, vocab 32000: 1,287,804,672 parameters.
+
+    python -m experiments.pretrain --config=hope_1_3b
+"""
+
+from experiments.configs import base, hope_base
+
+
+def get_config():
+    config = hope_base.get_config("hope")
+    config.model.update(d_model=2048, num_layers=24, tie_embeddings=True)
+    config.model.memory.update(num_heads=16, head_dim=128)
+    config.model.cms.hidden = (768, 768, 768, 768)
+    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return base.paper_recipe(config, tokens=100e9)  # D1: 1.3B on 100B tokens

@@ -1,0 +1,17 @@
+"""HOPE 760M: 24 layers x d1536, self-modifying Titans 12 heads x 128, CMS 4 levels x SwiGLU 640 (periods 16,
+64, 256, 1024; ntp signal), tied embeddings, vocab 32000: 776,963,136 parameters.
+
+    python -m experiments.pretrain --config=hope_760m
+"""
+
+from experiments.configs import base, hope_base
+
+
+def get_config():
+    config = hope_base.get_config("hope")
+    config.model.update(d_model=1536, num_layers=24, tie_embeddings=True)
+    config.model.memory.update(num_heads=12, head_dim=128)
+    config.model.cms.hidden = (640, 640, 640, 640)
+    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return base.paper_recipe(config, tokens=30e9)  # D1: 760M on 30B tokens

@@ -1,0 +1,16 @@
+"""HOPE-Attention 1.3B: 24 layers x d2048, 16 heads, CMS 4 levels x SwiGLU 1408 (periods 16, 64, 256, 1024; ntp
+signal), tied embeddings, vocab 32000: 1,298,909,184 parameters.
+
+    python -m experiments.pretrain --config=hope_attention_1_3b
+"""
+
+from experiments.configs import base, hope_base
+
+
+def get_config():
+    config = hope_base.get_config("hope_attention")
+    config.model.update(d_model=2048, num_layers=24, num_heads=16, tie_embeddings=True)
+    config.model.cms.hidden = (1408, 1408, 1408, 1408)
+    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return base.paper_recipe(config, tokens=100e9)  # D1: 1.3B on 100B tokens

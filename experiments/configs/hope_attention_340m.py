@@ -1,0 +1,16 @@
+"""HOPE-Attention 340M: 24 layers x d1024, 16 heads, CMS 4 levels x SwiGLU 704 (periods 16, 64, 256, 1024; ntp
+signal), tied embeddings, vocab 32000: 341,173,248 parameters.
+
+    python -m experiments.pretrain --config=hope_attention_340m
+"""
+
+from experiments.configs import base, hope_base
+
+
+def get_config():
+    config = hope_base.get_config("hope_attention")
+    config.model.update(d_model=1024, num_layers=24, num_heads=16, tie_embeddings=True)
+    config.model.cms.hidden = (704, 704, 704, 704)
+    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return base.paper_recipe(config, tokens=15e9)  # D1: 340M on 15B tokens

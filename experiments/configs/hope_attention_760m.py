@@ -1,0 +1,16 @@
+"""HOPE-Attention 760M: 24 layers x d1536, 12 heads, CMS 4 levels x SwiGLU 1088 (periods 16, 64, 256, 1024; ntp
+signal), tied embeddings, vocab 32000: 757,126,656 parameters.
+
+    python -m experiments.pretrain --config=hope_attention_760m
+"""
+
+from experiments.configs import base, hope_base
+
+
+def get_config():
+    config = hope_base.get_config("hope_attention")
+    config.model.update(d_model=1536, num_layers=24, num_heads=12, tie_embeddings=True)
+    config.model.cms.hidden = (1088, 1088, 1088, 1088)
+    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return base.paper_recipe(config, tokens=30e9)  # D1: 760M on 30B tokens

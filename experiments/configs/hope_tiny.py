@@ -1,0 +1,22 @@
+"""HOPE tiny: byte-level (vocab 260), 4 layers x d128, self-modifying Titans 4 heads x 32, CMS 2 levels
+x SwiGLU 192 (periods 16, 64; ntp signal); 1,290,016 params.
+
+Trains in minutes on a laptop CPU (sequence 256 = 16 ntp segments):
+    python -m experiments.pretrain --config=hope_tiny
+"""
+
+from experiments.configs import hope_base
+
+
+def get_config():
+    config = hope_base.get_config("hope")
+    config.model.update(vocab_size=260, d_model=128, num_layers=4, tie_embeddings=False)
+    config.model.memory.update(num_heads=4, head_dim=32, chunk_size=8, memory_chunk_size=16)
+    # The laptop default trains with the layer-local CMS signal: the next-token signal (the default
+    # of the sized configs, D7) compiles for many minutes on a CPU; --config.model.cms.signal=ntp.
+    config.model.cms.update(periods=(16, 64), hidden=(192, 192), inner_lr=(1e-4, 1e-4), signal="local")
+    config.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.1)
+    config.train.update(steps=400, log_every=50)
+    config.eval.update(every=100, max_batches=16)
+    config.checkpoint.update(every=200)
+    return config

@@ -1,0 +1,16 @@
+"""Samba 1.3B (microsoft/Samba `Samba_1.3B`): 18 layers (9 x Mamba + SWA, each + SwiGLU 6144) x d2304,
+18 heads x 128, window 2048, Mamba expand 2 / d_state 16 / dt_rank 144, tied embeddings, vocab 32000:
+1,330,207,488 parameters.
+
+    python -m experiments.pretrain --config=samba_1_3b
+"""
+
+from experiments.configs import base, samba_base
+
+
+def get_config():
+    config = samba_base.get_config()
+    config.model.update(d_model=2304, num_layers=18, num_heads=18, mlp_hidden=6144)
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    config.model.scan_remat = True  # the scan's per-token [Din, N] states are the largest activations
+    return base.paper_recipe(config, tokens=100e9)

@@ -1,0 +1,18 @@
+"""Samba 760M: 24 layers (12 x Mamba + SWA, each + SwiGLU 3840) x d1536, 12 heads x 128, window 2048,
+Mamba expand 2 / d_state 16 / dt_rank 96, tied embeddings, vocab 32000: 766,121,472 parameters.
+
+microsoft/Samba `Samba_421M` (d1536, 12 heads) made 24 layers deep, with the MLP narrowed from
+4096 to 3840 to land at 760M.
+
+    python -m experiments.pretrain --config=samba_760m
+"""
+
+from experiments.configs import base, samba_base
+
+
+def get_config():
+    config = samba_base.get_config()
+    config.model.update(d_model=1536, num_layers=24, num_heads=12, mlp_hidden=3840)
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    config.model.scan_remat = True  # the scan's per-token [Din, N] states are the largest activations
+    return base.paper_recipe(config, tokens=30e9)

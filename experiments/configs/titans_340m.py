@@ -1,0 +1,16 @@
+"""Titans (LMM) 340M: 24 layers x d1024, memory 16 heads x 64 (MLP memory, hidden 64), SwiGLU 2432,
+tied embeddings, vocab 32000: 342,575,616 parameters.
+
+    python -m experiments.pretrain --config=titans_340m [--config.model.titans.variant=mac|mag|mal]
+"""
+
+from experiments.configs import base, titans_base
+
+
+def get_config():
+    config = titans_base.get_config()
+    config.model.update(d_model=1024, num_layers=24, num_heads=16, mlp_hidden=2432, tie_embeddings=True)
+    # TPU defaults: bf16 matmuls over float32 master weights and fast weights (D10); keep the
+    # projection outputs and recompute the rest in the backward pass.
+    config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
+    return base.paper_recipe(config, tokens=15e9)

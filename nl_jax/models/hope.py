@@ -1,0 +1,311 @@
+"""HOPE (self-modifying Titans + CMS) and HOPE-Attention (softmax attention + CMS), SPEC D3 / D7.
+
+Block (pre-norm residual, RMSNorm):
+    hope            h = x + SelfModTitans(Norm(x))      (the layer has its own out norm, gate, out proj)
+    hope_attention  h = x + Attention(Norm(x))          (RoPE, full or sliding window, GQA)
+    both            y = CMS(h): z <- z + MLP_l(Norm_l(z)) for the levels (nl_jax/memory/cms.py)
+
+Config (`model` section): vocab_size, d_model, num_layers, tie_embeddings, norm_eps, dtype,
+param_dtype, scan_layers, remat_policy, init_std; `model.cms` (variant, signal, periods, hidden,
+inner_lr); hope: `model.memory` (the SelfModifyingTitans keyword arguments); hope_attention:
+num_heads, num_kv_heads, head_dim, rope_theta, sliding_window.
+
+The CMS `ntp` signal (the paper's: the next-token-loss gradient wrt each level's fast weights) is
+model level. The forward cuts the sequence into segments of S = min(periods) tokens and scans over
+them with the whole layer stack inside, carrying every layer's recurrent state (memory states or KV
+caches, CMS fast weights and gradient accumulators). Per segment, jax.vjp of the segment forward
+gives its logits and, from the next-token cross-entropy of its tokens (the target of a segment's
+last token is the first token of the next one; the sequence's last token has none), the gradient
+wrt every layer's fast weights, summed over the segment's tokens. Those enter under stop_gradient
+and are applied at each level's boundary. The fast weights of a segment are fixed, so this gradient
+is d(loss of the segment's tokens) / d(the segment's weights): exactly what a brute-force reference
+computes with a separate copy of the weights per segment (tests/models/test_hope_ntp.py). The
+segment is a custom_vjp: the outer gradient differentiates the segment forwards (through the fast
+weights to their meta-learned init, the updates being constants: first order) and never the inner
+backward, so it costs one extra backward per segment.
+
+Memory note: the outer backward keeps each segment's fast weights as residuals of the scan, i.e.
+(T / S) copies of the CMS fast weights per sequence; at large CMS widths use short sequences per
+device or the `local` / `none` signals.
+
+Decoding reproduces the forward: the decode state keeps the current segment's tokens and the
+recurrent states at its start; when the first token of the next segment arrives (the target of the
+segment's last token), the segment's vjp is recomputed from those states, the gradients are
+accumulated and the boundary updates applied, then the new token runs with the updated weights.
+(Recomputing only the last position would miss the paths from the segment's weights at one token
+into the losses of its later tokens, through attention or the memory, which the segment vjp has.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nl_jax.layers import Attention, Embed, RMSNorm, Unembed, to_dtype
+from nl_jax.memory.cms import CMSSchedule, ContinuumMemory
+from nl_jax.models.registry import register
+from nl_jax.models.stack import Stack
+from nl_jax.models.transformer import attention_dims
+from nl_jax.parallel.rules import constrain
+
+_RESIDUAL = ("batch", "length", "activation_embed")
+
+
+def _cms_kwargs(cfg) -> dict:
+    c = cfg.cms
+    return dict(
+        hidden=tuple(c.hidden),
+        periods=tuple(c.periods),
+        inner_lr=tuple(c.inner_lr),
+        variant=c.variant,
+        signal=c.signal,
+        norm_eps=cfg.norm_eps,
+        init_std=cfg.init_std,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+    )
+
+
+def _zero_cotangent(tree):
+    """Zero cotangents for a pytree of outputs (float0 for the integer ones, e.g. positions)."""
+
+    def zero(a):
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.zeros_like(a)
+        return np.zeros(a.shape, jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+class HopeBlock(nnx.Module):
+    """h = x + Mixer(Norm(x)); y = CMS(h). Block state: (mixer state, CMS state) when streaming."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.attention = cfg.name == "hope_attention"
+        param_dtype = to_dtype(cfg.param_dtype)
+        self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+        kw = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        if self.attention:
+            heads, kv, head_dim = attention_dims(cfg)
+            self.mixer = Attention(
+                cfg.d_model,
+                heads,
+                kv,
+                head_dim,
+                rope_theta=cfg.rope_theta,
+                sliding_window=cfg.sliding_window,
+                **dict(kw, dtype=to_dtype(cfg.dtype), param_dtype=param_dtype),
+            )
+        else:
+            from nl_jax.memory.self_modifying import SelfModifyingTitans  # noqa: PLC0415 (hope only)
+
+            self.mixer = SelfModifyingTitans(cfg.d_model, **dict(cfg.memory), **kw)
+        self.cms = ContinuumMemory(cfg.d_model, **_cms_kwargs(cfg), rngs=rngs)
+
+    def init_state(self, batch_size: int, max_len: int | None = None):
+        if self.attention:
+            mixer = self.mixer.init_cache(batch_size, max_len)
+        else:
+            mixer = self.mixer.init_state(batch_size)
+        return (mixer, self.cms.init_state(batch_size))
+
+    def __call__(self, x, state=None):
+        u = self.mixer_norm(x)
+        if state is None:  # training forward of the static / local CMS: whole sequence at once
+            a = self.mixer(u) if self.attention else self.mixer(u)[0]
+            y, _ = self.cms(x + a)
+            return constrain(y, _RESIDUAL), None
+        mixer, cms = state
+        a, mixer = self.mixer.extend(u, mixer) if self.attention else self.mixer(u, mixer)
+        y, cms = self.cms(x + a, cms)
+        return constrain(y, _RESIDUAL), (mixer, cms)
+
+
+class _Hope(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.vocab_size = cfg.vocab_size
+        self.signal = cfg.cms.signal
+        self.schedule = CMSSchedule(tuple(int(p) for p in cfg.cms.periods), tuple(cfg.cms.inner_lr))
+        self.segment = min(self.schedule.periods)
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        emb = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, **emb)
+        self.blocks = Stack(
+            lambda r: HopeBlock(cfg, rngs=r),
+            cfg.num_layers,
+            scan_layers=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            rngs=rngs,
+        )
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+        self.unembed = None if cfg.tie_embeddings else Unembed(cfg.d_model, cfg.vocab_size, **emb)
+
+    # ---------------------------------------------------------------- pieces
+    def _logits(self, h):
+        h = self.final_norm(h)
+        return self.embed.attend(h) if self.unembed is None else self.unembed(h)
+
+    def _layer_states(self, batch_size: int, max_len: int | None):
+        """Every layer's initial state from its own parameters (meta-learned inits), stacked on L."""
+        graphdef, params, rest = nnx.split(self.blocks.layers, nnx.Param, ...)
+        return jax.vmap(lambda p, r: nnx.merge(graphdef, p, r).init_state(batch_size, max_len))(params, rest)
+
+    def _run(self, tokens, states):
+        """tokens [B, T] through the stack from `states` -> (logits, new states)."""
+        h = constrain(self.embed(tokens), _RESIDUAL)
+        h, states = self.blocks(h, states)
+        return self._logits(h), states
+
+    def _segment_grads(self, mixer, cms, tokens, targets, mask):
+        """One segment's logits, new mixer states and next-token-loss gradients wrt every layer's
+        CMS fast weights (leading axis L).
+
+        A custom_vjp: its forward runs jax.vjp of the segment once and applies it to the inner
+        cotangent (what XLA needs of it: the activation gradients and the fast-weight gradients);
+        its backward applies the same vjp to the outer cotangents of the logits and the mixer states,
+        and gives the inner gradients none (first order). So the outer gradient never traces the
+        derivative of the inner backward, and costs one ordinary backward of the segment.
+        """
+        graphdef, params, rest = nnx.split(self, nnx.Param, ...)
+        cms_rest = ContinuumMemory.with_fast_weights(cms, tuple(None for _ in cms.levels))
+
+        def f(p, w, m, r, cr, tok):
+            model = nnx.merge(graphdef, p, r, copy=True)
+            logits, (new_mixer, _) = model._run(tok, (m, ContinuumMemory.with_fast_weights(cr, w)))
+            return logits, new_mixer
+
+        def fwd(p, w, m, r, cr, tok, tgt, msk):
+            (logits, new_mixer), vjp = jax.vjp(lambda p_, w_, m_: f(p_, w_, m_, r, cr, tok), p, w, m)
+            # d(sum of the segment's cross-entropies)/d(logits) = softmax - onehot, on tokens with a target.
+            probs = jax.nn.softmax(logits, axis=-1)
+            ct = (probs - jax.nn.one_hot(tgt, logits.shape[-1], dtype=probs.dtype)) * msk[..., None]
+            grads = vjp((ct, _zero_cotangent(new_mixer)))[1]
+            return (logits, new_mixer, grads), vjp
+
+        def bwd(vjp, cts):
+            ct_logits, ct_mixer, _ = cts  # the inner gradients are constants to the outer level
+            return (*vjp((ct_logits, ct_mixer)), None, None, None, None, None)
+
+        # Everything traced is an argument: a custom_vjp must not close over tracers of the scan.
+        seg = jax.custom_vjp(lambda *args: fwd(*args)[0])
+        seg.defvjp(fwd, bwd)
+        weights = ContinuumMemory.fast_weights(cms)
+        return seg(params, weights, mixer, rest, cms_rest, tokens, targets, mask)
+
+    def _accumulate(self, cms, grads, ok=True):
+        """Segment gradients into every layer's accumulators, boundary updates at the segment end."""
+        return jax.vmap(lambda s, g: self.schedule.accumulate(s, g, self.segment, ok))(cms, grads)
+
+    @staticmethod
+    def _targets(tokens):
+        """Next tokens and their mask (the last position has no target)."""
+        t = tokens.shape[1]
+        targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+        mask = jnp.broadcast_to(jnp.arange(t) < t - 1, tokens.shape).astype(jnp.float32)
+        return targets, mask
+
+    # ---------------------------------------------------------------- forward
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]; fast state reset per sequence."""
+        if self.signal != "ntp":
+            h = constrain(self.embed(tokens), _RESIDUAL)
+            h, _ = self.blocks(h)
+            return self._logits(h)
+        return self.forward_ntp(tokens)[0]
+
+    def forward_ntp(self, tokens: jax.Array, states=None):
+        """The ntp-signal forward over segments; returns (logits, final layer states). `states`
+        (stacked layer states, e.g. carried from an earlier call at evaluation) default to the
+        meta-learned initial ones; a sequence not a multiple of the segment is padded at the end
+        (padding never reaches earlier logits)."""
+        b, t = tokens.shape
+        s = self.segment
+        n = -(-t // s)
+        targets, mask = self._targets(tokens)
+        pad = ((0, 0), (0, n * s - t))
+        tokens_p, targets, mask = jnp.pad(tokens, pad), jnp.pad(targets, pad), jnp.pad(mask, pad)
+        if states is None:
+            states = self._layer_states(b, n * s)
+        to_segments = lambda a: jnp.moveaxis(a.reshape(b, n, s), 1, 0)  # noqa: E731
+
+        def body(carry, xs):
+            mixer, cms = carry
+            logits, mixer, grads = self._segment_grads(mixer, cms, *xs)
+            return (mixer, self._accumulate(cms, grads)), logits
+
+        states, logits = jax.lax.scan(body, states, tuple(map(to_segments, (tokens_p, targets, mask))))
+        logits = jnp.moveaxis(logits, 0, 1).reshape(b, n * s, -1)[:, :t]
+        return logits, states
+
+    # ---------------------------------------------------------------- decoding
+    def init_decode_state(self, batch_size: int, max_len: int | None = None):
+        """Stacked per-layer states (plus, for the ntp signal, the segment buffer and the states at
+        the segment's start). hope_attention needs max_len unless its attention is sliding-window."""
+        states = self._layer_states(batch_size, max_len)
+        if self.signal != "ntp":
+            return states
+        mixer, cms = states
+        return dict(
+            pos=jnp.zeros((), jnp.int32),
+            buffer=jnp.zeros((batch_size, self.segment), jnp.int32),
+            start=mixer,  # recurrent states at the start of the current segment
+            mixer=mixer,  # recurrent states after the last token
+            cms=cms,
+        )
+
+    def decode_step(self, tokens: jax.Array, state):
+        """tokens int32 [B] -> (logits float32 [B, V], new state); step by step == the forward."""
+        if self.signal != "ntp":
+            logits, state = self._run(tokens[:, None], state)
+            return logits[:, 0], state
+        pos, buffer = state["pos"], state["buffer"]
+        s = self.segment
+        complete = jnp.logical_and(pos > 0, pos % s == 0)  # `tokens` is the last target of a full segment
+
+        def close_segment(st):
+            targets = jnp.concatenate([st["buffer"][:, 1:], tokens[:, None]], axis=1)
+            mask = jnp.ones(targets.shape, jnp.float32)
+            _, mixer, grads = self._segment_grads(st["start"], st["cms"], st["buffer"], targets, mask)
+            return dict(st, start=mixer, mixer=mixer, cms=self._accumulate(st["cms"], grads))
+
+        state = jax.lax.cond(complete, close_segment, lambda st: st, state)
+        logits, (mixer, _) = self._run(tokens[:, None], (state["mixer"], state["cms"]))
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, tokens[:, None], pos % s, axis=1)
+        return logits[:, 0], dict(state, pos=pos + 1, buffer=buffer, mixer=mixer)
+
+    # ---------------------------------------------------------------- FLOPs
+    @staticmethod
+    def forward_flops_per_token(cfg, seq_len: int) -> float:
+        """Analytic forward FLOPs per token (2 per multiply-add), inner loops included: the CMS
+        `local` objective (one more MLP forward and its weight backward per level) or the `ntp`
+        inner backward (activation gradients through the whole stack and the unembedding, plus the
+        CMS weight gradients), and the self-modifying layer's inner loops (its own count)."""
+        d, v, n = cfg.d_model, cfg.vocab_size, cfg.num_layers
+        unembed = 2 * d * v
+        cms = sum(6 * d * h for h in cfg.cms.hidden)
+        if cfg.name == "hope_attention":
+            heads, kv, head_dim = attention_dims(cfg)
+            ctx = (seq_len + 1) / 2 if not cfg.sliding_window else min(cfg.sliding_window, (seq_len + 1) / 2)
+            mixer = 2 * d * head_dim * (2 * heads + 2 * kv) + 4 * heads * head_dim * ctx
+        else:
+            from nl_jax.memory.self_modifying import SelfModifyingTitans  # noqa: PLC0415
+
+            mixer = SelfModifyingTitans.forward_flops_per_token(seq_len, d, **dict(cfg.memory))
+        forward = n * (mixer + cms) + unembed
+        if cfg.cms.signal == "local":
+            forward += n * 3 * cms  # MLP on the shifted keys + its weight gradient (2x)
+        elif cfg.cms.signal == "ntp":
+            forward += unembed + n * (mixer + 2 * cms)
+        return float(forward)
+
+
+@register("hope")
+class Hope(_Hope):
+    """HOPE: self-modifying Titans followed by a CMS in every block (no attention)."""
+
+
+@register("hope_attention")
+class HopeAttention(_Hope):
+    """HOPE-Attention: a Transformer++ whose MLP is a CMS."""

@@ -1,0 +1,164 @@
+"""Samba baseline (Ren et al. 2024, microsoft/Samba): Mamba layers interleaved with sliding-window
+attention, each followed by a SwiGLU MLP, pre-norm RMSNorm residual blocks, tied embeddings.
+
+Layer order (microsoft/Samba `mb_per_layer=2`): Mamba, MLP, SWA, MLP, Mamba, MLP, SWA, MLP, ...
+The unit of the layer stack is one group of the four (`SambaGroup`), so `num_layers` counts the
+mixer layers as Samba's `n_layer` does (Mamba and SWA alike) and must be even; the model has
+num_layers / 2 groups.
+
+Mamba as `mamba_simple.Mamba` with its defaults (expand 2, d_state 16, d_conv 4, dt_rank
+ceil(d_model / 16)); attention is `nl_jax.layers.attention.Attention` with RoPE and
+`sliding_window` (2048 at full size). Decoding carries, per group, the Mamba conv/SSM state and a
+ring-buffer KV cache of the window.
+
+Config (`model` section, see experiments/configs/samba_base.py): the transformer fields plus
+d_state, d_conv, expand, dt_rank (0: auto), scan_chunk (the Mamba scan's chunk length), scan_remat
+(recompute each chunk's [C, Din, N] states in the backward pass).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nl_jax.layers.attention import Attention, KVCache
+from nl_jax.layers.embed import Embed
+from nl_jax.layers.linear import to_dtype
+from nl_jax.layers.mamba import Mamba, MambaState, mamba_flops_per_token
+from nl_jax.layers.mlp import SwiGLU
+from nl_jax.layers.norms import RMSNorm
+from nl_jax.models.registry import register
+from nl_jax.models.stack import Stack
+from nl_jax.models.transformer import attention_dims
+from nl_jax.parallel.rules import constrain
+
+_RESIDUAL = ("batch", "length", "activation_embed")
+
+
+def _groups(cfg) -> int:
+    if cfg.num_layers < 2 or cfg.num_layers % 2:
+        raise ValueError(
+            f"samba num_layers={cfg.num_layers} must be even and >= 2 (Mamba and SWA layers alternate)"
+        )
+    return cfg.num_layers // 2
+
+
+def _dt_rank(cfg) -> int:
+    return cfg.dt_rank or -(-cfg.d_model // 16)
+
+
+class SambaState(NamedTuple):
+    mamba: MambaState
+    attn: KVCache
+
+
+class SambaGroup(nnx.Module):
+    """x -> Mamba -> MLP -> SWA -> MLP, each sub-layer `h = h + f(RMSNorm(h))`."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        heads, kv, head_dim = attention_dims(cfg)
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        kw = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)  # noqa: E731
+        self.mamba_norm, self.mlp1_norm, self.attn_norm, self.mlp2_norm = norm(), norm(), norm(), norm()
+        self.mamba = Mamba(
+            cfg.d_model,
+            d_state=cfg.d_state,
+            d_conv=cfg.d_conv,
+            expand=cfg.expand,
+            dt_rank=_dt_rank(cfg),
+            chunk_size=cfg.scan_chunk,
+            remat_chunks=cfg.scan_remat,
+            **kw,
+        )
+        self.mlp1 = SwiGLU(cfg.d_model, cfg.mlp_hidden, **kw)
+        self.attn = Attention(
+            cfg.d_model,
+            heads,
+            kv,
+            head_dim,
+            rope_theta=cfg.rope_theta,
+            sliding_window=cfg.sliding_window,
+            **kw,
+        )
+        self.mlp2 = SwiGLU(cfg.d_model, cfg.mlp_hidden, **kw)
+
+    def init_state(self, batch_size: int, max_len: int | None = None) -> SambaState:
+        return SambaState(self.mamba.init_state(batch_size), self.attn.init_cache(batch_size, max_len))
+
+    def __call__(self, x, state: SambaState | None = None):
+        if state is None:
+            m, _ = self.mamba(self.mamba_norm(x))
+            h = x + m
+            h = h + self.mlp1(self.mlp1_norm(h))
+            h = h + self.attn(self.attn_norm(h))
+        else:
+            m, mamba_state = self.mamba(self.mamba_norm(x), state.mamba, form="recurrent")
+            h = x + m
+            h = h + self.mlp1(self.mlp1_norm(h))
+            a, cache = self.attn.decode(self.attn_norm(h), state.attn)
+            h = h + a
+            state = SambaState(mamba_state, cache)
+        y = h + self.mlp2(self.mlp2_norm(h))
+        return constrain(y, _RESIDUAL), state
+
+
+@register("samba")
+class Samba(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        self.embed = Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            init_std=cfg.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.blocks = Stack(
+            lambda r: SambaGroup(cfg, rngs=r),
+            _groups(cfg),
+            scan_layers=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            rngs=rngs,
+        )
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
+
+    def _logits(self, h):
+        return self.embed.attend(self.final_norm(h))  # tied embeddings, as microsoft/Samba
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]."""
+        h = constrain(self.embed(tokens), _RESIDUAL)
+        h, _ = self.blocks(h)
+        return self._logits(h)
+
+    def init_decode_state(self, batch_size: int, max_len: int | None = None):
+        """Per group: zero Mamba conv/SSM state and an empty KV cache (the window, or max_len if
+        shorter)."""
+        return self.blocks.init_state(batch_size, max_len)
+
+    def decode_step(self, tokens: jax.Array, state):
+        """tokens int32 [B] -> (logits float32 [B, V], new state)."""
+        h = self.embed(tokens[:, None])
+        h, state = self.blocks(h, state)
+        return self._logits(h)[:, 0], state
+
+    @staticmethod
+    def forward_flops_per_token(cfg, seq_len: int) -> float:
+        """Analytic forward FLOPs per token, averaged over a sequence of seq_len tokens: Mamba
+        (projections, conv, scan), attention projections and scores over the visible window, two
+        SwiGLU MLPs per group, and the logits."""
+        heads, kv, hd = attention_dims(cfg)
+        d = cfg.d_model
+        window = cfg.sliding_window or seq_len
+        # Mean number of keys a query sees: min(t + 1, window) averaged over t < seq_len.
+        t = jnp.arange(seq_len)
+        keys = float(jnp.mean(jnp.minimum(t + 1, window)))
+        attn = 2 * d * hd * (2 * heads + 2 * kv) + 2 * 2 * keys * heads * hd
+        mamba = mamba_flops_per_token(d, cfg.expand * d, cfg.d_state, _dt_rank(cfg), cfg.d_conv)
+        mlp = 2 * 3 * d * cfg.mlp_hidden
+        return float(_groups(cfg) * (mamba + attn + 2 * mlp) + 2 * d * cfg.vocab_size)

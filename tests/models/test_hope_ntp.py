@@ -1,0 +1,138 @@
+"""The CMS `ntp` signal against a brute-force reference built apart from the segment scan.
+
+The reference runs ONE full-sequence forward (the mixers' whole-sequence training paths, a python
+loop over layers) in which the tokens of segment p read their own copy W_p of every layer's CMS fast
+weights. Period by period it takes jax.grad wrt W_p of the next-token loss of the tokens seen so far
+(those of segments <= p; only segment p's depend on W_p), sums the gradients per level and applies
+them at the level's boundaries. The model must give the same logits, the same final fast weights, and
+(first order: the updates enter as constants) the same outer gradient wrt every parameter.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from experiments import configs
+from nl_jax.memory.cms import ContinuumMemory
+from nl_jax.models import build_model
+from tests.memory.inputs import fresh_seed
+
+V, T = 32, 16
+
+
+def small_cfg(name, num_layers=2, **cms):
+    cfg = configs.load(f"{name}_tiny").model
+    cfg.update(vocab_size=V, d_model=32, num_layers=num_layers, scan_layers=num_layers > 1)
+    if name == "hope":
+        cfg.memory.update(num_heads=2, head_dim=8, chunk_size=2, memory_chunk_size=4)
+    else:
+        cfg.update(num_heads=4)
+    cfg.cms.update(dict(dict(periods=(4, 8), hidden=(16, 24), inner_lr=(0.5, 0.3), signal="ntp"), **cms))
+    return cfg
+
+
+def _per_token_mlp(w, u):
+    mm = lambda a, b, s: jnp.einsum(s, a, b)  # noqa: E731
+    return mm(
+        jax.nn.silu(mm(u, w["gate"], "btd,btdh->bth")) * mm(u, w["up"], "btd,btdh->bth"),
+        w["down"],
+        "bth,bthd->btd",
+    )
+
+
+def reference_logits(model, tokens, seg_weights):
+    """seg_weights: per level {name: [n_segments, L, B, ...]}; token t reads segment t // S's copy."""
+    seg_of = jnp.arange(tokens.shape[1]) // model.segment
+    graphdef, params, rest = nnx.split(model.blocks.layers, nnx.Param, ...)
+    h = model.embed(tokens)
+    for layer in range(model.blocks.num_layers):
+        blk = nnx.merge(graphdef, *jax.tree.map(lambda a: a[layer], (params, rest)))
+        u = blk.mixer_norm(h)
+        z = h + (blk.mixer(u) if blk.attention else blk.mixer(u)[0])  # whole-sequence training paths
+        for i, lw in enumerate(seg_weights):  # the sequential chain, weights gathered per token
+            w = {n: jnp.moveaxis(a[seg_of, layer], 0, 1) for n, a in lw.items()}  # [B, T, ...]
+            z = z + _per_token_mlp(w, blk.cms.levels[i].norm(z))
+        h = z
+    return model._logits(h)
+
+
+def _ce(logits, tokens):
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+
+
+def brute_force(model, tokens):
+    """Segment weights W_p and final weights from explicit gradients of the next-token loss."""
+    s, n = model.segment, T // model.segment
+    w = ContinuumMemory.fast_weights(model._layer_states(tokens.shape[0], T)[1])  # per level, [L, B, ...]
+
+    @jax.jit
+    def grad_p(stacked, p):
+        def loss(sw):  # next-token loss of the tokens seen by the end of segment p
+            seen = (jnp.arange(T - 1) < (p + 1) * s).astype(jnp.float32)
+            return jnp.sum(_ce(reference_logits(model, tokens, sw), tokens) * seen)
+
+        return jax.tree.map(lambda g: g[p], jax.grad(loss)(stacked))
+
+    sched = model.schedule
+    acc = [jax.tree.map(jnp.zeros_like, lw) for lw in w]
+    segs = []
+    for p in range(n):
+        segs.append(w)
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *(segs + [w] * (n - p - 1)))
+        g = grad_p(stacked, p)
+        acc = [jax.tree.map(jnp.add, a, gi) for a, gi in zip(acc, g)]
+        w = list(w)
+        for i, period in enumerate(sched.periods):
+            if ((p + 1) * s) % period == 0:
+                w[i] = jax.tree.map(lambda a, b: a - sched.inner_lr[i] * b, w[i], acc[i])
+                acc[i] = jax.tree.map(jnp.zeros_like, acc[i])
+        w = tuple(w)
+    return jax.tree.map(lambda *a: jnp.stack(a), *segs), w
+
+
+def _close(a, b, tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+# hope_attention: two layers, so the inner gradient of layer 1 crosses tokens through layer 2's
+# attention. hope: one unscanned layer (the CMS sits after the memory, so the inner backward does
+# not enter the memory's streaming path, whose derivative is slow to compile on CPU).
+@pytest.mark.parametrize("name,layers", [("hope_attention", 2), ("hope", 1)])
+def test_ntp_signal_equals_the_brute_force_reference(name, layers):
+    seed = fresh_seed()
+    model = build_model(small_cfg(name, layers), nnx.Rngs(seed))
+    tokens = jax.random.randint(jax.random.key(seed), (2, T), 0, V)
+    seg_w, final_w = brute_force(model, tokens)
+
+    logits, states = nnx.jit(lambda m, t: m.forward_ntp(t))(model, tokens)
+    ref = jax.jit(lambda sw: reference_logits(model, tokens, sw))(seg_w)
+    _close(logits, ref, 2e-4)
+    _close(ContinuumMemory.fast_weights(states[1]), final_w, 2e-4)
+    # the updates matter: reading the initial weights everywhere gives other logits
+    static = jax.jit(lambda sw: reference_logits(model, tokens, sw))(
+        jax.tree.map(lambda a: a[:1].repeat(a.shape[0], 0), seg_w)
+    )
+    assert float(jnp.abs(static - ref).max()) > 1e-3, seed
+
+    # outer gradient, first order: W_p = W_0(params) + constant update
+    graphdef, params = nnx.split(model, nnx.Param)
+    deltas = jax.tree.map(lambda a: a - a[:1], seg_w)
+
+    def loss_model(p):
+        return _ce(nnx.merge(graphdef, p, copy=True)(tokens), tokens).mean()
+
+    def loss_ref(p):
+        m = nnx.merge(graphdef, p, copy=True)
+        w0 = ContinuumMemory.fast_weights(m._layer_states(tokens.shape[0], T)[1])
+        sw = jax.tree.map(lambda a, d: a[None] + d, w0, deltas)
+        return _ce(reference_logits(m, tokens, sw), tokens).mean()
+
+    g_model = jax.jit(jax.grad(loss_model))(params)
+    g_ref = jax.jit(jax.grad(loss_ref))(params)
+    _close(g_model, g_ref, 2e-4)
+    cms_init = g_model["blocks"]["layers"]["cms"]["levels"][0]["mlp"]["gate"]["kernel"][...]
+    assert float(jnp.abs(cms_init).max()) > 0  # the meta-learned init gets an outer gradient
