@@ -1,0 +1,155 @@
+"""Results tables laid out like the paper's (paper_notes 8.1-8.4), from the evaluate JSON.
+
+Language modeling and commonsense (Tables 1/2): Wiki ppl, LMB ppl, LMB acc, PIQA acc, Hella
+acc_norm, Wino acc, ARC-e acc, ARC-c acc_norm, SIQA acc, BoolQ acc, Avg = the mean of the 8
+accuracy columns. "Wiki ppl" is word perplexity (lm-evaluation-harness `wikitext`, independent of
+the tokenizer); a missing entry is "-" and the average then covers the columns present (marked *).
+NIAH (A-Table 1): accuracy per task at each length, "a/b/c" over the lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+# (column, section, task, metric)
+PAPER_COLUMNS = (
+    ("Wiki ppl", "lm", "wikitext", "word_perplexity"),
+    ("LMB ppl", "commonsense", "lambada", "perplexity"),
+    ("LMB acc", "commonsense", "lambada", "acc"),
+    ("PIQA", "commonsense", "piqa", "acc"),
+    ("Hella acc_n", "commonsense", "hellaswag", "acc_norm"),
+    ("Wino", "commonsense", "winogrande", "acc"),
+    ("ARC-e", "commonsense", "arc_easy", "acc"),
+    ("ARC-c acc_n", "commonsense", "arc_challenge", "acc_norm"),
+    ("SIQA", "commonsense", "siqa", "acc"),
+    ("BoolQ", "commonsense", "boolq", "acc"),
+)
+ACCURACY_COLUMNS = PAPER_COLUMNS[2:]
+
+
+def _get(results: dict, section: str, task: str, metric: str):
+    return results.get(section, {}).get(task, {}).get(metric)
+
+
+def paper_row(results: dict) -> dict:
+    """Column -> value (None when missing) and "Avg"."""
+    row = {col: _get(results, s, t, m) for col, s, t, m in PAPER_COLUMNS}
+    accs = [row[c] for c, *_ in ACCURACY_COLUMNS if row[c] is not None]
+    row["Avg"] = sum(accs) / len(accs) if accs else None
+    row["_complete"] = len(accs) == len(ACCURACY_COLUMNS)
+    return row
+
+
+def _fmt(x, digits=2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def paper_table(rows: dict[str, dict]) -> str:
+    """Markdown table: one row per model name, from each model's results dict."""
+    cols = [c for c, *_ in PAPER_COLUMNS] + ["Avg"]
+    lines = ["| Model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, results in rows.items():
+        row = paper_row(results)
+        cells = [_fmt(row[c]) for c, *_ in PAPER_COLUMNS]
+        avg = _fmt(row["Avg"]) + ("" if row["_complete"] or row["Avg"] is None else "*")
+        lines.append(f"| {name} | " + " | ".join(cells + [avg]) + " |")
+    return "\n".join(lines)
+
+
+def niah_table(rows: dict[str, dict]) -> str:
+    """Markdown table: model x NIAH task, cells "acc@len1/acc@len2/..." (lengths in the header)."""
+    from nl_jax.eval.niah import TASK_TITLES, TASKS
+
+    tasks, lengths = [], []
+    for results in rows.values():
+        acc = results.get("niah", {}).get("accuracy", {})
+        for t in TASKS:
+            if t in acc and t not in tasks:
+                tasks.append(t)
+            for n in acc.get(t, {}):
+                if n not in lengths:
+                    lengths.append(n)
+    lengths.sort(key=int)
+    if not tasks:
+        return ""
+    span = "/".join(f"{int(n) // 1024}K" if int(n) % 1024 == 0 else n for n in lengths)
+    lines = [
+        f"| Model ({span}) | " + " | ".join(TASK_TITLES[t] for t in tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for name, results in rows.items():
+        acc = results.get("niah", {}).get("accuracy", {})
+        cells = ["/".join(_fmt(acc.get(t, {}).get(n), 1) for n in lengths) for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(name: str, results: dict) -> str:
+    """All tables for one model's results (sections that were not run are left out)."""
+    parts = [f"# Evaluation: {name}", ""]
+    meta = results.get("meta", {})
+    if meta:
+        parts += [", ".join(f"{k}: {v}" for k, v in meta.items()), ""]
+    if results.get("lm") or results.get("commonsense"):
+        parts += ["## Language modeling and commonsense reasoning", "", paper_table({name: results}), ""]
+        lm = results.get("lm", {})
+        if lm:
+            parts += [
+                "| Corpus | mode | tokens | loss | ppl | bits/byte | word ppl |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for corpus, r in lm.items():
+                cells = [r.get("mode", "-"), r.get("num_tokens")]
+                cells += [
+                    _fmt(r.get(k), d) for k, d in (("loss", 4), ("perplexity", 2), ("bits_per_byte", 4))
+                ]
+                cells.append(_fmt(r.get("word_perplexity")))
+                parts.append(f"| {corpus} | " + " | ".join(str(c) for c in cells) + " |")
+            parts.append("")
+    if results.get("niah"):
+        parts += ["## Needle in a haystack (accuracy %)", "", niah_table({name: results}), ""]
+    cont = results.get("continual", {})
+    if cont.get("memorization"):
+        m = cont["memorization"]
+        parts += [
+            "## Test-time memorization (loss, nats/token)",
+            "",
+            "| segments x len | state len | reset | carried | repeat | context gain | memorization gain |",
+            "|---|---|---|---|---|---|---|",
+            f"| {m['num_segments']} x {m['segment_len']} | {m['state_len']} | {m['mean_reset']:.4f} | "
+            f"{m['mean_carried']:.4f} | {m['mean_repeat']:.4f} | {m['context_gain']:.4f} | "
+            f"{m['memorization_gain']:.4f} |",
+            "",
+        ]
+    if cont.get("class_incremental"):
+        c = cont["class_incremental"]
+        parts += [
+            "## Class-incremental classification (accuracy %)",
+            "",
+            "| after stage | " + " | ".join(f"stage {j}" for j in range(len(c["stages"]))) + " | average |",
+            "|---" * (len(c["stages"]) + 2) + "|",
+        ]
+        for s, row in enumerate(c["accuracy"]):
+            cells = [_fmt(x, 1) for x in row] + ["-"] * (len(c["stages"]) - len(row))
+            parts.append(f"| {s} | " + " | ".join(cells) + f" | {_fmt(c['average_accuracy'][s], 1)} |")
+        parts += ["", f"mean forgetting: {c['mean_forgetting']:.1f}"]
+        r = cont.get("class_incremental_reset")
+        if r:
+            parts.append(
+                f"state reset at each stage (baseline): final average {r['final_average_accuracy']:.1f}, "
+                f"mean forgetting {r['mean_forgetting']:.1f}"
+            )
+        parts.append("")
+    return "\n".join(parts)
+
+
+def write_results(out_dir: str, name: str, results: dict) -> tuple[str, str]:
+    """`eval_results.json` and `eval_results.md` in out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    jpath, mpath = os.path.join(out_dir, "eval_results.json"), os.path.join(out_dir, "eval_results.md")
+    with open(jpath, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    with open(mpath, "w") as f:
+        f.write(markdown_report(name, results))
+    return jpath, mpath

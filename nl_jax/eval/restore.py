@@ -1,0 +1,88 @@
+"""A trained model from a training workdir: its config and the newest checkpoint's parameters.
+
+The trainer (`nl_jax.train`) writes `<workdir>/config.json` and orbax checkpoints
+`<workdir>/checkpoints/<step>/{state, data, meta}` with state = {"step", "params", "opt_state"}.
+Evaluation reads only `state.params` (an orbax partial restore: the optimizer state is never read)
+and lays them out on the current devices by the logical-axis rules, so a checkpoint written on any
+mesh restores onto any other (e.g. trained on a pod slice, evaluated on one host).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from nl_jax.parallel.mesh import make_mesh
+from nl_jax.train.state import ModelFn
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config as the trainer saved it (`<workdir>/config.json`)."""
+    from etils import epath
+
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: --workdir must be a directory written by experiments.pretrain "
+            "(or pass --config=NAME to name the model)"
+        )
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def latest_step(workdir: str) -> int | None:
+    from etils import epath
+
+    d = epath.Path(workdir) / "checkpoints"
+    if not d.exists():
+        return None
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "state").exists()]
+    return max(steps) if steps else None
+
+
+def restore_model(workdir: str, config, mesh=None, step: int | None = None) -> tuple[nnx.Module, int]:
+    """(model with the checkpoint's parameters, step) from the newest (or the given) checkpoint in
+    `workdir`; parameters are sharded over `mesh` (default: the config's mesh on all devices)."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    step = latest_step(workdir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    mesh = make_mesh(config.mesh) if mesh is None else mesh
+    model = ModelFn.from_config(config.model)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        model.abstract_params(),
+        model.param_shardings(mesh),
+    )
+    item = {"params": target}
+    manager = ocp.CheckpointManager(
+        epath.Path(workdir) / "checkpoints",
+        item_names=("state", "data", "meta"),
+        options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+    )
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=item,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True,
+                )
+            ),
+        )
+    except Exception as e:
+        raise ValueError(
+            f"cannot restore the parameters of checkpoint {step} in {workdir} for model "
+            f"{config.model.name!r}: {type(e).__name__}: {str(e)[:500]}"
+        ) from e
+    finally:
+        manager.close()
+    state = jax.tree.map(lambda x: x, model.template, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.replace_by_pure_dict(state, restored["state"]["params"])
+    return model.module(state), step
