@@ -1,0 +1,48 @@
+r"""Compile the train step of a named config for a Cloud TPU slice, on any host (no TPU needed).
+
+    python -m experiments.compile --config=hope_760m --topology=v5p-64
+    python -m experiments.compile --config=hope_760m --topology=v5p-64 --config.model.remat_policy=full
+    python -m experiments.compile --config=transformer_1_3b --topology=2xv5p-64 --save=/tmp/step.pkl
+
+Prints per-device memory (arguments, outputs, temporaries, code) against the chip's HBM, XLA's and
+the analytic FLOPs, the collectives and a roofline step time. Exit code 0 when the step fits in HBM,
+1 when it does not, 2 on a bad config (e.g. config.mesh not matching the slice).
+`--config` takes the same names, paths and `--config.a.b=v` overrides as experiments.pretrain.
+Needs libtpu (`pip install -e ".[tpu]"`); run with JAX_PLATFORMS=cpu on a host without a TPU.
+"""
+
+import sys
+
+from absl import app, flags
+
+from experiments import configs
+from experiments import pretrain  # --config: names, paths and --config.a.b=v overrides
+
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v4-32, v5e-16, 2xv5p-64")
+_SAVE = flags.DEFINE_string("save", None, "write the serialized executable to this path")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = pretrain._CONFIG.value
+    if config is None:
+        raise app.UsageError(f"--config=NAME is required; names: {', '.join(configs.names())}")
+    if not _TOPOLOGY.value:
+        raise app.UsageError("--topology is required, e.g. --topology=v5p-64")
+    from nl_jax.train.aot import compile_for_slice
+
+    try:
+        report = compile_for_slice(config, _TOPOLOGY.value, save_path=_SAVE.value)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"config          {pretrain._config_name()} ({config.model.name})")
+    print(report.format(), flush=True)
+    if _SAVE.value and report.compiled is not None:
+        print(f"saved           {_SAVE.value}")
+    sys.exit(0 if report.fits else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,228 @@
+"""Ahead-of-time compilation of the train step for a TPU slice, and what the executable says.
+
+`compile_for_slice(config, "v5p-64")` builds the exact jitted step that `experiments.pretrain`
+runs (same model, optimizer, mesh from config.mesh, shardings, donation: `build_train_program`)
+over abstract TPU devices (libtpu on any host) and compiles it. From the executable it reads the
+per-device memory, XLA's FLOP count and the collectives; next to them it puts the analytic model
+FLOPs and a roofline estimate of the step time on that chip.
+
+XLA's `cost_analysis` counts the body of a `lax.scan` once (layers, chunks, microbatches), so its
+FLOPs are reported as they are, beside the analytic count, and not used for the estimate.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import pickle
+import re
+import time
+
+import jax
+
+from nl_jax import metrics as metrics_lib
+from nl_jax.parallel.mesh import make_mesh
+from nl_jax.parallel.rules import assert_params_sufficiently_sharded
+from nl_jax.parallel.topology import GiB, Slice, parse_slice, topology_devices
+from nl_jax.train.loop import check_config
+from nl_jax.train.program import build_train_program
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass
+class AotReport:
+    """Per-device figures of the compiled train step on one slice."""
+
+    slice: Slice
+    mesh_shape: dict
+    param_count: int
+    tokens_per_step: int
+    argument_bytes: int  # per device, from compiled.memory_analysis()
+    output_bytes: int
+    alias_bytes: int  # outputs that reuse a donated input's buffer
+    temp_bytes: int
+    code_bytes: int
+    xla_flops_per_device: float  # cost_analysis: a scan body counted once
+    model_flops_per_device: float  # 3 x analytic forward FLOPs per token x tokens / devices
+    flops_source: str
+    collectives: dict | None  # op -> count in the optimized HLO; None when the HLO text is unavailable
+    compile_seconds: float
+    weight_excess: float  # parameters per device over a perfect split across the non-data axes (0.1 = 10%)
+    compiled: object = dataclasses.field(repr=False, default=None)  # None when XLA ran out of HBM
+    oom_message: str = ""  # XLA's RESOURCE_EXHAUSTED message; the memory figures are then estimates
+
+    @property
+    def total_bytes(self) -> int:
+        """HBM per device: inputs + temporaries + outputs that do not reuse an input + code."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return not self.oom_message and self.total_bytes <= self.slice.chip.hbm_bytes
+
+    @property
+    def roofline_seconds(self) -> float:
+        """Compute-bound lower bound on the step time: the model FLOPs per device at the chip's peak."""
+        return self.model_flops_per_device / self.slice.chip.peak_bf16_flops
+
+    @property
+    def roofline_tokens_per_second(self) -> float:
+        return self.tokens_per_step / self.roofline_seconds
+
+    def format(self) -> str:
+        chip = self.slice.chip
+
+        def gib(b):
+            return f"{b / GiB:8.2f} GiB"
+
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+        source = (
+            "compiled" if not self.oom_message else "XLA ran out of HBM; arguments from the shard shapes, "
+        )
+        source += "" if not self.oom_message else "temporaries from its message"
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        if self.oom_message:
+            coll = "unavailable (not compiled)"
+        elif self.collectives is None:
+            coll = "unavailable (this libtpu cannot print the optimized HLO)"
+        else:
+            coll = ", ".join(f"{c} {n}" for n, c in self.collectives.items() if c) or "none"
+        xla = "n/a" if self.oom_message else f"{self.xla_flops_per_device:.3e} (counts a scan body once)"
+        multi = f", {self.slice.num_slices} slices" if self.slice.num_slices > 1 else ""
+        lines = [
+            f"slice           {self.slice.name} ({self.slice.num_devices} x {chip.name}, "
+            f"{self.slice.topology_name}{multi})",
+            f"mesh            {mesh}",
+            f"parameters      {self.param_count:,}",
+            f"weights         {100 * self.weight_excess:.1f}% per device over a perfect split "
+            "(replicated parameters)",
+            f"tokens / step   {self.tokens_per_step:,}",
+            f"compile time    {self.compile_seconds:.1f} s (lower + compile)",
+            f"memory per device ({source})",
+            f"  arguments     {gib(self.argument_bytes)}  (train state + batch shard)",
+            f"  outputs       {gib(self.output_bytes)}  ({gib(self.alias_bytes).strip()} reuse donated inputs)",
+            f"  temporaries   {gib(self.temp_bytes)}",
+            f"  code          {gib(self.code_bytes)}",
+            f"  total         {gib(self.total_bytes)}  of {chip.hbm_bytes / GiB:.0f} GiB HBM "
+            f"({100 * self.total_bytes / chip.hbm_bytes:.0f}%): {verdict}",
+            f"FLOPs / device  model {self.model_flops_per_device:.3e} per step ({self.flops_source}, x3 for "
+            f"the train step); XLA {xla}",
+            f"collectives     {coll}",
+            *([f"XLA             {self.oom_message}"] if self.oom_message else []),
+            f"roofline        step >= {self.roofline_seconds * 1e3:.1f} ms at {chip.peak_bf16_flops / 1e12:.0f} "
+            f"TFLOP/s per chip (100% MFU): <= {self.roofline_tokens_per_second:,.0f} tokens/s",
+        ]
+        return "\n".join(lines)
+
+
+def count_collectives(hlo_text: str) -> dict:
+    """Occurrences of each collective op in optimized HLO text (an async start/done pair counts once)."""
+    counts = collections.Counter()
+    for name in COLLECTIVES:
+        counts[name] = len(re.findall(rf"\s{name}(?:-start)?\(", hlo_text))
+    return dict(counts)
+
+
+def _shard_bytes(tree) -> int:
+    """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs (no layout padding)."""
+    return sum(x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _bytes_in_message(message: str) -> int:
+    """The size XLA names in an out-of-memory message ('... HLO temporaries (1.26T) exceeds ...')."""
+    m = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
+    if not m:
+        return 0
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def mesh_for_slice(mesh_cfg, slice_: Slice):
+    """The mesh of config.mesh over the slice's abstract devices; ValueError naming both if they differ."""
+    devices = topology_devices(slice_)
+    try:
+        return make_mesh(mesh_cfg, devices)
+    except ValueError as e:
+        raise ValueError(
+            f"config.mesh does not match slice {slice_.name} ({slice_.num_devices} devices"
+            f"{f' in {slice_.num_slices} slices' if slice_.num_slices > 1 else ''}): {e}"
+        ) from e
+
+
+def compile_for_slice(config, slice_name: str, *, save_path: str | None = None) -> AotReport:
+    """Compiles the train step of `config` for the TPU slice `slice_name` (e.g. "v5p-64") on this host.
+
+    `save_path`: also write the serialized executable there (pickle of
+    jax.experimental.serialize_executable.serialize's (payload, in_tree, out_tree))."""
+    check_config(config)
+    slice_ = parse_slice(slice_name)
+    mesh = mesh_for_slice(config.mesh, slice_)
+    gbs, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
+    program = build_train_program(config, mesh)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = program.jit_train.lower(program.abstract_state, program.abstract_batch)
+        try:
+            compiled, oom = lowered.compile(), ""
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, oom = None, str(e).strip().splitlines()[0]
+    seconds = time.perf_counter() - t0
+
+    if compiled is not None:
+        mem = compiled.memory_analysis()
+        memory = dict(
+            argument_bytes=int(mem.argument_size_in_bytes),
+            output_bytes=int(mem.output_size_in_bytes),
+            alias_bytes=int(mem.alias_size_in_bytes),
+            temp_bytes=int(mem.temp_size_in_bytes),
+            code_bytes=int(mem.generated_code_size_in_bytes),
+        )
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
+        xla_flops = float(cost.get("flops", 0.0))
+        try:
+            collectives = count_collectives(compiled.as_text())
+        except Exception:  # newer libtpu fail to print some async ops (RET_CHECK in hlo_instruction.cc)
+            collectives = None
+    else:
+        state = _shard_bytes(program.abstract_state)
+        memory = dict(
+            argument_bytes=state + _shard_bytes(program.abstract_batch),
+            output_bytes=state,
+            alias_bytes=state,
+            temp_bytes=_bytes_in_message(oom),
+            code_bytes=0,
+        )
+        xla_flops, collectives = float("nan"), None
+
+    model = program.model
+    param_count = model.param_count()
+    excess = assert_params_sufficiently_sharded(model.template, mesh, tolerance=math.inf)
+    fwd, source = metrics_lib.forward_flops_per_token(model.cls, config.model, seq_len, param_count)
+    tokens = gbs * seq_len
+    model_flops = metrics_lib.train_flops_per_token(fwd) * tokens / slice_.num_devices
+
+    if save_path and compiled is not None:  # nothing to save when XLA ran out of HBM
+        from jax.experimental.serialize_executable import serialize
+
+        with open(save_path, "wb") as f:
+            pickle.dump(serialize(compiled), f)
+
+    return AotReport(
+        slice=slice_,
+        mesh_shape=dict(mesh.shape),
+        param_count=param_count,
+        tokens_per_step=tokens,
+        **memory,
+        xla_flops_per_device=xla_flops,
+        model_flops_per_device=model_flops,
+        flops_source=source,
+        collectives=collectives,
+        compile_seconds=seconds,
+        weight_excess=excess,
+        compiled=compiled,
+        oom_message=oom,
+    )
