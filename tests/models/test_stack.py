@@ -72,7 +72,8 @@ def test_every_remat_policy_gives_the_same_grads():
 
     ref = grads("none")
     for policy in REMAT_POLICIES[1:]:
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads(policy), ref)
+        # atol against gradients of size ~10: recomputation may reorder float32 sums.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads(policy), ref)
 
 
 def test_unknown_remat_policy_is_rejected(tiny_cfg):
