@@ -6,12 +6,12 @@ its brute-force reference in test_hope_ntp.py, and differentiating the self-modi
 streaming path is too slow to compile on a shared CPU for a fast test."""
 
 import jax
-import optax
 import pytest
 from flax import nnx
 
 from experiments import configs
 from nl_jax.models import build_model
+from tests.models.overfit import overfit_losses
 
 V = 32
 
@@ -29,27 +29,7 @@ def _cfg(name):
 
 @pytest.mark.parametrize("name", ["hope", "transformer"])
 def test_tiny_model_overfits_a_fixed_batch(name):
-    model = build_model(_cfg(name), nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (2, 33), 0, V)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.adamw(1e-2, weight_decay=0.0)
-
-    def loss_fn(p):
-        logits = nnx.merge(graphdef, p, copy=True)(inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-    @jax.jit
-    def train(params):
-        def step(carry, _):
-            p, o = carry
-            loss, g = jax.value_and_grad(loss_fn)(p)
-            updates, o = tx.update(g, o, p)
-            return (optax.apply_updates(p, updates), o), loss
-
-        (params, opt_state), losses = jax.lax.scan(step, (params, tx.init(params)), None, length=300)
-        return losses
-
-    losses = train(params)
+    losses = overfit_losses(build_model(_cfg(name), nnx.Rngs(0)), tokens, lr=1e-2, steps=300)
     assert float(losses[0]) > 3.0  # ~ log(32) at init
     assert float(losses[-1]) < 0.05, (name, float(losses[-1]))

@@ -11,6 +11,7 @@ from flax import nnx
 from experiments import configs
 from experiments.configs import ttt_base
 from nl_jax.models import build_model
+from tests.models.overfit import overfit_losses
 from nl_jax.models.ttt import TTT, TTTLayer
 
 
@@ -113,26 +114,7 @@ def test_flops_per_token_counts_the_matmuls():
 
 def test_ttt_tiny_overfits_a_fixed_batch():
     cfg = configs.load("ttt_tiny").model
-    model = build_model(cfg, nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(3), (4, 33), 0, cfg.vocab_size)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = optax.adamw(5e-3, weight_decay=0.0)
-
-    def loss_fn(p):
-        logits = nnx.merge(graphdef, p, copy=True)(inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-    @jax.jit
-    def train(params):
-        def step(carry, _):
-            p, o = carry
-            loss, g = jax.value_and_grad(loss_fn)(p)
-            u, o = tx.update(g, o, p)
-            return (optax.apply_updates(p, u), o), loss
-
-        return jax.lax.scan(step, (params, tx.init(params)), None, length=80)
-
-    _, losses = train(params)
+    losses = overfit_losses(build_model(cfg, nnx.Rngs(0)), tokens, lr=5e-3, steps=80)
     assert losses[0] > 5.0  # ~ln(260) at init
     assert losses[-1] < 0.05, losses[-10:]
