@@ -7,6 +7,8 @@ r"""Evaluate a trained model: the paper's benchmarks as one command.
         --niah_lengths=1024,2048 --niah_samples=2          # a small NIAH grid for a CPU
     python -m experiments.evaluate --workdir=runs/hope_760m --suite=commonsense --data_dir=/data/eval
     python -m experiments.evaluate --workdir=runs/hope_760m --suite=niah --niah_lengths=4096,8192,16384
+    python -m experiments.evaluate --workdir=runs/hope_tiny,runs/transformer_tiny --suite=all \
+        --niah_lengths=512,1024 --niah_samples=2       # one table, a row per run: runs/eval/comparison.md
 
 The newest checkpoint in `--workdir` (written by experiments.pretrain, on any mesh) is restored
 onto the devices here, only its parameters are read. Results go to
@@ -39,7 +41,9 @@ import time
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "training workdir (config.json + checkpoints/)")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "training workdir (config.json + checkpoints/); several, comma-separated, for one table"
+)
 _SUITE = flags.DEFINE_string(
     "suite", "all", "lm | commonsense | niah | continual | all (comma-separated list ok)"
 )
@@ -50,7 +54,12 @@ _RANDOM_INIT = flags.DEFINE_bool(
     "random_init", False, "evaluate freshly initialised weights (no checkpoint; smoke tests)"
 )
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
-_OUT_DIR = flags.DEFINE_string("out_dir", "", "where results go (default <workdir>/eval/step_<N>)")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir",
+    "",
+    "where results go (default <workdir>/eval/step_<N>); with several workdirs, where the comparison goes "
+    "(default <their common parent>/eval)",
+)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "rows per forward (rounded up to the data x fsdp devices)")
 _CONTEXT = flags.DEFINE_integer("context_len", 0, "scoring context in tokens (0: the training seq_len)")
 _LIMIT = flags.DEFINE_integer("limit", 0, "examples per commonsense task / documents per corpus (0: all)")
@@ -256,29 +265,26 @@ def run_continual(runner, tokenizer, config, context_len: int) -> dict:
     return out
 
 
-def main(argv):
-    del argv
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    suites = _suites(_SUITE.value)
+def evaluate_workdir(workdir: str, suites: list[str], out_dir: str = "") -> tuple[str, dict]:
+    """Runs `suites` on the newest (or --step) checkpoint of one run; writes and returns its results."""
     import jax
 
     from nl_jax.data.tokenizers import check_vocab, load_tokenizer
     from nl_jax.eval import report
     from nl_jax.eval.runner import ModelRunner
 
-    model, config, step, mesh = _model_and_config(_WORKDIR.value)
+    model, config, step, mesh = _model_and_config(workdir)
     tokenizer = load_tokenizer(config.data.get("tokenizer", "byte"))
     check_vocab(tokenizer, config.model.vocab_size)
     context_len = _CONTEXT.value or int(config.data.seq_len)
     runner = ModelRunner(model, mesh=mesh, batch_size=_BATCH.value, length_bucket=min(256, context_len))
-    name = config.get("config_name", "") or os.path.basename(os.path.normpath(_WORKDIR.value))
-    out_dir = _OUT_DIR.value or os.path.join(_WORKDIR.value, "eval", f"step_{step}")
+    name = config.get("config_name", "") or os.path.basename(os.path.normpath(workdir))
+    out_dir = out_dir or os.path.join(workdir, "eval", f"step_{step}")
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "eval_results.json")
     results = json.load(open(json_path)) if os.path.isfile(json_path) else {}
     results["meta"] = {
-        "workdir": _WORKDIR.value,
+        "workdir": workdir,
         "model": config.model.name,
         "step": step,
         "context_len": context_len,
@@ -287,7 +293,8 @@ def main(argv):
         "random_init": _RANDOM_INIT.value,
     }
     print(
-        f"evaluating {config.model.name} step {step} on {jax.device_count()} devices, mesh {dict(mesh.shape)}: {suites}",
+        f"evaluating {name} ({config.model.name}) step {step} on {jax.device_count()} devices, "
+        f"mesh {dict(mesh.shape)}: {suites}",
         flush=True,
     )
     for suite in suites:
@@ -302,9 +309,39 @@ def main(argv):
             results["continual"] = run_continual(runner, tokenizer, config, context_len)
         print(f"  {suite}: {time.time() - t0:.1f}s", flush=True)
     if jax.process_index() == 0:
-        jpath, mpath = report.write_results(out_dir, name, results)
+        jpath, mpath = report.write_results(out_dir, {name: results})
         print(open(mpath).read())
         print(f"results: {jpath}\n         {mpath}", flush=True)
+    return name, results
+
+
+def main(argv):
+    del argv
+    workdirs = [w for w in (_WORKDIR.value or "").split(",") if w]
+    if not workdirs:
+        raise app.UsageError("--workdir is required (one run, or several separated by commas)")
+    missing = [w for w in workdirs if not _RANDOM_INIT.value and not os.path.isdir(w)]
+    if missing:
+        raise app.UsageError(f"--workdir: no such directory {missing}")
+    suites = _suites(_SUITE.value)
+    if len(workdirs) == 1:
+        evaluate_workdir(workdirs[0], suites, _OUT_DIR.value)
+        return
+    import jax
+
+    from nl_jax.eval import report
+
+    rows = {}
+    for workdir in workdirs:  # each run's own results go to its workdir, as for one run
+        name, results = evaluate_workdir(workdir, suites)
+        rows[name if name not in rows else workdir] = results
+    if jax.process_index() == 0:
+        out_dir = _OUT_DIR.value or os.path.join(
+            os.path.commonpath([os.path.abspath(w) for w in workdirs]), "eval"
+        )
+        jpath, mpath = report.write_results(out_dir, rows, stem="comparison")
+        print(open(mpath).read())
+        print(f"comparison: {jpath}\n            {mpath}", flush=True)
 
 
 if __name__ == "__main__":

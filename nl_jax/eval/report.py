@@ -85,71 +85,91 @@ def niah_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(name: str, results: dict) -> str:
-    """All tables for one model's results (sections that were not run are left out)."""
-    parts = [f"# Evaluation: {name}", ""]
-    meta = results.get("meta", {})
-    if meta:
-        parts += [", ".join(f"{k}: {v}" for k, v in meta.items()), ""]
-    if results.get("lm") or results.get("commonsense"):
-        parts += ["## Language modeling and commonsense reasoning", "", paper_table({name: results}), ""]
-        lm = results.get("lm", {})
-        if lm:
-            parts += [
-                "| Corpus | mode | tokens | loss | ppl | bits/byte | word ppl |",
-                "|---|---|---|---|---|---|---|",
-            ]
-            for corpus, r in lm.items():
-                cells = [r.get("mode", "-"), r.get("num_tokens")]
-                cells += [
-                    _fmt(r.get(k), d) for k, d in (("loss", 4), ("perplexity", 2), ("bits_per_byte", 4))
-                ]
-                cells.append(_fmt(r.get("word_perplexity")))
-                parts.append(f"| {corpus} | " + " | ".join(str(c) for c in cells) + " |")
-            parts.append("")
-    if results.get("niah"):
-        parts += ["## Needle in a haystack (accuracy %)", "", niah_table({name: results}), ""]
-    cont = results.get("continual", {})
-    if cont.get("memorization"):
-        m = cont["memorization"]
-        parts += [
-            "## Test-time memorization (loss, nats/token)",
-            "",
-            "| segments x len | state len | reset | carried | repeat | context gain | memorization gain |",
-            "|---|---|---|---|---|---|---|",
-            f"| {m['num_segments']} x {m['segment_len']} | {m['state_len']} | {m['mean_reset']:.4f} | "
-            f"{m['mean_carried']:.4f} | {m['mean_repeat']:.4f} | {m['context_gain']:.4f} | "
-            f"{m['memorization_gain']:.4f} |",
-            "",
-        ]
-    if cont.get("class_incremental"):
-        c = cont["class_incremental"]
-        parts += [
-            "## Class-incremental classification (accuracy %)",
-            "",
-            "| after stage | " + " | ".join(f"stage {j}" for j in range(len(c["stages"]))) + " | average |",
-            "|---" * (len(c["stages"]) + 2) + "|",
-        ]
-        for s, row in enumerate(c["accuracy"]):
-            cells = [_fmt(x, 1) for x in row] + ["-"] * (len(c["stages"]) - len(row))
-            parts.append(f"| {s} | " + " | ".join(cells) + f" | {_fmt(c['average_accuracy'][s], 1)} |")
-        parts += ["", f"mean forgetting: {c['mean_forgetting']:.1f}"]
-        r = cont.get("class_incremental_reset")
-        if r:
-            parts.append(
-                f"state reset at each stage (baseline): final average {r['final_average_accuracy']:.1f}, "
-                f"mean forgetting {r['mean_forgetting']:.1f}"
+def lm_table(rows: dict[str, dict]) -> str:
+    """Markdown table: one row per (model, corpus) of the `lm` suite."""
+    lines = [
+        "| Model | corpus | mode | tokens | loss | ppl | bits/byte | word ppl |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, results in rows.items():
+        for corpus, r in results.get("lm", {}).items():
+            cells = [corpus, r.get("mode", "-"), r.get("num_tokens")]
+            cells += [_fmt(r.get(k), d) for k, d in (("loss", 4), ("perplexity", 2), ("bits_per_byte", 4))]
+            cells.append(_fmt(r.get("word_perplexity")))
+            lines.append(f"| {name} | " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def memorization_table(rows: dict[str, dict]) -> str:
+    """Markdown table: test-time memorization of each model (continual suite)."""
+    lines = [
+        "| Model | segments x len | state len | reset | carried | repeat | context gain | memorization gain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, results in rows.items():
+        m = results.get("continual", {}).get("memorization")
+        if m:
+            lines.append(
+                f"| {name} | {m['num_segments']} x {m['segment_len']} | {m['state_len']} | "
+                f"{m['mean_reset']:.4f} | {m['mean_carried']:.4f} | {m['mean_repeat']:.4f} | "
+                f"{m['context_gain']:.4f} | {m['memorization_gain']:.4f} |"
             )
-        parts.append("")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def class_incremental_table(c: dict, reset: dict | None = None) -> str:
+    """Markdown table: accuracy on each stage's classes after each stage, with forgetting."""
+    lines = [
+        "| after stage | " + " | ".join(f"stage {j}" for j in range(len(c["stages"]))) + " | average |",
+        "|---" * (len(c["stages"]) + 2) + "|",
+    ]
+    for s, row in enumerate(c["accuracy"]):
+        cells = [_fmt(x, 1) for x in row] + ["-"] * (len(c["stages"]) - len(row))
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {_fmt(c['average_accuracy'][s], 1)} |")
+    lines += ["", f"mean forgetting: {c['mean_forgetting']:.1f}"]
+    if reset:
+        lines.append(
+            f"state reset at each stage (baseline): final average {reset['final_average_accuracy']:.1f}, "
+            f"mean forgetting {reset['mean_forgetting']:.1f}"
+        )
+    return "\n".join(lines)
+
+
+def markdown_report(rows: dict[str, dict], title: str = "") -> str:
+    """Every table for one or several models (a row per model; sections nobody ran are left out)."""
+    parts = [f"# Evaluation: {title or ', '.join(rows)}", ""]
+    for name, results in rows.items():
+        meta = results.get("meta", {})
+        if meta:
+            parts += [
+                (f"{name}: " if len(rows) > 1 else "") + ", ".join(f"{k}: {v}" for k, v in meta.items()),
+                "",
+            ]
+    if any(r.get("lm") or r.get("commonsense") for r in rows.values()):
+        parts += ["## Language modeling and commonsense reasoning", "", paper_table(rows), ""]
+        lm = lm_table(rows)
+        parts += [lm, ""] if lm else []
+    niah = niah_table(rows)
+    if niah:
+        parts += ["## Needle in a haystack (accuracy %)", "", niah, ""]
+    mem = memorization_table(rows)
+    if mem:
+        parts += ["## Test-time memorization (loss, nats/token)", "", mem, ""]
+    for name, results in rows.items():
+        cont = results.get("continual", {})
+        if cont.get("class_incremental"):
+            table = class_incremental_table(cont["class_incremental"], cont.get("class_incremental_reset"))
+            parts += [f"## Class-incremental classification (accuracy %): {name}", "", table, ""]
     return "\n".join(parts)
 
 
-def write_results(out_dir: str, name: str, results: dict) -> tuple[str, str]:
-    """`eval_results.json` and `eval_results.md` in out_dir; returns their paths."""
+def write_results(out_dir: str, rows: dict[str, dict], stem: str = "eval_results") -> tuple[str, str]:
+    """`<stem>.json` and `<stem>.md` in out_dir for {model name: results}; returns their paths.
+    The JSON of a single model is its results dict itself (what a later run of other suites extends)."""
     os.makedirs(out_dir, exist_ok=True)
-    jpath, mpath = os.path.join(out_dir, "eval_results.json"), os.path.join(out_dir, "eval_results.md")
+    jpath, mpath = os.path.join(out_dir, f"{stem}.json"), os.path.join(out_dir, f"{stem}.md")
     with open(jpath, "w") as f:
-        json.dump(results, f, indent=1, default=float)
+        json.dump(next(iter(rows.values())) if len(rows) == 1 else rows, f, indent=1, default=float)
     with open(mpath, "w") as f:
-        f.write(markdown_report(name, results))
+        f.write(markdown_report(rows))
     return jpath, mpath

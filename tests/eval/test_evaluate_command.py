@@ -35,9 +35,9 @@ def _config(tmp_path):
     return config
 
 
-def _write_run(tmp_path, config, step=3):
+def _write_run(tmp_path, config, step=3, name="run"):
     """A workdir as experiments.pretrain leaves it: config.json and a checkpoint with optimizer state."""
-    workdir = tmp_path / "run"
+    workdir = tmp_path / name
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     model = build_model(config.model, nnx.Rngs(0))
@@ -111,3 +111,17 @@ def test_evaluate_command_end_to_end(tmp_path):
     md = open(os.path.join(out, "eval_results.md")).read()
     assert "| Model | Wiki ppl |" in md and "S-NIAH-1" in md
     assert os.path.isfile(os.path.join(out, "niah_s_niah_1.png"))
+
+    # Two runs in one command: each run's results in its workdir, and one table with a row per run.
+    other, _ = _write_run(tmp_path, config, step=5, name="other")
+    cmd = [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir},{other}", "--suite=lm"]
+    proc = subprocess.run(cmd + ["--limit=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(tmp_path / "eval" / "comparison.json"))
+    assert set(rows) == {"run", "other"} and rows["other"]["meta"]["step"] == 5
+    assert (
+        rows["run"]["lm"]["validation"]["loss"] == rows["other"]["lm"]["validation"]["loss"]
+    )  # same weights
+    assert os.path.isfile(os.path.join(other, "eval", "step_5", "eval_results.json"))
+    md = open(tmp_path / "eval" / "comparison.md").read()
+    assert "| run | validation |" in md and "| other | validation |" in md

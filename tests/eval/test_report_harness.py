@@ -1,6 +1,7 @@
 """Paper-style tables, and the lm-evaluation-harness adapter (with a stand-in `lm_eval` module:
 the real package is not a dependency)."""
 
+import json
 import sys
 import types
 
@@ -52,9 +53,26 @@ def test_niah_table_by_task_and_length(tmp_path):
     table = report.niah_table({"hope": RESULTS})
     assert table.splitlines()[0] == "| Model (4K/8K) | S-NIAH-1 (passkey) | MV-NIAH |"
     assert table.splitlines()[2] == "| hope | 100.0/50.0 | 12.5/0.0 |"
-    jpath, mpath = report.write_results(str(tmp_path), "hope", RESULTS)
+    jpath, mpath = report.write_results(str(tmp_path), {"hope": RESULTS})
     text = open(mpath).read()
     assert "## Needle in a haystack" in text and "| hope | 20.50 |" in text
+    assert json.load(open(jpath)) == RESULTS  # one run: its results dict itself
+
+
+def test_comparison_has_a_row_per_model(tmp_path):
+    memo = dict(num_segments=2, segment_len=64, state_len=64, mean_reset=2.0, mean_carried=1.5)
+    memo.update(mean_repeat=1.0, context_gain=0.5, memorization_gain=1.0)
+    other = {"lm": {"validation": {"loss": 1.25, "perplexity": 3.49, "bits_per_byte": 1.8, "num_tokens": 9}}}
+    other["continual"] = {"memorization": memo}
+    jpath, mpath = report.write_results(str(tmp_path), {"hope": RESULTS, "tf": other}, stem="comparison")
+    assert set(json.load(open(jpath))) == {"hope", "tf"}
+    lines = open(mpath).read().splitlines()
+    assert lines[0] == "# Evaluation: hope, tf"
+    assert any(line.startswith("| hope | 20.50 |") for line in lines)
+    assert any(line.startswith("| tf | - |") for line in lines)  # paper table row, nothing measured
+    assert "| tf | validation | - | 9 | 1.2500 | 3.49 | 1.8000 | - |" in lines
+    assert "| tf | 2 x 64 | 64 | 2.0000 | 1.5000 | 1.0000 | 0.5000 | 1.0000 |" in lines
+    assert "| hope (4K/8K) |" not in lines and any(line.startswith("| hope | 100.0/50.0") for line in lines)
 
 
 def test_harness_module_does_not_need_lm_eval(monkeypatch):
