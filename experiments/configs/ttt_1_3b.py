@@ -1,6 +1,6 @@
 """TTT-Linear 1.3B (ttt-lm-jax `1b-TTT`): 24 layers x d2048, 32 heads x 64, SwiGLU 5504,
-mini-batch 16, Mamba backbone (pre-conv), tied embeddings, vocab 32000: 1,285,491,456 parameters
-(TTT-MLP, `--config.model.ttt_layer=mlp`: 1,307,511,552).
+mini-batch 16, Mamba backbone (pre-conv), tied embeddings, vocab 32000: 1,285,639,296 parameters
+(TTT-MLP, `--config.model.ttt_layer=mlp`: 1,307,856,000).
 
     python -m experiments.pretrain --config=ttt_1_3b
 """

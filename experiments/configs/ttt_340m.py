@@ -1,6 +1,6 @@
 """TTT-Linear 340M (ttt-lm-jax `350m-TTT`): 24 layers x d1024, 16 heads x 64, SwiGLU 2736,
-mini-batch 16, Mamba backbone (pre-conv), tied embeddings, vocab 32000: 337,610,112 parameters
-(TTT-MLP, `--config.model.ttt_layer=mlp`: 348,620,160).
+mini-batch 16, Mamba backbone (pre-conv), tied embeddings, vocab 32000: 337,684,224 parameters
+(TTT-MLP, `--config.model.ttt_layer=mlp`: 348,792,576).
 
     python -m experiments.pretrain --config=ttt_340m
 """

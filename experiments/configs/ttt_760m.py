@@ -1,6 +1,6 @@
 """TTT-Linear 760M (ttt-lm-jax `760m-TTT`): 24 layers x d1536, 16 heads x 96, SwiGLU 4096,
-mini-batch 16, Mamba backbone (pre-conv), tied embeddings, vocab 32000: 733,497,216 parameters
-(TTT-MLP, `--config.model.ttt_layer=mlp`: 758,269,824).
+mini-batch 16, Mamba backbone (pre-conv), tied embeddings, vocab 32000: 733,608,192 parameters
+(TTT-MLP, `--config.model.ttt_layer=mlp`: 758,528,256).
 
     python -m experiments.pretrain --config=ttt_760m
 """

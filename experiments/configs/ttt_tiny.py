@@ -1,6 +1,6 @@
 """TTT-Linear tiny: byte-level (vocab 260), 4 layers x d128, 4 heads x 32, SwiGLU 384, mini-batch 16,
-tied embeddings: 914,064 parameters
-(`--config.model.ttt_layer=mlp` gives TTT-MLP: 1,028,752).
+tied embeddings: 915,664 parameters
+(`--config.model.ttt_layer=mlp` gives TTT-MLP: 1,032,400).
 
     python -m experiments.pretrain --config=ttt_tiny
 """

@@ -1,32 +1,47 @@
 """TTT baseline (Sun et al. 2024, "Learning to (Learn at Test Time)"): TTT-Linear and TTT-MLP.
 
-The hidden state of each head is a model f (linear, or a 2-layer MLP with 4x hidden and GELU)
-trained online by mini-batch gradient descent on a self-supervised reconstruction loss; the inner
-loop runs through the associative-memory core (`nl_jax.memory.ops`, preset `ttt`, `post_update`
-read: token t sees the updates of its chunk up to and including itself, the TTT dual form):
+Follows ttt-lm-jax (`ttt/models/ttt_layer.py`: `TTTBase`, `TTTLinear`, `TTTMLP`, `process_mini_batch`;
+`ttt/models/model.py`: `Block` with `pre_conv`, the `*-TTT` configs). The hidden state of each head is
+an inner model f, trained online by mini-batch gradient descent on a self-supervised reconstruction
+loss. Per head, with head_dim D and mini-batch (chunk) size C (16):
 
-    xqk = x W_q;  q = conv_q(xqk) + b_q;  k = conv_k(xqk) + b_k;  v = x W_v    per head, RoPE on q, k
-                                                                              at position t mod C
-    eta_t = base_lr * sigmoid(x_t W_lr + b_lr) / (head_dim * C)               per token and head
-    inner loss  l(f; k_t, v_t) = 1/2 || k_t + f(k_t) - v_t ||^2               (TTT: target v - k)
-    f_t = f_{t-1} - eta_t grad l(f_B; k_t, v_t)       gradients at the start of the mini-batch B
-    z_t = q_t + f_t(q_t)
-    y = W_o (LayerNorm(z) * GELU(x W_g))
+    xqk = x W_q;  q = conv_q(xqk);  k = conv_k(xqk);  v = x W_v     convs with bias, RoPE on q, k
+                                                                    at position t mod C
+    f(z) = LN(z W + b)                                TTT-Linear  (W [D, D])
+    f(z) = LN(GELU(z W1 + b1) W2 + b2)                TTT-MLP     (W1 [D, 4D], W2 [4D, D])
+    LN: per-head LayerNorm with learned scale and shift (`ttt_norm`), not a fast weight
+    inner loss  l(f; k_s, v_s) = 1/2 || f(k_s) - (v_s - k_s) ||^2     (gradient through the LN)
+    eta_s = base_lr * sigmoid(x_s theta_h + c_h) / D                  (`learnable_ttt_lr`)
+    tau_t = max(1/(i+1) + o_i, 0), i = t mod C, o learned, init 0     (`token_idx` +
+                                                                       `learnable_token_idx`)
+    f_t = f_B - tau_t sum_{s in B, s <= t} eta_s grad l(f_B; k_s, v_s)   all fast weights and
+                                                                    biases; gradients at the
+                                                                    mini-batch start f_B
+    z_t = q_t + f_t(q_t)                                            (the dual form's read)
+    next mini-batch starts from f_B - tau_{C-1} sum_{s in B} eta_s grad l(f_B; k_s, v_s)
+    y = W_o (post_norm(z) * GELU(x W_g))                           post LayerNorm, output gate
+
+The inner loop is the associative-memory core (`nl_jax.memory.ops`, preset `ttt`): fast biases are
+one-column weight matrices on a constant input (`bias=True`), the inner LayerNorm is the memory's
+output-branch norm (`norm=True`, its scale and shift passed as `ops.InnerNorm`), eta is the
+per-token rate `lr` and tau the per-token `delta_scale` (token t reads W_B + tau_t (W_t - W_B), a
+mini-batch hands on its scaled state). TTT-Linear is the core's `linear` memory fitted to v - k
+(the residual k is added back to the read); TTT-MLP is the core's residual `mlp` memory,
+z + LN(W1 s(W2 z + b2) + b1), fitted to v. The chunked form is the dual form; `form="naive"` is the
+token-by-token reference with `jax.grad` and the same mini-batch semantics.
 
 Backbone (ttt-lm-jax "Mamba backbone", `pre_conv=True`): each block is
 `h = x + Conv(RMSNorm(x))`, `h = h + TTT(RMSNorm(h))`, `y = h + SwiGLU(RMSNorm(h))`, tied embeddings.
 
-Differences from ttt-lm-jax, because the memory core's objective is a plain l2 on a bias-free
-memory (documented, not hidden):
-  * no inner LayerNorm: TTT reconstructs with LN(f(k)) (per-head learnable scale and shift) and
-    reads q + LN(f(q)); here f is fitted and read without it;
-  * no fast-weight biases (b1 / b2 of TTT's inner model);
-  * the mini-batch average: TTT scales the gradient sum seen by token i of a mini-batch by a
-    learnable 1/(i+1) (`token_idx`); the core's sum cannot depend on the reading position, so the
-    fixed 1/C is used. The state carried to the next mini-batch (the end-of-batch update, 1/C) is
-    then exactly TTT's at its initialisation; reads inside a mini-batch take smaller steps.
-The learnable inner learning rate, the RoPE within a mini-batch, the conv on q/k, the output
-LayerNorm and GELU gate are as in ttt-lm-jax.
+Differences from ttt-lm-jax, none of them in the math of the layer:
+  * RoPE uses the rotate-half layout (pairs (i, i + D/2)) instead of interleaved pairs: a fixed
+    permutation of each head's channels, absorbed by the parameters around it (W_q, the convs, W_v,
+    the inner model and norm, the post norm, W_g, W_o; all initialised per channel alike);
+  * the weight decay follows this project's trainer (matrices only; the inner LayerNorm, the fast
+    biases' initial values and the token offsets are stored as vectors and not decayed), where
+    ttt-lm-jax decays every parameter;
+  * TTT-MLP's inner-lr warm-up (`ttt_base_lr_init`, `ttt_base_lr_warmup`: base lr ramped from 0.01
+    to 0.1 over the first 10% of steps) is a trainer schedule and is not implemented.
 
 Config (`model` section, see experiments/configs/ttt_base.py): the transformer fields plus
 ttt_layer ('linear' | 'mlp'), mini_batch_size, ttt_base_lr (0: 1.0 linear, 0.1 mlp as in
@@ -90,7 +105,8 @@ class BiasedConv(nnx.Module):
 
 
 class TTTState(NamedTuple):
-    """Decode state of one TTT layer: conv tails of q and k, and the inner model's fast state."""
+    """Decode state of one TTT layer: conv tails of q and k, and the inner model's fast state
+    (its `step` is the position inside the current mini-batch)."""
 
     q_conv: jax.Array
     k_conv: jax.Array
@@ -104,11 +120,13 @@ class TTTLayer(nnx.Module):
         d, h = cfg.d_model, cfg.num_heads
         if d % h:
             raise ValueError(f"d_model={d} is not divisible by num_heads={h}")
+        if cfg.mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {cfg.mini_batch_size}")
         hd = d // h
         self.num_heads, self.head_dim, self.chunk = h, hd, cfg.mini_batch_size
         self.base_lr = cfg.ttt_base_lr or {"linear": 1.0, "mlp": 0.1}[cfg.ttt_layer]
         self.rope_theta = cfg.rope_theta
-        self.spec = presets.ttt(jnp.zeros(()), cfg.ttt_layer, "gelu").spec
+        self.structure = cfg.ttt_layer
         self.dtype = to_dtype(cfg.dtype)
         dtype, param_dtype = cfg.dtype, cfg.param_dtype
         lin = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -122,28 +140,45 @@ class TTTLayer(nnx.Module):
         self.lr_proj = Linear((d,), (h,), ("embed",), ("heads",), **lin)
         self.lr_bias = logical_param(None, jax.nn.initializers.zeros, (h,), ("heads",), param_dtype)
         self.post_norm = LayerNorm(d, eps=cfg.norm_eps, param_dtype=param_dtype)
-        # Meta-learned initial inner model (TTT: W ~ N(0, 0.02); MLP output side / sqrt(2 L)).
+        # Per-head vectors, stored flat ([heads * width]) like the other norm scales and biases.
+        ones, zeros = jax.nn.initializers.ones, jax.nn.initializers.zeros
+        vec = lambda init, n: logical_param(None, init, (n,), ("norm",), param_dtype)  # noqa: E731
+        self.ttt_norm_scale, self.ttt_norm_shift = vec(ones, d), vec(zeros, d)
+        self.learnable_token_idx = logical_param(None, zeros, (self.chunk,), (None,), param_dtype)
+        # Meta-learned initial inner model (TTT: W ~ N(0, 0.02), MLP output side / sqrt(2 L); biases 0).
         names = ("heads", "memory_out", "memory_in")
         std = cfg.init_std
         if cfg.ttt_layer == "linear":
-            self.weight_names = ("w",)
+            self.bias_widths = (("b", hd),)
             self.memory_init_w = logical_param(rngs, jax.nn.initializers.normal(std), (h, hd, hd), names)
         else:
             hid = cfg.ttt_mlp_expand * hd
-            self.weight_names = ("w1", "w2")
+            self.bias_widths = (("b1", hd), ("b2", hid))
             out_std = std / (2 * cfg.num_layers) ** 0.5
             self.memory_init_w1 = logical_param(
                 rngs, jax.nn.initializers.normal(out_std), (h, hd, hid), names
             )
             self.memory_init_w2 = logical_param(rngs, jax.nn.initializers.normal(std), (h, hid, hd), names)
+        for name, width in self.bias_widths:
+            setattr(self, f"memory_init_{name}", vec(zeros, h * width))
+        self.spec = self._mechanism(jnp.zeros(()), jnp.zeros(())).spec
+
+    def _mechanism(self, lr, tau) -> presets.Mechanism:
+        return presets.ttt(lr, self.structure, "gelu", bias=True, norm=True, token_scale=tau)
 
     def _initial_memory(self, batch_size: int) -> ops.MemoryState:
-        cls = ops.LinearWeights if self.spec.structure == "linear" else ops.MLPWeights
-        weights = {}
-        for name in self.weight_names:  # fast weights in float32 whatever the compute dtype (D10)
+        cls = ops.LinearBiasWeights if self.structure == "linear" else ops.MLPBiasWeights
+        weights, widths = {}, dict(self.bias_widths)
+        for name in cls._fields:  # fast weights in float32 whatever the compute dtype (D10)
             p = getattr(self, f"memory_init_{name}")[...].astype(jnp.float32)
+            if name in widths:  # a bias is a one-column matrix [H, width, 1]
+                p = p.reshape(self.num_heads, widths[name], 1)
             weights[name] = jnp.broadcast_to(p, (batch_size, *p.shape))
         return ops.init_state(cls(**weights), momentum=False)
+
+    def _inner_norm(self) -> ops.InnerNorm:
+        per_head = lambda p: p[...].astype(jnp.float32).reshape(self.num_heads, self.head_dim)  # noqa: E731
+        return ops.InnerNorm(per_head(self.ttt_norm_scale), per_head(self.ttt_norm_shift))
 
     def init_state(self, batch_size: int) -> TTTState:
         return TTTState(
@@ -164,28 +199,34 @@ class TTTLayer(nnx.Module):
         k = apply_rope(k.reshape(b, t, h, hd), pos, self.rope_theta).astype(jnp.float32)
         v = self.wv(x).astype(jnp.float32)
         gate = jax.nn.sigmoid(self.lr_proj(x).astype(jnp.float32) + self.lr_bias[...])
-        lr = self.base_lr * gate / (self.head_dim * self.chunk)  # [B, T, H]
-        if self.spec.structure == "linear":
+        lr = self.base_lr * gate / self.head_dim  # [B, T, H]
+        offset = self.learnable_token_idx[...].astype(jnp.float32)[pos]
+        tau = jnp.maximum(1.0 / (pos + 1.0) + offset, 0.0)  # [T]: the mean over the mini-batch so far
+        tau = jnp.broadcast_to(tau[None, :, None], lr.shape)
+        if self.structure == "linear":
             v = v - k  # TTT's target v - k; the residual k + f(k) is added back to the read below
-        return q, k, v, lr, q_conv, k_conv
+        return q, k, v, lr, tau, q_conv, k_conv
 
     def __call__(self, x: jax.Array, state: TTTState | None = None, *, form: str = "chunked"):
         """x [B, T, D] -> (y [B, T, D], new state; None when `state` is None).
 
-        form: `chunked` (training; T a multiple of mini_batch_size, state at a mini-batch boundary),
-        `naive` (the token-by-token reference with jax.grad), `recurrent` (decode steps, scanned).
+        form: `chunked` (the dual form; without a state T must be a multiple of mini_batch_size,
+        with one any length from any position, `ops.memory_stream`), `naive` (the token-by-token
+        reference with jax.grad), `recurrent` (decode steps, scanned).
         """
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         b, t, _ = x.shape
-        q, k, v, lr, q_conv, k_conv = self._inputs(x, state)
-        mech = presets.ttt(lr, self.spec.structure, self.spec.activation)
+        if form == "chunked" and state is None and t % self.chunk:
+            raise ValueError(f"mini_batch_size {self.chunk} does not divide the sequence length {t}")
+        q, k, v, lr, tau, q_conv, k_conv = self._inputs(x, state)
+        mech = self._mechanism(lr, tau)
         memory = self._initial_memory(b) if state is None else state.memory
-        kw = dict(chunk_size=self.chunk, read=mech.read)
-        if form == "chunked":
-            if t % self.chunk:
-                raise ValueError(f"mini_batch_size {self.chunk} does not divide the sequence length {t}")
+        kw = dict(chunk_size=self.chunk, read=mech.read, norm=self._inner_norm())
+        if form == "chunked" and state is None:
             z, memory = ops.memory_chunked(mech.spec, memory, q, k, v, mech.rates, **kw)
+        elif form == "chunked":
+            z, memory = ops.memory_stream(mech.spec, memory, q, k, v, mech.rates, **kw)
         elif form == "naive":
             z, memory = ops.memory_naive(mech.spec, memory, q, k, v, mech.rates, **kw)
         else:
@@ -197,7 +238,7 @@ class TTTLayer(nnx.Module):
             time_major = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (q, k, v, mech.rates))
             memory, zs = jax.lax.scan(step, memory, time_major)
             z = jnp.moveaxis(zs, 0, 1)
-        if self.spec.structure == "linear":
+        if self.structure == "linear":
             z = q + z  # the MLP memory of the core is residual already: z = q + f(q)
         z = self.post_norm(z.reshape(b, t, -1).astype(self.dtype))
         y = self.wo(z * jax.nn.gelu(self.wg(x)))
@@ -235,8 +276,6 @@ class TTTBlock(nnx.Module):
     def __call__(self, x, state: TTTBlockState | None = None, form: str = "chunked"):
         c, pre = self.conv(self.conv_norm(x), None if state is None else state.pre_conv)
         h = x + c.astype(x.dtype)
-        if state is not None and form == "chunked":
-            form = "recurrent"  # decoding goes token by token from any position
         a, inner = self.ttt(self.ttt_norm(h), None if state is None else state.ttt, form=form)
         h = h + a
         y = h + self.mlp(self.mlp_norm(h))
@@ -279,11 +318,21 @@ class TTT(nnx.Module):
         graphdef, params, rest = nnx.split(self.blocks.layers, nnx.Param, ...)
         return jax.vmap(lambda p, r: nnx.merge(graphdef, p, r).init_state(batch_size))(params, rest)
 
+    def prefill(self, tokens: jax.Array, state, form: str = "chunked"):
+        """Continue from `state` over tokens [B, T], any T from any position: (logits [B, T, V], state).
+        `chunked` runs the dual form (`ops.memory_stream`), `recurrent` / `naive` the references."""
+        h = constrain(self.embed(tokens), _RESIDUAL)
+        h, state = self.blocks(h, state, form=form)
+        return self.embed.attend(self.final_norm(h)), state
+
+    def forward_with_state(self, tokens: jax.Array, state):
+        """The multi-token stateful path of the evaluation runner (nl_jax.eval.runner)."""
+        return self.prefill(tokens, state)
+
     def decode_step(self, tokens: jax.Array, state):
         """tokens int32 [B] -> (logits float32 [B, V], new state)."""
-        h = self.embed(tokens[:, None])
-        h, state = self.blocks(h, state)
-        return self.embed.attend(self.final_norm(h))[:, 0], state
+        logits, state = self.prefill(tokens[:, None], state, form="recurrent")
+        return logits[:, 0], state
 
     @staticmethod
     def forward_flops_per_token(cfg, seq_len: int) -> float:
@@ -293,10 +342,13 @@ class TTT(nnx.Module):
         d, f, c = cfg.d_model, cfg.mlp_hidden, cfg.mini_batch_size
         hd = d // cfg.num_heads
         dense = 2 * (4 * d * d + d * cfg.num_heads + 3 * d * f) + 3 * 2 * cfg.conv_width * d
+        # Per weight matrix [O, I]: K W0, Q W0 and the end-of-chunk update (3 O I), the chunk's
+        # Gram matrix and its product with the errors (C (I + O)); a bias is a matrix with I = 1.
+        mat = lambda o, i: 2 * (3 * o * i + c * (i + o))  # noqa: E731
         if cfg.ttt_layer == "linear":
-            inner = 2 * 3 * hd * hd + 2 * 2 * c * hd  # K W0, Q W0, update; Q K^T and its product
+            inner = mat(hd, hd) + mat(hd, 1)
         else:
             hid = cfg.ttt_mlp_expand * hd
-            # per weight matrix as above, plus the backpropagated error through W1 (7 dense products)
-            inner = 2 * 7 * hd * hid + 2 * 2 * c * (hd + hid)
+            # plus the backpropagated error through W1 (one more dense product)
+            inner = mat(hd, hid) + mat(hid, hd) + mat(hd, 1) + mat(hid, 1) + 2 * hd * hid
         return float(cfg.num_layers * (dense + cfg.num_heads * inner) + 2 * d * cfg.vocab_size)

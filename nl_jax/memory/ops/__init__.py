@@ -16,9 +16,12 @@ from nl_jax.memory.ops.chunked import memory_chunked, memory_stream
 from nl_jax.memory.ops.naive import memory_naive
 from nl_jax.memory.ops.rules import READ_MODES, Rates, memory_recurrent
 from nl_jax.memory.ops.structures import (
+    InnerNorm,
+    LinearBiasWeights,
     LinearWeights,
     MemorySpec,
     MemoryState,
+    MLPBiasWeights,
     MLPWeights,
     apply,
     init_state,
@@ -27,7 +30,10 @@ from nl_jax.memory.ops.structures import (
 
 __all__ = [
     "READ_MODES",
+    "InnerNorm",
+    "LinearBiasWeights",
     "LinearWeights",
+    "MLPBiasWeights",
     "MLPWeights",
     "MemorySpec",
     "MemoryState",

@@ -21,6 +21,12 @@ the read of the input-side weight gives the hidden pre-activation, which is then
 output-side weight. Cost per chunk: O(C^2 D + C D^2) in matmuls and the inverse of one C x C
 unit lower-triangular matrix (log2 C levels of batched matmuls).
 
+Fast biases are weight matrices on the constant input 1, so they get tracks like any other matrix.
+The inner LayerNorm is not a fast weight: it enters through the errors (`structures.token_errors`)
+and through the reads (`structures.forward` over the tracks' products). A `delta_scale` tau_i
+(TTT's token_idx, see `rules`) turns each product read into W_B q + tau_i (W q - W_B q), and the
+state handed on at the chunk's end into W_B + tau_last (W - W_B).
+
 The same closed form starts from a running state partway into a chunk (gradients still at the
 chunk's boundary state, W_0 above then being the running state) and stops at any token
 (`chunk_update`). That gives the streaming form `memory_stream` (any length from any position,
@@ -157,13 +163,29 @@ def _dgd_predictions(co: _Coefs, tr: _Track, kw0, gamma):
     return unit_lower_inverse(eye + lower) @ rhs
 
 
+def _read_parts(co: _Coefs, tr: _Track, qr: jax.Array, qw0: jax.Array | None = None):
+    """W_i q_i (post coefficients) or W_{i-1} q_i (pre coefficients) for queries qr [B, H, C, I],
+    as (the terms of the block's starting state, the sum of the block's updates)."""
+    qx = jnp.einsum("...ti,...si->...ts", qr, tr.x)
+    delta = -((co.Cm * qx) @ tr.ue)
+    if tr.gp is not None:  # the DGD weight's inputs are the keys
+        delta = delta - (co.A * qx) @ tr.gp
+    return _boundary_terms(co, tr, qr, qw0), delta
+
+
 def _read(co: _Coefs, tr: _Track, qr: jax.Array) -> jax.Array:
     """W_i q_i (post coefficients) or W_{i-1} q_i (pre coefficients) for queries qr [B, H, C, I]."""
-    qx = jnp.einsum("...ti,...si->...ts", qr, tr.x)
-    y = _boundary_terms(co, tr, qr) - (co.Cm * qx) @ tr.ue
-    if tr.gp is not None:  # the DGD weight's inputs are the keys
-        y = y - (co.A * qx) @ tr.gp
-    return y
+    base, delta = _read_parts(co, tr, qr)
+    return base + delta
+
+
+def _scaled_read(co: _Coefs, tr: _Track, qr, w_b, tau, from_boundary: bool):
+    """W_B q + tau (W q - W_B q): the read with a delta scale tau [B, H, C] (W_B = w_b, the boundary)."""
+    qw0 = st.matmul_t(qr, tr.w0)
+    base, delta = _read_parts(co, tr, qr, qw0)
+    qb = qw0 if from_boundary else st.matmul_t(qr, w_b)
+    # (base - qb) is exactly 0 from the boundary without retention, so tau scales the updates alone
+    return qb + tau[..., None].astype(qb.dtype) * ((base - qb) + delta)
 
 
 def _final(co: _Coefs, tr: _Track, last):
@@ -192,6 +214,9 @@ def chunk_update(
     v,
     rates: rules.Rates,
     last=-1,
+    *,
+    norm: st.InnerNorm | None = None,
+    close=False,
 ):
     """A block of tokens that all lie in one chunk, in chunk layout: q, k [B, H, C, Dk], v [B, H, C, Dv],
     rates [B, H, C].
@@ -200,10 +225,12 @@ def chunk_update(
     takes every gradient (and self-generated target) at `boundary`, the state at the chunk's start.
     Returns (y [B, H, C, Dv], or None when `read` is None; weights; momentum), the state after token
     `last` (an int, possibly traced). Rows after `last` do not affect rows up to it (causality), so a
-    caller may pad or wrap the block beyond `last`.
+    caller may pad or wrap the block beyond `last`. `norm`: the inner LayerNorm of a `norm` memory.
+    `close` (a bool, possibly traced): token `last` ends the chunk, so with a `delta_scale` the
+    returned weights are the scaled state handed to the next chunk.
     """
     post, pre = _coefs(rates)
-    fac = st.token_errors(spec, boundary, k, st.targets(spec, boundary, v))
+    fac = st.token_errors(spec, boundary, k, st.targets(spec, boundary, v, norm), norm)
     tracks = {}
     for name in weights._fields:
         w0 = getattr(weights, name)
@@ -217,27 +244,32 @@ def chunk_update(
             tr = tr._replace(gp=rates.dgd[..., None] * _dgd_predictions(pre, tr, kw0, rates.dgd))
         tracks[name] = tr
 
+    tau = rates.delta_scale
     if read is None:
         y = None
     elif read == "boundary":
-        y = st.apply(spec, boundary, q)
+        y = st.apply(spec, boundary, q, norm)
     else:
         co = pre if read == "per_token" else post
-        if spec.structure == "linear":
-            y = _read(co, tracks["w"], q)
+        if tau is None:
+            products = lambda name, x: _read(co, tracks[name], x)  # noqa: E731
         else:
-            hidden = spec.act(_read(co, tracks["w2"], q))
-            y = q + _read(co, tracks["w1"], hidden)
+            products = lambda name, x: _scaled_read(  # noqa: E731
+                co, tracks[name], x, getattr(boundary, name), tau, weights is boundary
+            )
+        y = st.forward(spec, products, q, norm)
 
     finals = {name: _final(post, tr, last) for name, tr in tracks.items()}
     new_w = type(weights)(**{n: f[0] for n, f in finals.items()})
     new_s = None if momentum is None else type(momentum)(**{n: f[1] for n, f in finals.items()})
+    if tau is not None and close is not False:
+        new_w = _select(close, rules.scaled_weights(boundary, new_w, tau[..., last]), new_w)
     return y, new_w, new_s
 
 
-def _chunk(spec: st.MemorySpec, read: str, carry, xs):
+def _chunk(spec: st.MemorySpec, read: str, norm, carry, xs):
     weights, momentum = carry
-    y, weights, momentum = chunk_update(spec, read, weights, momentum, weights, *xs)
+    y, weights, momentum = chunk_update(spec, read, weights, momentum, weights, *xs, norm=norm, close=True)
     return (weights, momentum), y
 
 
@@ -275,8 +307,10 @@ def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int):
     step_arr = lambda s: jnp.asarray(s, jnp.int32)  # noqa: E731
     ys1, upd = block_fn(states, xs, min(p, n) - 1 if static else jnp.minimum(p, n) - 1)
     cross = p <= n
+    # after a crossing, pass 2 starts at position 0 of the new chunk (new_step is its end)
+    first_step = (0 if cross else new_step) if static else jnp.where(cross, 0, new_step)
     first = {
-        name: st.MemoryState(w, m, _select(cross, w, states[name].boundary), step_arr(new_step))
+        name: st.MemoryState(w, m, _select(cross, w, states[name].boundary), step_arr(first_step))
         for name, (w, m) in upd.items()
     }
 
@@ -346,19 +380,23 @@ def memory_chunked(
     chunk_size: int,
     read: str = "per_token",
     remat: bool = False,
+    norm: st.InnerNorm | None = None,
 ):
     """Training form. q, k [B, T, H, Dk], v [B, T, H, Dv], rates [B, T, H] -> (y [B, T, H, Dv], state).
 
     `state` must sit at a chunk boundary (as `init_state` and every chunked call leave it; checked
     when the state is concrete), and the sequence length must be a multiple of `chunk_size`.
     `remat` recomputes each chunk in the backward pass instead of storing its intermediates.
+    `norm`: the inner LayerNorm parameters of a `norm` memory.
     """
     if not isinstance(state.step, jax.core.Tracer) and int(state.step) != 0:
         raise ValueError(
             f"memory_chunked needs a state at a chunk boundary, got one {int(state.step)} tokens into a chunk; "
             "continue it with memory_naive or memory_recurrent up to the boundary"
         )
-    return _memory_chunked(spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, remat=remat)
+    return _memory_chunked(
+        spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, remat=remat, norm=norm
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "remat"))
@@ -373,13 +411,14 @@ def _memory_chunked(
     chunk_size: int,
     read: str = "per_token",
     remat: bool = False,
+    norm: st.InnerNorm | None = None,
 ):
-    rules.check_call(spec, state, rates, read, chunk_size)
+    rules.check_call(spec, state, rates, read, chunk_size, norm)
     t = q.shape[1]
     if t % chunk_size:
         raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {t}")
     xs = jax.tree.map(lambda x: to_chunks(x, chunk_size), (q, k, v, rates))
-    body = lambda carry, x: _chunk(spec, read, carry, x)  # noqa: E731
+    body = lambda carry, x: _chunk(spec, read, norm, carry, x)  # noqa: E731
     if remat:
         body = jax.checkpoint(body)
     (weights, momentum), ys = jax.lax.scan(body, (state.weights, state.momentum), xs)
@@ -398,6 +437,7 @@ def memory_stream(
     chunk_size: int,
     read: str = "per_token",
     remat: bool = False,
+    norm: st.InnerNorm | None = None,
 ):
     """Streaming form: any number of tokens from any position inside a chunk, same shapes as
     `memory_chunked`; equal to `memory_naive` with the same chunk size.
@@ -407,11 +447,14 @@ def memory_stream(
     chunked form. Segments shorter than a chunk (a model run in segments, prefill, a decode step)
     continue exactly where the last call stopped.
     """
-    rules.check_call(spec, state, rates, read, chunk_size)
+    rules.check_call(spec, state, rates, read, chunk_size, norm)
 
     def block_fn(states, xs, last):
         s = states["m"]
-        y, w, m = chunk_update(spec, read, s.weights, s.momentum, s.boundary, *xs, last=last)
+        close = False if rates.delta_scale is None else s.step + last + 1 >= chunk_size
+        y, w, m = chunk_update(
+            spec, read, s.weights, s.momentum, s.boundary, *xs, last=last, norm=norm, close=close
+        )
         return y, {"m": (w, m)}
 
     y, states = stream_blocks(block_fn, {"m": state}, state.step, (q, k, v, rates), chunk_size, remat=remat)

@@ -47,12 +47,25 @@ def gated_delta_rule(alpha: jax.Array, beta: jax.Array) -> Mechanism:
     )
 
 
-def ttt(lr: jax.Array, structure: str = "linear", activation: str = "gelu") -> Mechanism:
+def ttt(
+    lr: jax.Array,
+    structure: str = "linear",
+    activation: str = "gelu",
+    *,
+    bias: bool = False,
+    norm: bool = False,
+    token_scale: jax.Array | None = None,
+) -> Mechanism:
     """TTT with mini-batch GD: W_t = W_{t-1} - lr_t dL(W_B; k_t, v_t), read with the dual form W_t q_t.
 
-    TTT-Linear or TTT-MLP by `structure`; the mini-batch is the chunk.
+    TTT-Linear or TTT-MLP by `structure`; the mini-batch is the chunk. The inner model of Sun et al.
+    (2024) takes all three options: fast biases (`bias`), the inner LayerNorm with learned per-head
+    scale and shift (`norm`; the l2 loss is taken after it, and the memory is then run with
+    `norm=InnerNorm(...)`), and `token_scale` tau_t = 1/(position in the mini-batch + 1) (their
+    `token_idx`), so token t reads W_B + tau_t (W_t - W_B) and each mini-batch hands on the mean step.
     """
-    return Mechanism(MemorySpec(structure, "l2", activation), Rates(lr=lr), "post_update")
+    spec = MemorySpec(structure, "l2", activation, bias=bias, norm=norm)
+    return Mechanism(spec, Rates(lr=lr, delta_scale=token_scale), "post_update")
 
 
 def titans(

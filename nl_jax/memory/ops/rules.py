@@ -11,6 +11,12 @@ eta is the inner learning rate, alpha the retention gate (weight decay: 1 keeps 
 momentum decay and gamma the DGD rate (paper 2.9, 4.4; the paper uses gamma = eta). Each is a
 per-token, per-head scalar. Leaving `retention`, `momentum` or `dgd` out switches that part off.
 
+`delta_scale` tau_t (optional) scales what token t sees of its chunk's updates: it reads with
+W_B + tau_t (W_read - W_B) instead of W_read, and the last token of a chunk hands on
+W_B + tau_t (W_t - W_B) as the next boundary state (momentum is not scaled). TTT's `token_idx`
+(Sun et al. 2024): with tau_t = 1/(position in the mini-batch + 1), token t reads the mean of the
+gradient steps of its mini-batch so far, and the state carried on is the mini-batch mean.
+
 Reads (`read=`):
   boundary     y_t = M_{B(t)}(q_t)     the paper's Eq. 90, read with the state before the chunk
   per_token    y_t = M_{t-1}(q_t)      sees the updates of the earlier tokens of its chunk
@@ -38,10 +44,14 @@ class Rates(NamedTuple):
     retention: jax.Array | None = None
     momentum: jax.Array | None = None
     dgd: jax.Array | None = None
+    delta_scale: jax.Array | None = None
 
 
-def check_call(spec: st.MemorySpec, state: st.MemoryState, rates: Rates, read: str, chunk_size: int) -> None:
+def check_call(
+    spec: st.MemorySpec, state: st.MemoryState, rates: Rates, read: str, chunk_size: int, norm=None
+) -> None:
     st.check_weights(spec, state.weights)
+    st.check_norm(spec, norm)
     if read not in READ_MODES:
         raise ValueError(f"read must be one of {READ_MODES}, got {read!r}")
     if chunk_size < 1:
@@ -74,10 +84,19 @@ def apply_update(spec: st.MemorySpec, weights, momentum, grads, k, rates: Rates)
     return type(weights)(**new), momentum
 
 
-def advance(state: st.MemoryState, weights, momentum, chunk_size: int) -> st.MemoryState:
-    """Count one token; at the end of a chunk the new weights become the boundary state."""
+def scaled_weights(boundary, weights, tau):
+    """W_B + tau (W - W_B) for each weight matrix (see `delta_scale`); tau [..]."""
+    return jax.tree.map(lambda b, w: (b + _bcast(tau, w) * (w - b)).astype(w.dtype), boundary, weights)
+
+
+def advance(state: st.MemoryState, weights, momentum, chunk_size: int, delta_scale=None) -> st.MemoryState:
+    """Count one token; at the end of a chunk the new weights (scaled by `delta_scale` when given)
+    become the boundary state."""
     step = state.step + 1
     at_boundary = step >= chunk_size
+    if delta_scale is not None:
+        closed = scaled_weights(state.boundary, weights, delta_scale)
+        weights = jax.tree.map(lambda c, w: jnp.where(at_boundary, c, w), closed, weights)
     boundary = jax.tree.map(lambda w, b: jnp.where(at_boundary, w, b), weights, state.boundary)
     return st.MemoryState(weights, momentum, boundary, jnp.where(at_boundary, 0, step).astype(jnp.int32))
 
@@ -93,20 +112,27 @@ def memory_recurrent(
     *,
     chunk_size: int = 1,
     read: str = "per_token",
+    norm: st.InnerNorm | None = None,
 ):
     """One token: q, k [B, H, Dk], v [B, H, Dv], rates [B, H]. Returns (y [B, H, Dv], new state).
 
     Uses the closed-form rank-one gradient factors (`structures.token_errors`), so a decode step costs
-    a few matrix-vector products per head.
+    a few matrix-vector products per head. `norm`: the inner LayerNorm of a `norm` memory.
     """
-    check_call(spec, state, rates, read, chunk_size)
+    check_call(spec, state, rates, read, chunk_size, norm)
     one = lambda x: x[..., None, :]  # noqa: E731  (token axis of length one)
+
+    def read_with(weights):
+        if rates.delta_scale is not None and read != "boundary":
+            weights = scaled_weights(state.boundary, weights, rates.delta_scale)
+        return st.apply(spec, weights, one(q), norm)[..., 0, :]
+
     if read != "post_update":
-        src = state.boundary if read == "boundary" else state.weights
-        y = st.apply(spec, src, one(q))[..., 0, :]
-    fac = st.token_errors(spec, state.boundary, one(k), st.targets(spec, state.boundary, one(v)))
+        y = read_with(state.boundary if read == "boundary" else state.weights)
+    target = st.targets(spec, state.boundary, one(v), norm)
+    fac = st.token_errors(spec, state.boundary, one(k), target, norm)
     grads = jax.tree.map(lambda e, x: jnp.einsum("...co,...ci->...oi", e, x), fac.errors, fac.inputs)
     weights, momentum = apply_update(spec, state.weights, state.momentum, grads, k, rates)
     if read == "post_update":
-        y = st.apply(spec, weights, one(q))[..., 0, :]
-    return y, advance(state, weights, momentum, chunk_size)
+        y = read_with(weights)
+    return y, advance(state, weights, momentum, chunk_size, rates.delta_scale)

@@ -6,6 +6,15 @@ per head (weights carry leading batch and head axes, `[B, H, out, in]`):
   linear  M(z) = W z                       W: [Dv, Dk]
   mlp     M(z) = z + W1 s(W2 z)            W2: [Dh, D] (input side), W1: [D, Dh]  (SPEC D4)
 
+Two options of the spec make the TTT inner model (Sun et al. 2024):
+
+  bias    each matrix gets a fast bias, M(z) = W z + b (mlp: z + W1 s(W2 z + b2) + b1). A bias is a
+          weight matrix [O, 1] on a constant input 1, so every rule and closed form treats it as one
+          more weight matrix (`LinearBiasWeights`, `MLPBiasWeights`).
+  norm    a LayerNorm on the output branch, M(z) = LN(W z) (mlp: z + LN(W1 s(W2 z))), with per-head
+          scale and shift that are not fast weights: they are passed to every form as
+          `norm=InnerNorm(scale, shift)` and the inner gradient goes through the LayerNorm.
+
 Two inner objectives, per token:
 
   l2   L = 1/2 ||M(k) - v||^2              (delta rule / Titans / TTT)
@@ -30,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 STRUCTURES = ("linear", "mlp")
+NORM_EPS = 1e-6  # the inner LayerNorm's epsilon (flax's default, as in ttt-lm-jax)
 OBJECTIVES = ("l2", "dot")
 ACTIVATIONS = {"gelu": jax.nn.gelu, "silu": jax.nn.silu, "tanh": jnp.tanh, "relu": jax.nn.relu}
 
@@ -43,17 +53,46 @@ class MLPWeights(NamedTuple):
     w2: jax.Array  # [..., Dh, D]   input side: the weight that acts on the key (DGD applies here)
 
 
-Weights = LinearWeights | MLPWeights
+class LinearBiasWeights(NamedTuple):
+    w: jax.Array  # [..., Dv, Dk]
+    b: jax.Array  # [..., Dv, 1]   the bias, a weight on the constant input 1
+
+
+class MLPBiasWeights(NamedTuple):
+    w1: jax.Array  # [..., D, Dh]
+    w2: jax.Array  # [..., Dh, D]
+    b1: jax.Array  # [..., D, 1]    output bias
+    b2: jax.Array  # [..., Dh, 1]   hidden bias
+
+
+Weights = LinearWeights | MLPWeights | LinearBiasWeights | MLPBiasWeights
+WEIGHT_TYPES = {
+    ("linear", False): LinearWeights,
+    ("mlp", False): MLPWeights,
+    ("linear", True): LinearBiasWeights,
+    ("mlp", True): MLPBiasWeights,
+}
+
+
+class InnerNorm(NamedTuple):
+    """Scale and shift of the inner LayerNorm of a `norm` memory: [..., D] each, with the weights'
+    leading axes or a suffix of them (e.g. [H, D] per head, shared by the batch)."""
+
+    scale: jax.Array
+    shift: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class MemorySpec:
-    """Static description of a memory: structure, inner objective, MLP activation, target source."""
+    """Static description of a memory: structure, inner objective, MLP activation, target source,
+    fast biases and the inner LayerNorm (see the module docstring)."""
 
     structure: str = "linear"
     objective: str = "l2"
     activation: str = "gelu"
     self_target: bool = False
+    bias: bool = False
+    norm: bool = False
 
     def __post_init__(self):
         if self.structure not in STRUCTURES:
@@ -93,15 +132,34 @@ def init_state(weights: Weights, momentum: bool) -> MemoryState:
 
 
 def check_weights(spec: MemorySpec, weights: Weights) -> None:
-    expected = LinearWeights if spec.structure == "linear" else MLPWeights
+    expected = WEIGHT_TYPES[spec.structure, spec.bias]
     if not isinstance(weights, expected):
-        raise TypeError(f"{spec.structure} memory needs {expected.__name__}, got {type(weights).__name__}")
+        with_bias = " with bias=True" if spec.bias else ""
+        raise TypeError(
+            f"{spec.structure} memory{with_bias} needs {expected.__name__}, got {type(weights).__name__}"
+        )
     if spec.structure == "mlp":
         d_out, d_hid = weights.w1.shape[-2:]
         if weights.w2.shape[-2:] != (d_hid, d_out):
             raise ValueError(
                 f"mlp memory needs w1 [.., D, Dh] and w2 [.., Dh, D]; got {weights.w1.shape} and {weights.w2.shape}"
             )
+    if spec.bias:
+        outs = {"b": weights.w} if spec.structure == "linear" else {"b1": weights.w1, "b2": weights.w2}
+        for name, w in outs.items():
+            if getattr(weights, name).shape[-2:] != (w.shape[-2], 1):
+                raise ValueError(
+                    f"bias {name} must be [.., {w.shape[-2]}, 1] (one column), got {getattr(weights, name).shape}"
+                )
+
+
+def check_norm(spec: MemorySpec, norm: InnerNorm | None) -> None:
+    if spec.norm and not isinstance(norm, InnerNorm):
+        raise ValueError(
+            f"a memory with norm=True needs its LayerNorm parameters, norm=InnerNorm(scale, shift); got {norm!r}"
+        )
+    if not spec.norm and norm is not None:
+        raise ValueError("norm parameters were given for a memory without norm=True")
 
 
 def matmul_t(x, w):
@@ -109,16 +167,39 @@ def matmul_t(x, w):
     return jnp.einsum("...ci,...oi->...co", x, w)
 
 
-def apply(spec: MemorySpec, weights: Weights, x: jax.Array) -> jax.Array:
-    """M(x) for a block of tokens: weights [..., O, I], x [..., C, I] -> [..., C, O]."""
+def layer_norm(z: jax.Array, norm: InnerNorm) -> jax.Array:
+    """LayerNorm over the last axis of z [..., C, D] with per-head scale and shift [..., D]."""
+    mean = jnp.mean(z, axis=-1, keepdims=True)
+    zc = z - mean
+    var = jnp.mean(zc * zc, axis=-1, keepdims=True)
+    return zc * jax.lax.rsqrt(var + NORM_EPS) * norm.scale[..., None, :] + norm.shift[..., None, :]
+
+
+def forward(spec: MemorySpec, matmul, x: jax.Array, norm: InnerNorm | None = None) -> jax.Array:
+    """M(x), with every weight product delegated: `matmul(name, h)` = h W_name^T for inputs h [..., C, I].
+
+    The one definition of each structure: `apply` passes the weights' products, the chunked form
+    the closed-form products of the weights within a chunk.
+    """
+
+    def dense(w: str, b: str, h):
+        z = matmul(w, h)
+        return z + matmul(b, jnp.ones_like(h[..., :1])) if spec.bias else z
+
+    branch = (lambda z: layer_norm(z, norm)) if spec.norm else (lambda z: z)
     if spec.structure == "linear":
-        return matmul_t(x, weights.w)
-    return x + matmul_t(spec.act(matmul_t(x, weights.w2)), weights.w1)
+        return branch(dense("w", "b", x))
+    return x + branch(dense("w1", "b1", spec.act(dense("w2", "b2", x))))
 
 
-def targets(spec: MemorySpec, boundary: Weights, v: jax.Array) -> jax.Array:
+def apply(spec: MemorySpec, weights: Weights, x: jax.Array, norm: InnerNorm | None = None) -> jax.Array:
+    """M(x) for a block of tokens: weights [..., O, I], x [..., C, I] -> [..., C, O]."""
+    return forward(spec, lambda name, h: matmul_t(h, getattr(weights, name)), x, norm)
+
+
+def targets(spec: MemorySpec, boundary: Weights, v: jax.Array, norm: InnerNorm | None = None) -> jax.Array:
     """The regression target of each token: v itself, or M_B(v) with the boundary state (`self_target`)."""
-    return apply(spec, boundary, v) if spec.self_target else v
+    return apply(spec, boundary, v, norm) if spec.self_target else v
 
 
 def output_error(spec: MemorySpec, pred: jax.Array, v: jax.Array) -> jax.Array:
@@ -126,9 +207,11 @@ def output_error(spec: MemorySpec, pred: jax.Array, v: jax.Array) -> jax.Array:
     return pred - v if spec.objective == "l2" else -v
 
 
-def token_loss(spec: MemorySpec, weights: Weights, k: jax.Array, v: jax.Array) -> jax.Array:
-    """The inner objective for one token of one head (unbatched weights, k [I], v [O])."""
-    pred = apply(spec, weights, k[None])[0]
+def token_loss(
+    spec: MemorySpec, weights: Weights, k: jax.Array, v: jax.Array, norm: InnerNorm | None = None
+) -> jax.Array:
+    """The inner objective for one token of one head (unbatched weights, k [I], v [O], norm [D])."""
+    pred = apply(spec, weights, k[None], norm)[0]
     if spec.objective == "l2":
         return 0.5 * jnp.sum((pred - v) ** 2)
     return -jnp.sum(pred * v)
@@ -142,16 +225,43 @@ class Factors(NamedTuple):
     key_proj: jax.Array  # the input-side weight applied to the keys, k W_in^T [..., C, O_in]
 
 
-def token_errors(spec: MemorySpec, weights: Weights, k: jax.Array, v: jax.Array) -> Factors:
-    """Per-token gradient factors of the objective at `weights`, for k [..., C, I], v [..., C, O]."""
+def _branch_error(spec: MemorySpec, pre, v, norm, residual=None):
+    """dL/d(pre) where M(k) = [residual +] N(pre), N the inner LayerNorm (or the identity)."""
+    if not spec.norm:
+        return output_error(spec, pre if residual is None else residual + pre, v)
+    out, norm_vjp = jax.vjp(lambda z: layer_norm(z, norm), pre)  # row-wise, so one vjp serves all tokens
+    return norm_vjp(output_error(spec, out if residual is None else residual + out, v))[0]
+
+
+def token_errors(
+    spec: MemorySpec, weights: Weights, k: jax.Array, v: jax.Array, norm: InnerNorm | None = None
+) -> Factors:
+    """Per-token gradient factors of the objective at `weights`, for k [..., C, I], v [..., C, O].
+
+    A bias has the constant input 1 and the error of its matrix's output."""
+    cls = type(weights)
+    one = jnp.ones_like(k[..., :1])
     if spec.structure == "linear":
-        pred = matmul_t(k, weights.w)
-        return Factors(LinearWeights(k), LinearWeights(output_error(spec, pred, v)), pred)
-    z = matmul_t(k, weights.w2)
-    h, dh = jax.jvp(spec.act, (z,), (jnp.ones_like(z),))  # elementwise activation: jvp with ones = s'(z)
-    e1 = output_error(spec, k + matmul_t(h, weights.w1), v)
-    e2 = jnp.einsum("...co,...oh->...ch", e1, weights.w1) * dh
-    return Factors(MLPWeights(w1=h, w2=k), MLPWeights(w1=e1, w2=e2), z)
+        key_proj = matmul_t(k, weights.w)
+        if not spec.bias and not spec.norm:
+            return Factors(LinearWeights(k), LinearWeights(output_error(spec, key_proj, v)), key_proj)
+        pre = key_proj + matmul_t(one, weights.b) if spec.bias else key_proj
+        e = _branch_error(spec, pre, v, norm)
+        inputs, errors = dict(w=k, b=one), dict(w=e, b=e)
+    else:
+        key_proj = matmul_t(k, weights.w2)
+        pre = key_proj + matmul_t(one, weights.b2) if spec.bias else key_proj
+        # elementwise activation: jvp with ones = s'(z)
+        h, dh = jax.jvp(spec.act, (pre,), (jnp.ones_like(pre),))
+        out = matmul_t(h, weights.w1)
+        if not spec.bias and not spec.norm:
+            e1 = output_error(spec, k + out, v)
+        else:
+            e1 = _branch_error(spec, out + matmul_t(one, weights.b1) if spec.bias else out, v, norm, k)
+        e2 = jnp.einsum("...co,...oh->...ch", e1, weights.w1) * dh
+        inputs, errors = dict(w1=h, w2=k, b1=one, b2=one), dict(w1=e1, w2=e2, b1=e1, b2=e2)
+    pick = lambda d: cls(**{n: d[n] for n in cls._fields})  # noqa: E731
+    return Factors(pick(inputs), pick(errors), key_proj)
 
 
 def input_side(spec: MemorySpec) -> str:
@@ -168,15 +278,19 @@ def init_weights(
     hidden: int | None = None,
     scale: float = 0.02,
 ) -> Weights:
-    """Random initial fast weights with leading axes `shape_prefix` (e.g. (heads,) or (B, H))."""
+    """Random initial fast weights with leading axes `shape_prefix` (e.g. (heads,) or (B, H));
+    biases (`spec.bias`) start at zero."""
     if spec.structure == "linear":
         dv = dim if value_dim is None else value_dim
-        return LinearWeights(scale * jax.random.normal(key, (*shape_prefix, dv, dim)))
+        w = scale * jax.random.normal(key, (*shape_prefix, dv, dim))
+        return LinearBiasWeights(w, jnp.zeros((*shape_prefix, dv, 1))) if spec.bias else LinearWeights(w)
     if value_dim not in (None, dim):
         raise ValueError(f"the residual mlp memory maps D to D; value_dim {value_dim} != dim {dim}")
     hidden = dim if hidden is None else hidden
     k1, k2 = jax.random.split(key)
-    return MLPWeights(
-        w1=scale * jax.random.normal(k1, (*shape_prefix, dim, hidden)),
-        w2=scale * jax.random.normal(k2, (*shape_prefix, hidden, dim)),
-    )
+    w1 = scale * jax.random.normal(k1, (*shape_prefix, dim, hidden))
+    w2 = scale * jax.random.normal(k2, (*shape_prefix, hidden, dim))
+    if spec.bias:
+        zeros = lambda n: jnp.zeros((*shape_prefix, n, 1))  # noqa: E731
+        return MLPBiasWeights(w1, w2, zeros(dim), zeros(hidden))
+    return MLPWeights(w1=w1, w2=w2)
