@@ -54,6 +54,7 @@ def memory_config() -> ml_collections.ConfigDict:
             adaptive_v=True,  # v from its own memory (ablation: w/o inner-projection v)
             adaptive_q=False,  # q static by default (paper Eq. 83-85); True = adaptive q
             eta_max=0.1,  # eta = eta_max * sigmoid(.), in (0, 1]
+            max_grad_norm=1.0,  # each token's inner gradient clipped to this norm (0: off)
             conv_width=4,  # causal depthwise conv on the q/k/v paths
             remat_chunks=False,  # jax.checkpoint every chunk of the memory scan
             memory_target="self",  # output memory's target: self (M_B(v), paper 4.3) | value (v, paper 4.2)

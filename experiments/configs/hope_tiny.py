@@ -15,8 +15,9 @@ def get_config():
     # The laptop default trains with the layer-local CMS signal: the next-token signal (the default
     # of the sized configs, D7) compiles for many minutes on a CPU; --config.model.cms.signal=ntp.
     config.model.cms.update(periods=(16, 64), hidden=(192, 192), inner_lr=(1e-4, 1e-4), signal="local")
-    config.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.1)
-    config.train.update(steps=400, log_every=50)
-    config.eval.update(every=100, max_batches=16)
-    config.checkpoint.update(every=200)
+    config.data.update(global_batch_size=4)
+    config.optim.update(lr=3e-3, warmup_steps=30, weight_decay=0.1)
+    config.train.update(steps=200, log_every=20)
+    config.eval.update(every=50, max_batches=16)
+    config.checkpoint.update(every=100)
     return config

@@ -35,7 +35,11 @@ Decisions on what the paper leaves open:
     bounding eta alone moved the NaN from step 13 to 17. So eta is eta_max * sigmoid(.), which keeps
     the DGD factor (I - eta k k^T) a contraction for the unit keys, and v is l2-normalised like q and
     k, which bounds every self-generated target (the output's per-head RMSNorm makes the scale of v
-    irrelevant to the layer's output anyway). With both, hope_tiny trains at its peak outer lr.
+    irrelevant to the layer's output anyway). That fixed the small memories; the output memory (chunk
+    16, an MLP whose curvature grows with its hidden activations) then diverged at outer step 51
+    (1 -> 3e8 within 32 tokens), so every token's inner gradient is also clipped to `max_grad_norm`
+    (`ops.MemorySpec`, per-sample clipping as in Titans implementations), which bounds each chunk's
+    step by chunk * eta_max * max_grad_norm.
   - targets v_hat are not stop-gradient: the outer gradient flows through the whole unrolled forward,
     targets included (paper_notes A1); the inner gradient treats v_hat as the constant target.
   - momentum (SPEC D5): Titans' surprise S_t, its decay beta_t a static gate of x, shared by all
@@ -119,7 +123,8 @@ class SelfModifyingTitans(nnx.Module):
       weight_decay=False   no retention gate (no alpha memory, no alpha projection)
       adaptive_k/v=False   k / v are the static projections (no k / v memory)
       adaptive_q=True      q is read from a memory too
-    Extra keyword arguments: `eta_max` (the bound of the inner learning rate, default 0.1) and
+    Extra keyword arguments: `eta_max` (the bound of the inner learning rate, default 0.1),
+    `max_grad_norm` (each token's inner gradient is clipped to this norm, default 1.0; 0: off) and
     `memory_target` ("self" or "value", the output memory's target).
     """
 
@@ -142,6 +147,7 @@ class SelfModifyingTitans(nnx.Module):
         adaptive_v: bool = True,
         adaptive_q: bool = False,
         eta_max: float = 0.1,
+        max_grad_norm: float = 1.0,
         conv_width: int = 4,
         remat_chunks: bool = False,
         init_std: float = 0.02,
@@ -176,8 +182,11 @@ class SelfModifyingTitans(nnx.Module):
             )
         self.eta_max, self.remat_chunks = eta_max, remat_chunks
         self.dtype = to_dtype(dtype)
-        self.spec = ops.MemorySpec(structure, "l2", activation, self_target=True)
-        self.out_spec = ops.MemorySpec(structure, "l2", activation, self_target=memory_target == "self")
+        clip = dict(max_grad_norm=max_grad_norm)
+        self.spec = ops.MemorySpec(structure, "l2", activation, self_target=True, **clip)
+        self.out_spec = ops.MemorySpec(
+            structure, "l2", activation, self_target=memory_target == "self", **clip
+        )
 
         h, dh = num_heads, head_dim
         lin = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -27,7 +27,7 @@ def _head_step(spec: st.MemorySpec, chunk_size: int, read: str, state: st.Memory
     if read != "post_update":
         y = read_with(state.boundary if read == "boundary" else state.weights)
     target = st.targets(spec, state.boundary, v[None], norm)[0]  # a constant of the inner problem
-    grads = jax.grad(st.token_loss, argnums=1)(spec, state.boundary, k, target, norm)
+    grads = st.clip_grads(spec, jax.grad(st.token_loss, argnums=1)(spec, state.boundary, k, target, norm))
     weights, momentum = rules.apply_update(spec, state.weights, state.momentum, grads, k, rates)
     if read == "post_update":
         y = read_with(weights)

@@ -28,6 +28,13 @@ For one token the gradient of either objective with respect to every weight matr
 `dL/dW = e x^T`, with `x` the input of that matrix and `e` the error backpropagated to its output.
 The chunked and recurrent forms work with these factors (`token_errors`) instead of full gradients;
 the naive form uses `jax.grad` on `token_loss`, which is how the factors are tested.
+
+`max_grad_norm` clips each token's gradient (all of the memory's matrices together) to that global
+norm, as per-sample clipping does: the update of token t is eta_t min(1, c / ||g_t||) g_t. The norm
+of a rank-one gradient is ||e|| ||x||, so the factor forms clip without forming any gradient, and
+since each g_t is taken at the boundary state the clipped rule keeps the mini-batch closed forms.
+It bounds what one token can do to a memory whose curvature grows with its own weights (an MLP
+memory's hidden activations), where plain inner GD diverges once the weights have grown.
 """
 
 from __future__ import annotations
@@ -93,8 +100,11 @@ class MemorySpec:
     self_target: bool = False
     bias: bool = False
     norm: bool = False
+    max_grad_norm: float = 0.0  # > 0: each token's inner gradient is scaled down to this global norm
 
     def __post_init__(self):
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm!r}")
         if self.structure not in STRUCTURES:
             raise ValueError(f"memory structure must be one of {STRUCTURES}, got {self.structure!r}")
         if self.objective not in OBJECTIVES:
@@ -244,9 +254,10 @@ def token_errors(
     if spec.structure == "linear":
         key_proj = matmul_t(k, weights.w)
         if not spec.bias and not spec.norm:
-            return Factors(LinearWeights(k), LinearWeights(output_error(spec, key_proj, v)), key_proj)
-        pre = key_proj + matmul_t(one, weights.b) if spec.bias else key_proj
-        e = _branch_error(spec, pre, v, norm)
+            e = output_error(spec, key_proj, v)
+        else:
+            pre = key_proj + matmul_t(one, weights.b) if spec.bias else key_proj
+            e = _branch_error(spec, pre, v, norm)
         inputs, errors = dict(w=k, b=one), dict(w=e, b=e)
     else:
         key_proj = matmul_t(k, weights.w2)
@@ -261,7 +272,27 @@ def token_errors(
         e2 = jnp.einsum("...co,...oh->...ch", e1, weights.w1) * dh
         inputs, errors = dict(w1=h, w2=k, b1=one, b2=one), dict(w1=e1, w2=e2, b1=e1, b2=e2)
     pick = lambda d: cls(**{n: d[n] for n in cls._fields})  # noqa: E731
-    return Factors(pick(inputs), pick(errors), key_proj)
+    inputs, errors = pick(inputs), pick(errors)
+    if spec.max_grad_norm:
+        sq = lambda a: jnp.sum(a * a, axis=-1)  # noqa: E731
+        norm_sq = sum(sq(e) * sq(x) for e, x in zip(errors, inputs))  # ||e x^T||^2 = ||e||^2 ||x||^2
+        scale = grad_scale(spec, norm_sq)[..., None]
+        errors = jax.tree.map(lambda e: e * scale.astype(e.dtype), errors)
+    return Factors(inputs, errors, key_proj)
+
+
+def grad_scale(spec: MemorySpec, norm_sq: jax.Array) -> jax.Array:
+    """min(1, max_grad_norm / ||g||) from squared gradient norms; its gradient is finite at g = 0."""
+    c = spec.max_grad_norm
+    return c * jax.lax.rsqrt(jnp.maximum(norm_sq, c * c))
+
+
+def clip_grads(spec: MemorySpec, grads):
+    """One token's full gradients (pytree like the weights) clipped to `max_grad_norm` (if set)."""
+    if not spec.max_grad_norm:
+        return grads
+    scale = grad_scale(spec, sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
 
 def input_side(spec: MemorySpec) -> str:
