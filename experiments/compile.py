@@ -3,9 +3,11 @@ r"""Compile the train step of a named config for a Cloud TPU slice, on any host 
     python -m experiments.compile --config=hope_760m --topology=v5p-64
     python -m experiments.compile --config=hope_760m --topology=v5p-64 --config.model.remat_policy=full
     python -m experiments.compile --config=transformer_1_3b --topology=2xv5p-64 --save=/tmp/step.pkl
+    python -m experiments.compile --config=hope_340m --topology=v5p-64 --markdown   # + a README table row
 
 Prints per-device memory (arguments, outputs, temporaries, code) against the chip's HBM, XLA's and
-the analytic FLOPs, the collectives and a roofline step time. Exit code 0 when the step fits in HBM,
+the analytic FLOPs, the collectives and a roofline step time (compute-bound, rematerialisation
+included) with the MFU it allows. Exit code 0 when the step fits in HBM,
 1 when it does not, 2 on a bad config (e.g. config.mesh not matching the slice).
 `--config` takes the same names, paths and `--config.a.b=v` overrides as experiments.pretrain.
 Needs libtpu (`pip install -e ".[tpu]"`); run with JAX_PLATFORMS=cpu on a host without a TPU.
@@ -20,6 +22,7 @@ from experiments import pretrain  # --config: names, paths and --config.a.b=v ov
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v4-32, v5e-16, 2xv5p-64")
 _SAVE = flags.DEFINE_string("save", None, "write the serialized executable to this path")
+_MARKDOWN = flags.DEFINE_bool("markdown", False, "also print the README table's header and this config's row")
 
 
 def main(argv):
@@ -41,6 +44,11 @@ def main(argv):
     print(report.format(), flush=True)
     if _SAVE.value and report.compiled is not None:
         print(f"saved           {_SAVE.value}")
+    if _MARKDOWN.value:
+        from nl_jax.train.aot import MARKDOWN_HEADER
+
+        print(MARKDOWN_HEADER)
+        print(report.markdown_row(pretrain._config_name()), flush=True)
     sys.exit(0 if report.fits else 1)
 
 

@@ -85,7 +85,12 @@ def swiglu_fast(w: dict, u: jax.Array, dtype) -> jax.Array:
 
 
 def _tree_where(c, a, b):
-    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
+    """where(c, a, b) leaf by leaf for a scalar c. lax.select keeps the predicate scalar (jnp.where
+    broadcasts it), so a backward through the step saves one bool, not a mask the size of the weights."""
+    if isinstance(c, bool):
+        return a if c else b
+    c = jnp.asarray(c, bool)
+    return jax.tree.map(lambda x, y: jax.lax.select(c, x, y), a, b)
 
 
 class CMSSchedule(NamedTuple):
@@ -118,17 +123,30 @@ class CMSSchedule(NamedTuple):
             lv["h"] = jax.tree.map(jnp.add, lv["h"], g)
         return lv
 
-    def accumulate(self, state: CMSState, grads: tuple, num_tokens: int, apply_ok=True) -> CMSState:
+    def accumulate(
+        self, state: CMSState, grads: tuple, num_tokens: int, apply_ok=True, defer: tuple = ()
+    ) -> CMSState:
         """Adds one segment's gradient terms (one dict per level, per sequence) and applies the
         boundary updates at the segment's end. The segment must not straddle a boundary (its
         gradients were all taken at the same weights): the model uses segments of min(periods)
-        tokens starting at multiples of it. `apply_ok` (bool) gates the whole step."""
+        tokens starting at multiples of it. `apply_ok` (bool) gates the whole step.
+
+        `defer`: levels whose boundary step is left to the caller (`boundaries`, later at the same
+        position); their gradients are still added. For a caller that knows those boundaries do not
+        fall inside the span, so their weights can stay out of the per-segment state."""
         end = state.pos + num_tokens
         levels = tuple(
-            self.level_boundary(i, self.add_grads(lv, g), end)
+            self.add_grads(lv, g) if i in defer else self.level_boundary(i, self.add_grads(lv, g), end)
             for i, (lv, g) in enumerate(zip(state.levels, grads))
         )
         return _tree_where(apply_ok, state._replace(levels=levels, pos=end), state)
+
+    def boundaries(self, state: CMSState, levels: tuple) -> CMSState:
+        """The boundary steps of `levels` at the state's position (those `accumulate` deferred)."""
+        new = tuple(
+            self.level_boundary(i, lv, state.pos) if i in levels else lv for i, lv in enumerate(state.levels)
+        )
+        return state._replace(levels=new)
 
 
 class CMSLevel(nnx.Module):

@@ -7,7 +7,7 @@ Block (pre-norm residual, RMSNorm):
 
 Config (`model` section): vocab_size, d_model, num_layers, tie_embeddings, norm_eps, dtype,
 param_dtype, scan_layers, remat_policy, init_std; `model.cms` (variant, signal, periods, hidden,
-inner_lr); hope: `model.memory` (the SelfModifyingTitans keyword arguments); hope_attention:
+inner_lr, optional checkpoint_segments); hope: `model.memory` (the SelfModifyingTitans keyword arguments); hope_attention:
 num_heads, num_kv_heads, head_dim, rope_theta, sliding_window.
 
 The CMS `ntp` signal (the paper's: the next-token-loss gradient wrt each level's fast weights) is
@@ -24,9 +24,18 @@ segment is a custom_vjp: the outer gradient differentiates the segment forwards 
 weights to their meta-learned init, the updates being constants: first order) and never the inner
 backward, so it costs one extra backward per segment.
 
-Memory note: the outer backward keeps each segment's fast weights as residuals of the scan, i.e.
-(T / S) copies of the CMS fast weights per sequence; at large CMS widths use short sequences per
-device or the `local` / `none` signals.
+Memory: the outer backward needs, per segment, the fast weights and mixer states it started from
+(per sequence, each as large as the CMS weights: 256 segments of a 4096-token sequence would keep
+256 copies; hope_760m needed 1.3 TiB per v5p chip at 4 sequences per chip). With `cms.checkpoint_segments` = k > 1 (default 0: about sqrt(T / S) when the model's
+remat_policy is not "none", 1 when it is) the training forward scans chunks of k segments under
+jax.checkpoint: the backward keeps the state at each chunk start and recomputes one chunk at a time
+(one more forward, inner backward included, per segment). Inside a chunk the levels whose period is
+a multiple of the chunk do not change; their weights are constants of the chunk's segment scan
+rather than part of its carry, so the recomputed chunk keeps one copy of them, not one per segment;
+and the accumulators that are zero at every chunk start (period dividing the chunk) are not saved.
+The values are exactly those of the plain segment scan. The per-sequence states are sharded with
+the batch (over data and fsdp; XLA may split the rest over tensor), not like the parameters they
+start from.
 
 Decoding reproduces the forward: the decode state keeps the current segment's tokens and the
 recurrent states at its start; when the first token of the next segment arrives (the target of the
@@ -38,6 +47,8 @@ into the losses of its later tokens, through attention or the memory, which the 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +59,7 @@ from nl_jax.memory.cms import CMSSchedule, ContinuumMemory
 from nl_jax.models.registry import register
 from nl_jax.models.stack import Stack
 from nl_jax.models.transformer import attention_dims
-from nl_jax.parallel.rules import constrain
+from nl_jax.parallel.rules import constrain, constrain_batch
 
 _RESIDUAL = ("batch", "length", "activation_embed")
 
@@ -66,6 +77,17 @@ def _cms_kwargs(cfg) -> dict:
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
     )
+
+
+def segments_per_checkpoint(n: int, checkpoint_segments: int, remat_policy: str) -> int:
+    """Segments per checkpointed chunk of the ntp forward over n segments: the largest divisor of n up
+    to `checkpoint_segments`, or (0, automatic) the divisor nearest sqrt(n) unless remat_policy is
+    "none" (then 1: no checkpointing)."""
+    if checkpoint_segments == 0:
+        if remat_policy == "none":
+            return 1
+        return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - n**0.5), d))
+    return max(d for d in range(1, min(checkpoint_segments, n) + 1) if n % d == 0)
 
 
 def _zero_cotangent(tree):
@@ -129,6 +151,12 @@ class _Hope(nnx.Module):
         self.signal = cfg.cms.signal
         self.schedule = CMSSchedule(tuple(int(p) for p in cfg.cms.periods), tuple(cfg.cms.inner_lr))
         self.segment = min(self.schedule.periods)
+        self.checkpoint_segments = int(cfg.cms.get("checkpoint_segments", 0))
+        if self.checkpoint_segments < 0:
+            raise ValueError(
+                f"cms.checkpoint_segments must be >= 0 (0: automatic), got {self.checkpoint_segments}"
+            )
+        self.remat_policy = cfg.remat_policy
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         emb = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, **emb)
@@ -150,7 +178,10 @@ class _Hope(nnx.Module):
     def _layer_states(self, batch_size: int, max_len: int | None):
         """Every layer's initial state from its own parameters (meta-learned inits), stacked on L."""
         graphdef, params, rest = nnx.split(self.blocks.layers, nnx.Param, ...)
-        return jax.vmap(lambda p, r: nnx.merge(graphdef, p, r).init_state(batch_size, max_len))(params, rest)
+        states = jax.vmap(lambda p, r: nnx.merge(graphdef, p, r).init_state(batch_size, max_len))(
+            params, rest
+        )
+        return constrain_batch(states, axis=1)  # [L, B, ...]: each sequence's state with its tokens
 
     def _run(self, tokens, states):
         """tokens [B, T] through the stack from `states` -> (logits, new states)."""
@@ -194,9 +225,64 @@ class _Hope(nnx.Module):
         weights = ContinuumMemory.fast_weights(cms)
         return seg(params, weights, mixer, rest, cms_rest, tokens, targets, mask)
 
-    def _accumulate(self, cms, grads, ok=True):
-        """Segment gradients into every layer's accumulators, boundary updates at the segment end."""
-        return jax.vmap(lambda s, g: self.schedule.accumulate(s, g, self.segment, ok))(cms, grads)
+    def _accumulate(self, cms, grads, ok=True, defer=()):
+        """Segment gradients into every layer's accumulators, boundary updates at the segment end
+        (but for the `defer` levels, see CMSSchedule.accumulate)."""
+        return jax.vmap(lambda s, g: self.schedule.accumulate(s, g, self.segment, ok, defer))(cms, grads)
+
+    def segments_per_checkpoint(self, n: int) -> int:
+        """Segments per checkpointed chunk of the ntp forward over n segments (see
+        `segments_per_checkpoint`)."""
+        return segments_per_checkpoint(n, self.checkpoint_segments, self.remat_policy)
+
+    def _segment_step(self, defer, carry, xs):
+        """One segment of the scan: logits, new mixer states, gradients into the CMS state."""
+        mixer, cms = carry
+        logits, mixer, grads = self._segment_grads(mixer, cms, *xs)
+        return (mixer, self._accumulate(cms, grads, defer=defer)), logits
+
+    def _chunk_step(self, k: int):
+        """Scan body over chunks of k segments of a sequence started at position 0, for jax.checkpoint.
+
+        Levels whose period is a multiple of the chunk (`fixed`) keep their weights through the chunk:
+        those are closed over by the segment scan (one copy kept for the backward, not k) and their
+        boundary steps are applied after it, at the chunk's end (the same operations as the plain
+        scan). Accumulators of levels whose period divides the chunk are zero at every chunk start,
+        so the chunk starts from literal zeros and the backward need not keep them."""
+        span, periods = k * self.segment, self.schedule.periods
+        fixed = tuple(i for i, p in enumerate(periods) if p % span == 0)
+
+        def reset(lv, i):  # g is reset at level i's boundaries, h (nested) at level i + 1's
+            resets = {"g": periods[i], "h": periods[min(i + 1, len(periods) - 1)]}
+            return {
+                name: jax.tree.map(jnp.zeros_like, a) if name in resets and span % resets[name] == 0 else a
+                for name, a in lv.items()
+            }
+
+        def chunk(carry, xs):
+            mixer, cms = carry
+            cms = cms._replace(levels=tuple(reset(lv, i) for i, lv in enumerate(cms.levels)))
+            weights = {i: cms.levels[i]["w"] for i in fixed}
+
+            def put(c, ws):  # the fixed levels' weights in (ws) or out (ws None) of a CMS state
+                levels = tuple(
+                    ({**lv, "w": ws[i]} if ws is not None else {a: v for a, v in lv.items() if a != "w"})
+                    if i in fixed
+                    else lv
+                    for i, lv in enumerate(c.levels)
+                )
+                return c._replace(levels=levels)
+
+            def body(c, seg):
+                c = (c[0], put(c[1], weights))
+                (m, cm), logits = self._segment_step(fixed, c, seg)
+                return (m, put(cm, None)), logits
+
+            (mixer, cms), logits = jax.lax.scan(body, (mixer, put(cms, None)), xs)
+            cms = jax.vmap(lambda c: self.schedule.boundaries(c, fixed))(put(cms, weights))
+            return (mixer, cms), logits
+
+        return chunk
 
     @staticmethod
     def _targets(tokens):
@@ -226,16 +312,19 @@ class _Hope(nnx.Module):
         targets, mask = self._targets(tokens)
         pad = ((0, 0), (0, n * s - t))
         tokens_p, targets, mask = jnp.pad(tokens, pad), jnp.pad(targets, pad), jnp.pad(mask, pad)
-        if states is None:
+        k = 1
+        if states is None:  # a fresh sequence: chunks start at multiples of k * S (checkpointing)
             states = self._layer_states(b, n * s)
+            k = self.segments_per_checkpoint(n)
         to_segments = lambda a: jnp.moveaxis(a.reshape(b, n, s), 1, 0)  # noqa: E731
-
-        def body(carry, xs):
-            mixer, cms = carry
-            logits, mixer, grads = self._segment_grads(mixer, cms, *xs)
-            return (mixer, self._accumulate(cms, grads)), logits
-
-        states, logits = jax.lax.scan(body, states, tuple(map(to_segments, (tokens_p, targets, mask))))
+        xs = tuple(map(to_segments, (tokens_p, targets, mask)))
+        if k == 1:
+            states, logits = jax.lax.scan(functools.partial(self._segment_step, ()), states, xs)
+        else:
+            chunk = jax.checkpoint(self._chunk_step(k), prevent_cse=False)  # inside a scan: no CSE anyway
+            xs = jax.tree.map(lambda a: a.reshape(n // k, k, *a.shape[1:]), xs)
+            states, logits = jax.lax.scan(chunk, states, xs)
+            logits = logits.reshape(n, *logits.shape[2:])
         logits = jnp.moveaxis(logits, 0, 1).reshape(b, n * s, -1)[:, :t]
         return logits, states
 
@@ -277,28 +366,58 @@ class _Hope(nnx.Module):
 
     # ---------------------------------------------------------------- FLOPs
     @staticmethod
-    def forward_flops_per_token(cfg, seq_len: int) -> float:
-        """Analytic forward FLOPs per token (2 per multiply-add), inner loops included: the CMS
-        `local` objective (one more MLP forward and its weight backward per level) or the `ntp`
-        inner backward (activation gradients through the whole stack and the unembedding, plus the
-        CMS weight gradients), and the self-modifying layer's inner loops (its own count)."""
-        d, v, n = cfg.d_model, cfg.vocab_size, cfg.num_layers
-        unembed = 2 * d * v
+    def _layer_flops_per_token(cfg, seq_len: int) -> tuple[float, float]:
+        """(mixer, CMS) forward FLOPs per token of one layer, the self-modifying inner loops included."""
+        d = cfg.d_model
         cms = sum(6 * d * h for h in cfg.cms.hidden)
         if cfg.name == "hope_attention":
             heads, kv, head_dim = attention_dims(cfg)
             ctx = (seq_len + 1) / 2 if not cfg.sliding_window else min(cfg.sliding_window, (seq_len + 1) / 2)
-            mixer = 2 * d * head_dim * (2 * heads + 2 * kv) + 4 * heads * head_dim * ctx
-        else:
-            from nl_jax.memory.self_modifying import SelfModifyingTitans  # noqa: PLC0415
+            return 2 * d * head_dim * (2 * heads + 2 * kv) + 4 * heads * head_dim * ctx, cms
+        from nl_jax.memory.self_modifying import SelfModifyingTitans  # noqa: PLC0415
 
-            mixer = SelfModifyingTitans.forward_flops_per_token(seq_len, d, **dict(cfg.memory))
+        return SelfModifyingTitans.forward_flops_per_token(seq_len, d, **dict(cfg.memory)), cms
+
+    @classmethod
+    def forward_flops_per_token(cls, cfg, seq_len: int) -> float:
+        """Analytic forward FLOPs per token (2 per multiply-add), inner loops included: the CMS
+        `local` objective (one more MLP forward and its weight backward per level) or the `ntp`
+        inner backward (activation gradients through the whole stack and the unembedding, plus the
+        CMS weight gradients), and the self-modifying layer's inner loops (its own count)."""
+        n, unembed = cfg.num_layers, 2 * cfg.d_model * cfg.vocab_size
+        mixer, cms = cls._layer_flops_per_token(cfg, seq_len)
         forward = n * (mixer + cms) + unembed
         if cfg.cms.signal == "local":
             forward += n * 3 * cms  # MLP on the shifted keys + its weight gradient (2x)
         elif cfg.cms.signal == "ntp":
             forward += unembed + n * (mixer + 2 * cms)
         return float(forward)
+
+    @staticmethod
+    def ntp_segments_per_checkpoint(cfg, seq_len: int) -> int:
+        """Segments per checkpointed chunk of the training forward over seq_len tokens (1: none)."""
+        if cfg.cms.signal != "ntp":
+            return 1
+        segment = min(int(p) for p in cfg.cms.periods)
+        n = -(-seq_len // segment)
+        return segments_per_checkpoint(n, int(cfg.cms.get("checkpoint_segments", 0)), cfg.remat_policy)
+
+    @classmethod
+    def recompute_flops_per_token(cls, cfg, seq_len: int) -> float:
+        """Forward FLOPs per token recomputed in the backward (rematerialisation: overhead, not model
+        FLOPs; analytic). A "full" remat policy recomputes every layer once per backward through it,
+        and the ntp signal has two (the inner one and the outer one); the "dots" policies keep the
+        weight matmuls and are counted as free. With the ntp forward checkpointed in chunks, the
+        backward runs the whole forward once more, inner backward included."""
+        full = cfg.remat_policy in ("full", "nothing_saveable")
+        mixer, cms = cls._layer_flops_per_token(cfg, seq_len)
+        layers = cfg.num_layers * (mixer + cms + (3 * cms if cfg.cms.signal == "local" else 0))
+        if cfg.cms.signal != "ntp":
+            return float(layers if full else 0.0)
+        recompute = 2 * layers if full else 0.0
+        if cls.ntp_segments_per_checkpoint(cfg, seq_len) > 1:
+            recompute += cls.forward_flops_per_token(cfg, seq_len) + (layers if full else 0.0)
+        return float(recompute)
 
 
 @register("hope")

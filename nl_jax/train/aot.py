@@ -7,7 +7,10 @@ per-device memory, XLA's FLOP count and the collectives; next to them it puts th
 FLOPs and a roofline estimate of the step time on that chip.
 
 XLA's `cost_analysis` counts the body of a `lax.scan` once (layers, chunks, microbatches), so its
-FLOPs are reported as they are, beside the analytic count, and not used for the estimate.
+FLOPs are reported as they are, beside the analytic count, and not used for the estimate. The
+roofline is compute-bound: the analytic model FLOPs plus the forward FLOPs that rematerialisation
+recomputes (a model's own `recompute_flops_per_token`, else one forward for a "full" remat policy,
+none for the "dots" policies), at the chip's peak; the MFU it allows is model / (model + recompute).
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class AotReport:
     xla_flops_per_device: float  # cost_analysis: a scan body counted once
     model_flops_per_device: float  # 3 x analytic forward FLOPs per token x tokens / devices
     flops_source: str
+    recompute_flops_per_device: float  # forward FLOPs recomputed in the backward (remat), analytic
+    remat: str  # the remat settings, e.g. "full" or "dots_saveable, ntp checkpoint every 16 segments"
+    grad_accum_steps: int
     collectives: dict | None  # op -> count in the optimized HLO; None when the HLO text is unavailable
     compile_seconds: float
     weight_excess: float  # parameters per device over a perfect split across the non-data axes (0.1 = 10%)
@@ -64,8 +70,16 @@ class AotReport:
 
     @property
     def roofline_seconds(self) -> float:
-        """Compute-bound lower bound on the step time: the model FLOPs per device at the chip's peak."""
-        return self.model_flops_per_device / self.slice.chip.peak_bf16_flops
+        """Compute-bound lower bound on the step time: the FLOPs per device the step executes (model
+        and recomputed) at the chip's peak."""
+        return (
+            self.model_flops_per_device + self.recompute_flops_per_device
+        ) / self.slice.chip.peak_bf16_flops
+
+    @property
+    def mfu_bound(self) -> float:
+        """The MFU of a step that runs at the roofline: model FLOPs over executed FLOPs."""
+        return self.model_flops_per_device / (self.model_flops_per_device + self.recompute_flops_per_device)
 
     @property
     def roofline_tokens_per_second(self) -> float:
@@ -95,6 +109,7 @@ class AotReport:
             f"slice           {self.slice.name} ({self.slice.num_devices} x {chip.name}, "
             f"{self.slice.topology_name}{multi})",
             f"mesh            {mesh}",
+            f"remat           {self.remat}; {self.grad_accum_steps} microbatch(es) per step",
             f"parameters      {self.param_count:,}",
             f"weights         {100 * self.weight_excess:.1f}% per device over a perfect split "
             "(replicated parameters)",
@@ -111,10 +126,49 @@ class AotReport:
             f"the train step); XLA {xla}",
             f"collectives     {coll}",
             *([f"XLA             {self.oom_message}"] if self.oom_message else []),
+            f"recompute       {self.recompute_flops_per_device:.3e} FLOPs / device / step (rematerialisation)",
             f"roofline        step >= {self.roofline_seconds * 1e3:.1f} ms at {chip.peak_bf16_flops / 1e12:.0f} "
-            f"TFLOP/s per chip (100% MFU): <= {self.roofline_tokens_per_second:,.0f} tokens/s",
+            f"TFLOP/s per chip: <= {self.roofline_tokens_per_second:,.0f} tokens/s, "
+            f"MFU <= {100 * self.mfu_bound:.0f}%",
         ]
         return "\n".join(lines)
+
+    def markdown_row(self, config_name: str) -> str:
+        """One row of MARKDOWN_HEADER's table."""
+        mesh = " x ".join(f"{k}{v}" for k, v in self.mesh_shape.items() if v > 1) or "1 device"
+        xla = "n/a" if self.oom_message else f"{self.xla_flops_per_device:.2e}"
+        cells = [
+            config_name,
+            f"{self.param_count / 1e6:,.0f}M",
+            mesh,
+            self.remat,
+            str(self.grad_accum_steps),
+            f"{self.total_bytes / GiB:.1f}",
+            "yes" if self.fits else "**no**",
+            f"{xla} / {self.model_flops_per_device:.2e}",
+            f"{self.roofline_seconds * 1e3:.0f} ms",
+            f"{100 * self.mfu_bound:.0f}%",
+        ]
+        return "| " + " | ".join(cells) + " |"
+
+
+MARKDOWN_HEADER = (
+    "| config | params | mesh | remat | accum | GiB / device | fits | FLOPs / device: XLA / model "
+    "| roofline step | MFU bound |\n|---|---:|---|---|---:|---:|---|---:|---:|---:|"
+)
+
+
+def recompute_flops_per_token(model_cls, model_cfg, seq_len: int, forward: float) -> tuple[float, str]:
+    """(forward FLOPs per token recomputed in the backward, the remat settings in words)."""
+    policy = str(model_cfg.get("remat_policy", "none"))
+    remat = policy
+    k = getattr(model_cls, "ntp_segments_per_checkpoint", None)
+    if k is not None and k(model_cfg, seq_len) > 1:
+        remat += f", ntp checkpoint every {k(model_cfg, seq_len)} segments"
+    own = getattr(model_cls, "recompute_flops_per_token", None)
+    if own is not None:
+        return float(own(model_cfg, seq_len)), remat
+    return (float(forward) if policy in ("full", "nothing_saveable") else 0.0), remat
 
 
 def count_collectives(hlo_text: str) -> dict:
@@ -204,6 +258,7 @@ def compile_for_slice(config, slice_name: str, *, save_path: str | None = None) 
     fwd, source = metrics_lib.forward_flops_per_token(model.cls, config.model, seq_len, param_count)
     tokens = gbs * seq_len
     model_flops = metrics_lib.train_flops_per_token(fwd) * tokens / slice_.num_devices
+    recompute, remat = recompute_flops_per_token(model.cls, config.model, seq_len, fwd)
 
     if save_path and compiled is not None:  # nothing to save when XLA ran out of HBM
         from jax.experimental.serialize_executable import serialize
@@ -220,6 +275,9 @@ def compile_for_slice(config, slice_name: str, *, save_path: str | None = None) 
         xla_flops_per_device=xla_flops,
         model_flops_per_device=model_flops,
         flops_source=source,
+        recompute_flops_per_device=recompute * tokens / slice_.num_devices,
+        remat=remat,
+        grad_accum_steps=int(config.train.grad_accum_steps),
         collectives=collectives,
         compile_seconds=seconds,
         weight_excess=excess,

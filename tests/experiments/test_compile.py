@@ -11,7 +11,14 @@ from experiments import configs
 from nl_jax.metrics.flops import forward_flops_per_token
 from nl_jax.models.registry import get_model_class
 from nl_jax.parallel.topology import parse_slice
-from nl_jax.train.aot import _bytes_in_message, compile_for_slice, count_collectives, mesh_for_slice
+from nl_jax.train.aot import (
+    MARKDOWN_HEADER,
+    _bytes_in_message,
+    compile_for_slice,
+    count_collectives,
+    mesh_for_slice,
+    recompute_flops_per_token,
+)
 from nl_jax.train.program import build_train_program
 
 GLOBAL_BATCH, SEQ_LEN = 8, 64
@@ -119,3 +126,26 @@ def test_weights_are_fully_sharded_on_the_default_mesh(tiny_v5e):
     _, report, _ = tiny_v5e
     # Only the norms' scales (a few hundred floats of ~0.9M) are replicated over the 4 FSDP devices.
     assert 0 <= report.weight_excess < 0.02
+
+
+def test_roofline_counts_the_recompute_and_the_table_row(tiny_v5e):
+    config, report, _ = tiny_v5e
+    assert report.recompute_flops_per_device == 0 and report.mfu_bound == 1  # remat_policy none
+    remat = dataclasses.replace(report, recompute_flops_per_device=report.model_flops_per_device / 3)
+    assert remat.mfu_bound == pytest.approx(0.75)
+    assert remat.roofline_seconds == pytest.approx(report.roofline_seconds * 4 / 3)
+    row = report.markdown_row("transformer_tiny")
+    assert row.count("|") == MARKDOWN_HEADER.splitlines()[0].count("|")
+    assert "| fsdp4 |" in row and "| yes |" in row and "| 100% |" in row
+
+    # The recompute each remat setting implies (analytic, no compile).
+    cls = get_model_class("transformer")
+    config.model.remat_policy = "full"
+    assert recompute_flops_per_token(cls, config.model, SEQ_LEN, 123.0) == (123.0, "full")
+    hope = configs.load("hope_760m").model  # ntp: the training forward is checkpointed in chunks
+    hope_cls = get_model_class("hope")
+    fwd = hope_cls.forward_flops_per_token(hope, 4096)
+    flops, words = recompute_flops_per_token(hope_cls, hope, 4096, fwd)
+    assert words == f"{hope.remat_policy}, ntp checkpoint every 16 segments" and flops == pytest.approx(fwd)
+    hope.remat_policy = "none"  # no checkpointing, nothing recomputed
+    assert recompute_flops_per_token(hope_cls, hope, 4096, fwd) == (0.0, "none")

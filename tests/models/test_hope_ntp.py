@@ -24,13 +24,18 @@ V, T = 32, 16
 
 
 def small_cfg(name, num_layers=2, **cms):
+    """A tiny hope / hope_attention with the ntp signal; `cms` overrides model.cms fields (e.g.
+    checkpoint_segments, which model.cms may not hold yet)."""
     cfg = configs.load(f"{name}_tiny").model
     cfg.update(vocab_size=V, d_model=32, num_layers=num_layers, scan_layers=num_layers > 1)
     if name == "hope":
         cfg.memory.update(num_heads=2, head_dim=8, chunk_size=2, memory_chunk_size=4)
     else:
         cfg.update(num_heads=4)
-    cfg.cms.update(dict(dict(periods=(4, 8), hidden=(16, 24), inner_lr=(0.5, 0.3), signal="ntp"), **cms))
+    for key, value in dict(
+        dict(periods=(4, 8), hidden=(16, 24), inner_lr=(0.5, 0.3), signal="ntp"), **cms
+    ).items():
+        cfg.cms[key] = value
     return cfg
 
 
@@ -99,12 +104,26 @@ def _close(a, b, tol):
 
 
 # hope_attention: two layers, so the inner gradient of layer 1 crosses tokens through layer 2's
-# attention. hope: one unscanned layer (the CMS sits after the memory, so the inner backward does
-# not enter the memory's streaming path, whose derivative is slow to compile on CPU).
-@pytest.mark.parametrize("name,layers", [("hope_attention", 2), ("hope", 1)])
-def test_ntp_signal_equals_the_brute_force_reference(name, layers):
+# attention; three levels and checkpointed chunks of 2 segments (8 tokens): level 0 changes inside
+# a chunk, level 1 (period 8) only at chunk ends, level 2 (period 16) keeps its accumulator across
+# chunks. hope: one unscanned layer (the CMS sits after the memory, so the inner backward does not
+# enter the memory's streaming path, whose derivative is slow to compile on CPU), chunks of 2 too.
+# (The plain segment scan, k = 1, is what decoding is compared with in test_hope.py.)
+CASES = {
+    "hope_attention": (
+        2,
+        dict(periods=(4, 8, 16), hidden=(16, 24, 8), inner_lr=(0.5, 0.3, 0.2), checkpoint_segments=2),
+    ),
+    "hope": (1, dict(checkpoint_segments=2)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ntp_signal_equals_the_brute_force_reference(name):
     seed = fresh_seed()
-    model = build_model(small_cfg(name, layers), nnx.Rngs(seed))
+    layers, cms = CASES[name]
+    model = build_model(small_cfg(name, layers, **cms), nnx.Rngs(seed))
+    assert model.segments_per_checkpoint(T // model.segment) == cms["checkpoint_segments"]
     tokens = jax.random.randint(jax.random.key(seed), (2, T), 0, V)
     seg_w, final_w = brute_force(model, tokens)
 
