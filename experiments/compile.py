@@ -17,8 +17,9 @@ import sys
 
 from absl import app, flags
 
-from experiments import configs
-from experiments import pretrain  # --config: names, paths and --config.a.b=v overrides
+from experiments import config_flag, configs
+
+_CONFIG = config_flag.define()
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v4-32, v5e-16, 2xv5p-64")
 _SAVE = flags.DEFINE_string("save", None, "write the serialized executable to this path")
@@ -28,7 +29,7 @@ _MARKDOWN = flags.DEFINE_bool("markdown", False, "also print the README table's 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = pretrain._CONFIG.value
+    config = _CONFIG.value
     if config is None:
         raise app.UsageError(f"--config=NAME is required; names: {', '.join(configs.names())}")
     if not _TOPOLOGY.value:
@@ -40,7 +41,7 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    print(f"config          {pretrain._config_name()} ({config.model.name})")
+    print(f"config          {config_flag.name()} ({config.model.name})")
     print(report.format(), flush=True)
     if _SAVE.value and report.compiled is not None:
         print(f"saved           {_SAVE.value}")
@@ -48,7 +49,7 @@ def main(argv):
         from nl_jax.train.aot import MARKDOWN_HEADER
 
         print(MARKDOWN_HEADER)
-        print(report.markdown_row(pretrain._config_name()), flush=True)
+        print(report.markdown_row(config_flag.name()), flush=True)
     sys.exit(0 if report.fits else 1)
 
 

@@ -20,10 +20,7 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
-from ml_collections.config_flags.config_flags import ConfigFileFlagParser
-
-from experiments import configs
+from experiments import config_flag, configs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory, local or gs:// (default: ./runs/NAME)")
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -53,41 +50,7 @@ _CLUSTER_ENV = (
 )
 
 
-class NamedConfigParser(ConfigFileFlagParser):
-    """`--config=NAME` -> experiments.configs.load(NAME) (close matches on a typo); a value with a
-    `/` or ending in `.py` is read as a file path, like ml_collections does."""
-
-    last_value = None
-
-    def parse(self, value):
-        NamedConfigParser.last_value = value
-        if value.endswith(".py") or "/" in value.split(":", 1)[0]:
-            return super().parse(value)
-        config = configs.load(value)  # ValueError listing the close matches
-        config.lock()
-        return config
-
-
-def define_config_flag(flag_values=flags.FLAGS, sys_argv=None):
-    """`--config` as ml_collections' config-file flag (so `--config.a.b=v` overrides work) that
-    also takes a config name. `sys_argv`: the command line to find overrides in (default sys.argv)."""
-    holder = config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "config name (experiments/configs/NAME.py) or path",
-        flag_values=flag_values,
-        sys_argv=sys_argv,
-    )
-    flag_values["config"].parser = NamedConfigParser(name="config")
-    return holder
-
-
-_CONFIG = define_config_flag()
-
-
-def _config_name() -> str:
-    value = NamedConfigParser.last_value or "run"
-    return os.path.splitext(os.path.basename(value.split(":", 1)[0]))[0]
+_CONFIG = config_flag.define()
 
 
 def _init_distributed() -> None:
@@ -119,7 +82,7 @@ def main(argv):
     _init_distributed()
     from nl_jax.train import NonFiniteLossError, run
 
-    name = _config_name()
+    name = config_flag.name()
     workdir = _WORKDIR.value or os.path.join("runs", name)
     try:
         summary = run(_CONFIG.value, workdir, config_name=name)

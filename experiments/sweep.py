@@ -31,27 +31,10 @@ import shlex
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
-from ml_collections.config_flags.config_flags import ConfigFileFlagParser
-
-from experiments import configs
+from experiments import config_flag, configs
 
 
-class _NamedConfigParser(ConfigFileFlagParser):
-    """`--config=NAME` -> experiments.configs.load(NAME); a path (with `/` or `.py`) as a file."""
-
-    def parse(self, value):
-        if value.endswith(".py") or "/" in value.split(":", 1)[0]:
-            return super().parse(value)
-        config = configs.load(value)  # ValueError listing the close matches
-        config.lock()
-        return config
-
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "base config name (experiments/configs/NAME.py) or path"
-)
-flags.FLAGS["config"].parser = _NamedConfigParser(name="config")
+_CONFIG = config_flag.define(help_text="base config name (experiments/configs/NAME.py) or path")
 _SWEEP = flags.DEFINE_string(
     "sweep", "", "named sweep: hope_ablation | cms_levels | chunk_sizes | optimizers"
 )

@@ -39,15 +39,15 @@ def test_config_errors_are_one_line_not_a_traceback(tmp_path):
 
 
 def test_named_config_parser_and_overrides():
-    from experiments import pretrain
+    from experiments import config_flag
 
     argv = ["prog", "--config=transformer_tiny", "--config.train.steps=7", "--config.optim.name=muon"]
     fv = flags.FlagValues()
-    holder = pretrain.define_config_flag(fv, sys_argv=argv)
+    holder = config_flag.define(fv, sys_argv=argv)
     fv(argv)
     assert holder.value.train.steps == 7 and holder.value.optim.name == "muon"
     assert holder.value.model.d_model == 128
     with pytest.raises(flags.IllegalFlagValueError, match="Did you mean transformer_tiny"):
         fv2 = flags.FlagValues()
-        pretrain.define_config_flag(fv2, sys_argv=["prog", "--config=transformer_tin"])
+        config_flag.define(fv2, sys_argv=["prog", "--config=transformer_tin"])
         fv2(["prog", "--config=transformer_tin"])

@@ -120,7 +120,7 @@ def test_chunk_sizes_and_optimizers(hope, transformer):
 def test_point_commands_parse_back_to_the_point_config(hope):
     """The --config.* arguments of every cms_levels point, parsed by ml_collections as the pretrain
     command parses them, give the same config as applying the point in-process."""
-    from experiments import pretrain
+    from experiments import config_flag
 
     base = {"train.steps": 7, "optim.lr": 2e-3}
     cfg = configs.load("hope_tiny")
@@ -140,7 +140,7 @@ def test_point_commands_parse_back_to_the_point_config(hope):
         argv = ["prog", *args[2:]]
         fv = flags.FlagValues()
         flags.DEFINE_string("workdir", None, "", flag_values=fv)
-        holder = pretrain.define_config_flag(fv, sys_argv=argv)
+        holder = config_flag.define(fv, sys_argv=argv)
         fv(argv)
         want = grid.point_config(cfg, point)
         assert holder.value.to_dict() == want.to_dict(), point.name
