@@ -19,15 +19,21 @@ from __future__ import annotations
 
 import logging
 
+from nl_jax.parallel.topology import CHIPS
+
+# device_kind substring (lower case) -> TPU generation of nl_jax.parallel.topology's chip table
+_TPU_KINDS = {
+    "tpu v4": "v4",
+    "tpu v5 lite": "v5e",
+    "tpu v5e": "v5e",
+    "tpu v5p": "v5p",
+    "tpu v5": "v5p",  # v5p reports "TPU v5"
+    "tpu v6 lite": "v6e",
+    "tpu v6e": "v6e",
+}
 PEAK_FLOPS = {
     # device_kind substring (lower case) -> peak dense bf16 FLOP/s per jax device
-    "tpu v4": 275e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,  # v5p reports "TPU v5"
-    "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
+    **{kind: CHIPS[gen].peak_bf16_flops for kind, gen in _TPU_KINDS.items()},
     "tpu7x": 2307e12,
     "h100": 989e12,
     "h200": 989e12,
