@@ -364,6 +364,21 @@ class _Hope(nnx.Module):
         buffer = jax.lax.dynamic_update_slice_in_dim(buffer, tokens[:, None], pos % s, axis=1)
         return logits[:, 0], dict(state, pos=pos + 1, buffer=buffer, mixer=mixer)
 
+    def forward_with_state(self, tokens: jax.Array, state):
+        """Continue from a decode state over tokens [B, T]: (logits [B, T, V], new state), equal to T
+        decode steps (the evaluation runner's multi-token path, nl_jax.eval.runner). The none and
+        local signals run every layer's streaming forward on the whole block; ntp steps token by
+        token, since its segment buffer may start and end anywhere in a segment."""
+        if self.signal != "ntp":
+            return self._run(tokens, state)
+
+        def step(st, tok):
+            logits, st = self.decode_step(tok, st)
+            return st, logits
+
+        state, logits = jax.lax.scan(step, state, tokens.T)
+        return jnp.moveaxis(logits, 0, 1), state
+
     # ---------------------------------------------------------------- FLOPs
     @staticmethod
     def _layer_flops_per_token(cfg, seq_len: int) -> tuple[float, float]:

@@ -1,5 +1,6 @@
-"""HOPE and HOPE-Attention: causality, decoding step by step == the forward, the chunk-size-1 model
-against a token-by-token reference, the ablation flags reaching the layers, FLOPs, bad input."""
+"""HOPE and HOPE-Attention: causality, decoding step by step and streaming in blocks (the evaluation
+runner's forward_with_state) == the forward, the chunk-size-1 model against a token-by-token
+reference, the ablation flags reaching the layers, FLOPs, bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ def _paths(tree):
         ("hope", "local"),
     ],
 )
-def test_causal_and_decoding_step_by_step_equals_the_forward(name, signal):
+def test_causal_and_decoding_and_streaming_equal_the_forward(name, signal):
     seed = fresh_seed()
     model = build_model(small_cfg(name, signal=signal), nnx.Rngs(seed))
     tokens = _tokens(seed)
@@ -47,13 +48,23 @@ def test_causal_and_decoding_step_by_step_equals_the_forward(name, signal):
     np.testing.assert_array_equal(logits[:, :9], changed[:, :9])
     assert float(jnp.abs(logits[:, 9:] - changed[:, 9:]).max()) > 0
 
-    state = model.init_decode_state(2, T)
-    step = nnx.jit(lambda m, t, s: m.decode_step(t, s))
+    # The evaluation runner's multi-token path, in two blocks. With the ntp signal it is a scan of
+    # decode_step, so this also checks decoding; otherwise decode_step is a different path.
+    stream = nnx.jit(lambda m, t, s: m.forward_with_state(t, s))
+    first, state = stream(model, tokens[:, : T // 2], model.init_decode_state(2, T))
+    second, state = stream(model, tokens[:, T // 2 :], state)
+    close = dict(rtol=2e-4, atol=2e-4, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), logits, **close)
+    if signal == "ntp":
+        return
+    one, step = model.init_decode_state(2, T), nnx.jit(lambda m, t, s: m.decode_step(t, s))
     outs = []
     for i in range(T):
-        out, state = step(model, tokens[:, i], state)
+        out, one = step(model, tokens[:, i], one)
         outs.append(out)
-    np.testing.assert_allclose(jnp.stack(outs, 1), logits, rtol=2e-4, atol=2e-4, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(jnp.stack(outs, 1), logits, **close)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(state)):
+        np.testing.assert_allclose(a, b, **close)
 
 
 @pytest.mark.parametrize("read,signal", [("boundary", "local"), ("per_token", "none")])
