@@ -108,12 +108,19 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     )
 
 
-def paper_recipe(config, tokens: float, seq_len: int = 4096, batch_tokens: int = 2**19):
+def paper_recipe(
+    config, tokens: float, seq_len: int = 4096, batch_tokens: int = 2**19, grad_accum_steps: int = 1
+):
     """The paper's training setting (D1): 4096-token context, 0.5M-token batches, AdamW 4e-4
-    cosine, wd 0.1, vocab 32000 (SentencePiece), `tokens` in total. Returns `config`."""
+    cosine, wd 0.1, vocab 32000 (SentencePiece), `tokens` in total. `grad_accum_steps`: the
+    microbatches of a step; the sized configs take the fewest with which the step fits both 32-chip
+    slices, v5p-64 and v4-64 (32 GiB per chip; README table, `python -m experiments.compile`).
+    Returns `config`."""
     batch = batch_tokens // seq_len
     config.data.update(seq_len=seq_len, global_batch_size=batch)
-    config.train.update(steps=max(1, int(tokens // (batch * seq_len))), log_every=100)
+    config.train.update(
+        steps=max(1, int(tokens // (batch * seq_len))), log_every=100, grad_accum_steps=grad_accum_steps
+    )
     config.optim.update(lr=4e-4, schedule="cosine", warmup_steps=2000, weight_decay=0.1)
     config.eval.update(every=2000, max_batches=100)
     config.checkpoint.update(every=1000)

@@ -13,4 +13,4 @@ def get_config():
     # TPU defaults: bf16 matmuls over float32 master weights and float32 fast weights (D10); keep the
     # projection outputs and recompute the rest of each block in the backward pass.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    return base.paper_recipe(config, tokens=30e9)  # D1: 760M on 30B tokens
+    return base.paper_recipe(config, tokens=30e9, grad_accum_steps=2)  # D1: 760M on 30B tokens

@@ -13,4 +13,4 @@ def get_config():
     # TPU defaults: bf16 matmuls over float32 master weights (D10); keep the projection outputs
     # and recompute the attention matrices in the backward pass.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    return base.paper_recipe(config, tokens=100e9)
+    return base.paper_recipe(config, tokens=100e9, grad_accum_steps=2)

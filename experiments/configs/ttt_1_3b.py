@@ -12,4 +12,4 @@ def get_config():
     config = ttt_base.get_config()
     config.model.update(d_model=2048, num_layers=24, num_heads=32, mlp_hidden=5504)
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    return base.paper_recipe(config, tokens=100e9)
+    return base.paper_recipe(config, tokens=100e9, grad_accum_steps=2)
