@@ -113,8 +113,8 @@ def paper_recipe(
 ):
     """The paper's training setting (D1): 4096-token context, 0.5M-token batches, AdamW 4e-4
     cosine, wd 0.1, vocab 32000 (SentencePiece), `tokens` in total. `grad_accum_steps`: the
-    microbatches of a step; the sized configs take the fewest with which the step fits both 32-chip
-    slices, v5p-64 and v4-64 (32 GiB per chip; README table, `python -m experiments.compile`).
+    microbatches of a step; the sized configs set enough for the step to fit both 32-chip slices,
+    v5p-64 and v4-64 (32 GiB per chip; README table, `python -m experiments.compile`).
     Returns `config`."""
     batch = batch_tokens // seq_len
     config.data.update(seq_len=seq_len, global_batch_size=batch)
