@@ -15,14 +15,14 @@ multiply. `--config.a.b=v` applies to every point. Each point trains in `WORKDIR
 (default WORKDIR: runs/sweeps/CONFIG_SWEEP).
 
 Modes: `local` runs the points one after the other here, each as a `python -m experiments.pretrain`
-subprocess; `print` prints those commands; `launch` runs each through a launch/ script
-(`--launch` is the script and its options; the sweep adds `--run-name POINT --foreground -- CMD`,
-so the points run in turn on one slice; `{index}` in `--launch`, as in `--name abl-{index}`, gives
-point i its own slice, where it starts detached). Re-running the same command skips finished points, resumes interrupted
-ones from their checkpoints, and skips failed ones unless `--retry_failed`. A failure is recorded in
+subprocess; `print` prints those commands; `launch` runs each through a launch/ script (`--launch` is
+the script and its options; the sweep adds `--run-name POINT --foreground -- CMD`, so the points run in
+turn on one slice; `{index}` in `--launch`, as in `--name abl-{index}`, gives point i its own slice,
+where it starts detached). Re-running the same command skips finished points, resumes interrupted ones
+from their checkpoints, and skips failed ones unless `--retry_failed`. A failure is recorded in
 WORKDIR/status.jsonl and the sweep goes on. At the end, and with `--collect`, it writes
-WORKDIR/results.{md,csv}, loss_curves.png and a bar chart of `--metric`. Exit code: 0 when every
-point finished, 1 when some failed, 130 / 143 when interrupted.
+WORKDIR/results.{md,csv}, loss_curves.png and a bar chart of `--metric`. Exit code: 0 when every point
+finished, 1 when some failed, 130 / 143 when interrupted.
 """
 
 import os

@@ -5,9 +5,9 @@ Block (pre-norm residual, RMSNorm):
     hope_attention  h = x + Attention(Norm(x))          (RoPE, full or sliding window, GQA)
     both            y = CMS(h): z <- z + MLP_l(Norm_l(z)) for the levels (nl_jax/memory/cms.py)
 
-Config (`model` section): vocab_size, d_model, num_layers, tie_embeddings, norm_eps, dtype,
-param_dtype, scan_layers, remat_policy, init_std; `model.cms` (variant, signal, periods, hidden,
-inner_lr, optional checkpoint_segments); hope: `model.memory` (the SelfModifyingTitans keyword arguments); hope_attention:
+Config (`model` section): vocab_size, d_model, num_layers, tie_embeddings, norm_eps, dtype, param_dtype,
+scan_layers, remat_policy, init_std; `model.cms` (variant, signal, periods, hidden, inner_lr, optional
+checkpoint_segments); hope: `model.memory` (the SelfModifyingTitans keyword arguments); hope_attention:
 num_heads, num_kv_heads, head_dim, rope_theta, sliding_window.
 
 The CMS `ntp` signal (the paper's: the next-token-loss gradient wrt each level's fast weights) is
@@ -24,18 +24,18 @@ segment is a custom_vjp: the outer gradient differentiates the segment forwards 
 weights to their meta-learned init, the updates being constants: first order) and never the inner
 backward, so it costs one extra backward per segment.
 
-Memory: the outer backward needs, per segment, the fast weights and mixer states it started from
-(per sequence, each as large as the CMS weights: 256 segments of a 4096-token sequence would keep
-256 copies; hope_760m needed 1.3 TiB per v5p chip at 4 sequences per chip). With `cms.checkpoint_segments` = k > 1 (default 0: about sqrt(T / S) when the model's
-remat_policy is not "none", 1 when it is) the training forward scans chunks of k segments under
-jax.checkpoint: the backward keeps the state at each chunk start and recomputes one chunk at a time
-(one more forward, inner backward included, per segment). Inside a chunk the levels whose period is
-a multiple of the chunk do not change; their weights are constants of the chunk's segment scan
-rather than part of its carry, so the recomputed chunk keeps one copy of them, not one per segment;
-and the accumulators that are zero at every chunk start (period dividing the chunk) are not saved.
-The values are exactly those of the plain segment scan. The per-sequence states are sharded with
-the batch (over data and fsdp; XLA may split the rest over tensor), not like the parameters they
-start from.
+Memory: the outer backward needs, per segment, the fast weights and mixer states it started from (per
+sequence, each as large as the CMS weights: 256 segments of a 4096-token sequence would keep 256 copies;
+hope_760m needed 1.3 TiB per v5p chip at 4 sequences per chip). With `cms.checkpoint_segments` = k > 1
+(default 0: about sqrt(T / S) when the model's remat_policy is not "none", 1 when it is) the training
+forward scans chunks of k segments under jax.checkpoint: the backward keeps the state at each chunk
+start and recomputes one chunk at a time (one more forward, inner backward included, per segment).
+Inside a chunk the levels whose period is a multiple of the chunk do not change; their weights are
+constants of the chunk's segment scan rather than part of its carry, so the recomputed chunk keeps one
+copy of them, not one per segment; and the accumulators that are zero at every chunk start (period
+dividing the chunk) are not saved. The values are exactly those of the plain segment scan. The
+per-sequence states are sharded with the batch (over data and fsdp; XLA may split the rest over tensor),
+not like the parameters they start from.
 
 Decoding reproduces the forward: the decode state keeps the current segment's tokens and the
 recurrent states at its start; when the first token of the next segment arrives (the target of the

@@ -16,12 +16,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated). FSDP shards weights along
-# 'embed'; tensor parallelism splits the wide dimensions (mlp, heads, vocab); stacked layers stay
-# whole on every device because the scan slices them one at a time. A mesh axis serves one dimension
-# of an array (the first that names it and that it divides), so later names act as fallbacks:
-# head_dim takes 'tensor' when the heads do not split over it, memory_in takes 'fsdp' when
-# memory_out does not, and 'fsdp' goes to the heads only where no earlier dimension (embed) took it. Small parameters (norm scales, memory inits) are sharded too: on a 32-way
-# fsdp axis a replicated 2% of the weights is 60% more weight memory per device.
+# 'embed'; tensor parallelism splits the wide dimensions (mlp, heads, vocab); stacked layers stay whole
+# on every device because the scan slices them one at a time. A mesh axis serves one dimension of an
+# array (the first that names it and that it divides), so later names act as fallbacks: head_dim takes
+# 'tensor' when the heads do not split over it, memory_in takes 'fsdp' when memory_out does not, and
+# 'fsdp' goes to the heads only where no earlier dimension (embed) took it. Small parameters (norm
+# scales, memory inits) are sharded too: on a 32-way fsdp axis a replicated 2% of the weights is 60%
+# more weight memory per device.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
     ("batch", ("data", "fsdp")),

@@ -162,9 +162,9 @@ def recompute_flops_per_token(model_cls, model_cfg, seq_len: int, forward: float
     """(forward FLOPs per token recomputed in the backward, the remat settings in words)."""
     policy = str(model_cfg.get("remat_policy", "none"))
     remat = policy
-    k = getattr(model_cls, "ntp_segments_per_checkpoint", None)
-    if k is not None and k(model_cfg, seq_len) > 1:
-        remat += f", ntp checkpoint every {k(model_cfg, seq_len)} segments"
+    segments = getattr(model_cls, "ntp_segments_per_checkpoint", lambda *_: 1)(model_cfg, seq_len)
+    if segments > 1:
+        remat += f", ntp checkpoint every {segments} segments"
     own = getattr(model_cls, "recompute_flops_per_token", None)
     if own is not None:
         return float(own(model_cfg, seq_len)), remat

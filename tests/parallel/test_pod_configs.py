@@ -27,4 +27,3 @@ def test_sized_configs_split_over_32_chips():
         model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
         mesh = AbstractMesh(shape, MESH_AXES)
         assert_params_sufficiently_sharded(model, mesh, config.mesh.sharding_tolerance)
-
