@@ -46,11 +46,13 @@ from nl_jax.memory.ops import rules
 from nl_jax.memory.ops import structures as st
 
 
+@jax.custom_vjp
 def segment_products(x: jax.Array) -> jax.Array:
     """P[..., i, s] = prod_{s < r <= i} x_r for s <= i, else 0.
 
     A cumulative product per column: exact with rates of exactly 0 in value and in gradient (a
-    saturated sigmoid gate does reach 0 in float32), where exp of summed logs would not be.
+    saturated sigmoid gate does reach 0 in float32), where exp of summed logs would not be. The
+    gradient is one matmul (`_segment_products_bwd`) instead of the transpose of the scan.
     """
     c = x.shape[-1]
     i = jnp.arange(c)[:, None]
@@ -59,12 +61,27 @@ def segment_products(x: jax.Array) -> jax.Array:
     return jnp.where(i >= s, jnp.cumprod(factors, axis=-2), 0.0)
 
 
+def _segment_products_fwd(x):
+    p = segment_products(x)
+    return p, p
+
+
+def _segment_products_bwd(p, g):
+    """dP[i, s]/dx_r = P[i, r] P[r-1, s] for s < r <= i (both factors vanish elsewhere), so
+    dx_r = sum_i P[i, r] (G P'^T)[i, r], P' = P shifted down one row: no division by x."""
+    return (jnp.sum(p * _mm_hi(g, jnp.swapaxes(_shift(p, 0.0, -2), -1, -2)), axis=-2),)
+
+
+segment_products.defvjp(_segment_products_fwd, _segment_products_bwd)
+
+
 def _mm_hi(a, b):
     """Matmul at full float32 precision: the coefficient matrices compound products and inverses,
     which the default TPU precision (bf16 passes) would round at 1e-3."""
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
+@jax.custom_vjp
 def unit_lower_inverse(t: jax.Array) -> jax.Array:
     """Inverse of unit lower-triangular matrices [..., n, n] by bottom-up block recursion.
 
@@ -91,6 +108,21 @@ def unit_lower_inverse(t: jax.Array) -> jax.Array:
         inv = jnp.concatenate([top, jnp.concatenate([lower, d_inv], axis=-1)], axis=-2)
         s *= 2
     return inv.reshape(*lead, size, size)[..., :n, :n]
+
+
+def _unit_lower_inverse_fwd(t):
+    inv = unit_lower_inverse(t)
+    return inv, inv
+
+
+def _unit_lower_inverse_bwd(inv, g):
+    """d(T^-1) = -T^-1 dT T^-1; only the strictly lower entries of T are read (the diagonal is 1)."""
+    inv_t = jnp.swapaxes(inv, -1, -2)
+    n = inv.shape[-1]
+    return (jnp.where(jnp.tri(n, k=-1, dtype=bool), -_mm_hi(_mm_hi(inv_t, g), inv_t), 0.0),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def _shift(x: jax.Array, fill: float, axis: int) -> jax.Array:
@@ -190,10 +222,10 @@ def _scaled_read(co: _Coefs, tr: _Track, qr, w_b, tau, from_boundary: bool):
 
 def _final(co: _Coefs, tr: _Track, last):
     """W and S after token `last` of the block (an int, possibly traced)."""
-    w = co.a[..., last, None, None] * tr.w0
-    w = w - jnp.einsum("...s,...so,...si->...oi", co.Cm[..., last, :], tr.ue, tr.x)
-    if tr.gp is not None:
-        w = w - jnp.einsum("...s,...so,...si->...oi", co.A[..., last, :], tr.gp, tr.x)
+    scaled = co.Cm[..., last, :, None] * tr.ue
+    if tr.gp is not None:  # the DGD weight's inputs are the keys, so both sums share one product
+        scaled = scaled + co.A[..., last, :, None] * tr.gp
+    w = co.a[..., last, None, None] * tr.w0 - jnp.einsum("...so,...si->...oi", scaled, tr.x)
     if tr.s0 is None:
         return w.astype(tr.w0.dtype), None  # the state keeps its dtype
     w = w + co.mu[..., last, None, None] * tr.s0
