@@ -61,9 +61,14 @@ def segment_products(x: jax.Array) -> jax.Array:
     return jnp.where(i >= s, jnp.cumprod(factors, axis=-2), 0.0)
 
 
-def _segment_products_fwd(x):
-    p = segment_products(x)
-    return p, p
+def _output_as_residual(f):
+    """A custom-VJP forward rule for `f` whose backward needs only f's output."""
+
+    def fwd(x):
+        y = f(x)
+        return y, y
+
+    return fwd
 
 
 def _segment_products_bwd(p, g):
@@ -72,7 +77,7 @@ def _segment_products_bwd(p, g):
     return (jnp.sum(p * _mm_hi(g, jnp.swapaxes(_shift(p, 0.0, -2), -1, -2)), axis=-2),)
 
 
-segment_products.defvjp(_segment_products_fwd, _segment_products_bwd)
+segment_products.defvjp(_output_as_residual(segment_products), _segment_products_bwd)
 
 
 def _mm_hi(a, b):
@@ -110,11 +115,6 @@ def unit_lower_inverse(t: jax.Array) -> jax.Array:
     return inv.reshape(*lead, size, size)[..., :n, :n]
 
 
-def _unit_lower_inverse_fwd(t):
-    inv = unit_lower_inverse(t)
-    return inv, inv
-
-
 def _unit_lower_inverse_bwd(inv, g):
     """d(T^-1) = -T^-1 dT T^-1; only the strictly lower entries of T are read (the diagonal is 1)."""
     inv_t = jnp.swapaxes(inv, -1, -2)
@@ -122,7 +122,7 @@ def _unit_lower_inverse_bwd(inv, g):
     return (jnp.where(jnp.tri(n, k=-1, dtype=bool), -_mm_hi(_mm_hi(inv_t, g), inv_t), 0.0),)
 
 
-unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+unit_lower_inverse.defvjp(_output_as_residual(unit_lower_inverse), _unit_lower_inverse_bwd)
 
 
 def _shift(x: jax.Array, fill: float, axis: int) -> jax.Array:
