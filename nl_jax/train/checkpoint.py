@@ -6,11 +6,13 @@ Layout: `<workdir>/checkpoints/<step>/{state, data, meta}`
   meta   JSON: step, model config, run name (checked on restore)
 
 Restore order (MaxText's, written down): the newest checkpoint in this workdir; if it cannot be
-read (a corrupted or partial write), it is moved aside to `<workdir>/checkpoints_corrupt/` with a
+read (a corrupted or partial write) or its parameters or optimizer state are not finite (written by
+a version that only checked the loss), it is moved aside to `<workdir>/checkpoints_corrupt/` with a
 warning and the previous one is tried; with none left the run starts fresh. Nothing is deleted
 except by the keep policy. A checkpoint of a different model is an error, never a silent restart.
-Saves are committed atomically by orbax (a temporary directory renamed at the end), so a run
-killed mid-save leaves the previous checkpoints intact.
+A state that is not finite is never saved, so the keep policy never pushes out a good checkpoint
+for a bad one. Saves are committed atomically by orbax (a temporary directory renamed at the end),
+so a run killed mid-save leaves the previous checkpoints intact.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from nl_jax.train.step import NonFiniteLossError, all_finite
+
 ITEMS = ("state", "data", "meta")
 
 
@@ -36,6 +40,9 @@ class _FrozenIteratorState:
 
     def get_state(self) -> bytes:
         return self._state
+
+
+_all_finite = jax.jit(all_finite)
 
 
 def _comparable(cfg_dict) -> str:
@@ -57,6 +64,7 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._verified: set[int] = set()  # steps this process saw to be finite (restored or saved)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -64,10 +72,20 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def last_good_step(self) -> int | None:
+        """The newest checkpoint on disk known to be finite: restored and checked, or checked and
+        saved by this run (call `wait` first so that saves in flight are on disk)."""
+        return max((s for s in self.all_steps() if s in self._verified), default=None)
+
     def save(self, step: int, state, data_iterator, extra_meta: dict | None = None) -> bool:
         """Starts an (async) save of `state` at `step`; returns False if one exists already."""
         if not self.enabled or step in self.manager.all_steps():
             return False
+        if not bool(_all_finite(state)):
+            raise NonFiniteLossError(
+                f"refusing to save checkpoint {step}: its parameters or optimizer state are not finite"
+            )
+        self._verified.add(int(step))
         meta = {"step": int(step), "model": self.model_cfg, **(extra_meta or {})}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -83,13 +101,12 @@ class Checkpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def _move_aside(self, step: int, error: Exception) -> None:
+    def _move_aside(self, step: int, why: str) -> None:
         logging.warning(
-            "checkpoint %d in %s cannot be restored (%s: %s); moving it to %s and trying the previous one",
+            "checkpoint %d in %s %s; moving it to %s and trying the previous one",
             step,
             self.directory,
-            type(error).__name__,
-            str(error).splitlines()[0][:300] if str(error) else "",
+            why,
             self.corrupt_dir,
         )
         if jax.process_index() == 0:
@@ -120,14 +137,14 @@ class Checkpointer:
             )
 
     def restore_latest(self, abstract_state, data_iterator):
-        """(state, step) from the newest readable checkpoint, or None if there is none."""
+        """(state, step, meta) from the newest readable, finite checkpoint, or None if there is none."""
         for step in reversed(self.all_steps()):
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
                     "meta"
                 ]
             except Exception as e:  # unreadable metadata: treat like any other corruption
-                self._move_aside(step, e)
+                self._move_aside(step, _cannot_restore(e))
                 continue
             self._check_model(step, meta)
             try:
@@ -139,10 +156,20 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:
-                self._move_aside(step, e)
+                self._move_aside(step, _cannot_restore(e))
                 continue
-            return restored["state"], step
+            if not bool(_all_finite(restored["state"])):
+                del restored  # frees the bad state before the previous checkpoint is read
+                self._move_aside(step, "holds parameters or optimizer state that are not finite (NaN / inf)")
+                continue
+            self._verified.add(int(step))
+            return restored["state"], step, meta
         return None
+
+
+def _cannot_restore(error: Exception) -> str:
+    first = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"cannot be restored ({type(error).__name__}: {first})"
 
 
 def checkpoint_files(workdir: str) -> list[str]:

@@ -38,10 +38,7 @@ from nl_jax.train import banner as banner_lib
 from nl_jax.train.checkpoint import Checkpointer, checkpoint_files
 from nl_jax.train.program import build_train_program
 from nl_jax.train.state import init_train_state
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN / inf; the run stopped without saving that state."""
+from nl_jax.train.step import NonFiniteLossError
 
 
 @dataclasses.dataclass
@@ -176,7 +173,7 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
         train_iter = data.train_iterator()
         restored = ckpt.restore_latest(abstract, train_iter)
         if restored is not None:
-            state, start = restored
+            state, start, _ = restored
         else:
             state, start = init_train_state(model, tx, shardings, tcfg.seed), 0
 
@@ -248,12 +245,17 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
             if not bool(m["finite"]):
                 writer.flush()
                 ckpt.wait()
-                latest = ckpt.latest_step()
+                good = ckpt.last_good_step()
+                loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+                what = (
+                    f"non-finite loss or gradient (loss {loss}, grad norm {gnorm})"
+                    if not (math.isfinite(loss) and math.isfinite(gnorm))
+                    else f"non-finite parameters or optimizer state after the update (loss {loss}, "
+                    f"grad norm {gnorm}, lr {float(m['lr'])})"
+                )
                 raise NonFiniteLossError(
-                    f"non-finite loss or gradient (loss {float(m['loss'])}, grad norm {float(m['grad_norm'])}) "
-                    f"at step {step_done}; "
-                    f"stopped without saving that state. Last good checkpoint: "
-                    f"{'step ' + str(latest) if latest is not None else 'none'} in {ckpt.directory}. "
+                    f"{what} at step {step_done}; stopped without saving that state. Last good checkpoint: "
+                    f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}. "
                     "Try a lower optim.lr, a longer optim.warmup_steps or optim.clip_norm."
                 )
             last_loss = float(m["loss"])

@@ -5,8 +5,10 @@ averaged over every target of the global batch. Gradient accumulation splits the
 `accum_steps` microbatches inside the step (`lax.scan`), so one call is one optimizer step and the
 step counter stays global (MaxText's choice over optax.MultiSteps).
 
-A step whose loss or gradient norm is not finite does not change the state (`finite` is False in
-its metrics); the loop then stops with an error, so a NaN never reaches a checkpoint.
+A step whose loss, gradient norm, new parameters or new optimizer state are not all finite does not
+change the state (`finite` is False in its metrics); the loop then stops with an error, so a NaN
+never reaches a checkpoint. Checking the state after the update, not only the loss and gradient,
+catches what the update itself breaks (a NaN learning rate, an optimizer state that overflows).
 """
 
 from __future__ import annotations
@@ -16,6 +18,22 @@ import jax.numpy as jnp
 import optax
 
 from nl_jax.parallel.rules import constrain
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss, gradient norm or updated train state became NaN / inf; the run stopped without
+    saving that state."""
+
+
+def all_finite(tree) -> jax.Array:
+    """A bool scalar: every floating-point leaf of `tree` is free of NaN and inf (integer leaves,
+    such as step counters, cannot be)."""
+    checks = [
+        jnp.isfinite(x).all()
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -65,7 +83,7 @@ def make_train_step(model, tx, schedule, accum_steps: int = 1):
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
         }
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new["params"], new["opt_state"]))
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
         return new, metrics

@@ -1,5 +1,6 @@
 """Bad input stops the trainer with a clear error before training, and no checkpoint is lost."""
 
+import logging
 import os
 import shutil
 
@@ -12,6 +13,8 @@ from flax import nnx
 
 from nl_jax.models.registry import register
 from nl_jax.train import NonFiniteLossError, run
+from nl_jax.train import checkpoint as checkpoint_lib
+from nl_jax.train import step as step_lib
 from nl_jax.train.checkpoint import checkpoint_files
 from tests.train.tiny import tiny_config
 
@@ -91,6 +94,51 @@ def test_nan_loss_stops_without_saving_and_keeps_the_last_good_checkpoint(tmp_pa
     # Whatever was saved before the NaN showed up is finite, and training continues from it.
     s = run(tiny_config(train__steps=12), wd, devices=ONE)
     assert s["start_step"] >= 4 and np.isfinite(s["final_train_loss"])
+
+
+def _file_bytes(directory) -> dict:
+    return {
+        os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+        for root, _, files in os.walk(directory)
+        for name in files
+    }
+
+
+def test_nan_learning_rate_saves_nothing_and_good_checkpoints_survive_byte_for_byte(tmp_path):
+    """The loss and gradient of step 4 are finite; the update with lr = NaN is not. Nothing is
+    written, and checkpoints 1-3 (keep 3) are untouched: none is pushed out by a NaN one."""
+    wd = str(tmp_path)
+    run(tiny_config(train__steps=3, checkpoint__every=1, eval__every=0), wd, devices=ONE)
+    before = _file_bytes(tmp_path / "checkpoints")
+    assert checkpoint_files(wd) == ["1", "2", "3"]
+    nan_lr = tiny_config(train__steps=6, checkpoint__every=1, eval__every=0, optim__lr=float("nan"))
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite parameters or optimizer state after the update \(loss \d.*lr nan\) at step 4; "
+        r"stopped without saving that state. Last good checkpoint: step 3 in ",
+    ):
+        run(nan_lr, wd, devices=ONE)
+    assert _file_bytes(tmp_path / "checkpoints") == before
+
+
+def test_a_non_finite_checkpoint_of_an_older_version_is_moved_aside(tmp_path, monkeypatch, caplog):
+    wd = str(tmp_path)
+    run(tiny_config(train__steps=3, checkpoint__every=1, eval__every=0), wd, devices=ONE)
+    # What a version that checked only the loss and gradient wrote: step 4 with NaN parameters.
+    with monkeypatch.context() as m:
+        m.setattr(step_lib, "all_finite", lambda tree: jnp.asarray(True))
+        m.setattr(checkpoint_lib, "_all_finite", lambda tree: jnp.asarray(True))
+        nan_lr = tiny_config(train__steps=6, checkpoint__every=1, eval__every=0, optim__lr=float("nan"))
+        with pytest.raises(NonFiniteLossError, match="at step 5"):
+            run(nan_lr, wd, devices=ONE)
+    assert checkpoint_files(wd) == ["2", "3", "4"]
+
+    caplog.set_level(logging.WARNING)
+    s = run(tiny_config(train__steps=6, checkpoint__every=1, eval__every=0), wd, devices=ONE)
+    assert "checkpoint 4 in" in caplog.text and "not finite (NaN / inf); moving it to" in caplog.text
+    assert s["start_step"] == 3 and np.isfinite(s["final_train_loss"])
+    assert checkpoint_files(wd) == ["4", "5", "6"]
+    assert os.path.isdir(tmp_path / "checkpoints_corrupt" / "4" / "state")  # kept, not deleted
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
