@@ -51,15 +51,17 @@ class Hook:
 
 def _local_dir(workdir: str) -> str:
     """Where the small outputs are written: the workdir itself, or for a remote (gs://) workdir a
-    local directory seeded with the remote metrics.jsonl, so a resumed run extends its history."""
+    local directory seeded with the remote metric rows, so a resumed run extends its history (and
+    the copy up at each save overwrites nothing it did not read)."""
     if "://" not in workdir:
         os.makedirs(workdir, exist_ok=True)
         return workdir
     local = tempfile.mkdtemp(prefix="nl_jax_run_")
-    remote = epath.Path(workdir) / "metrics.jsonl"
-    if jax.process_index() == 0 and remote.exists():
-        with open(os.path.join(local, "metrics.jsonl"), "wb") as f:
-            f.write(remote.read_bytes())
+    for name in ("metrics.jsonl", "metrics_superseded.jsonl"):
+        remote = epath.Path(workdir) / name
+        if jax.process_index() == 0 and remote.exists():
+            with open(os.path.join(local, name), "wb") as f:
+                f.write(remote.read_bytes())
     return local
 
 
@@ -120,12 +122,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _dedupe(rows: list[dict]) -> list[dict]:
-    """The last row per (split, step): a resumed run re-logs the steps after its checkpoint."""
-    last = {(r.get("split"), r.get("step")): r for r in rows}
-    return sorted(last.values(), key=lambda r: (r["step"], r.get("split", "")))
-
-
 def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = (), devices=None) -> dict:
     """Trains `config` in `workdir` (resuming if it holds checkpoints); returns the summary dict.
 
@@ -173,9 +169,9 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
         train_iter = data.train_iterator()
         restored = ckpt.restore_latest(abstract, train_iter)
         if restored is not None:
-            state, start, _ = restored
+            state, start, meta = restored
         else:
-            state, start = init_train_state(model, tx, shardings, tcfg.seed), 0
+            state, start, meta = init_train_state(model, tx, shardings, tcfg.seed), 0, {}
 
         # Banner and one-time facts.
         param_count = model.param_count()
@@ -215,7 +211,9 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
             if start:
                 print(f"resumed from checkpoint step {start}/{total} in {ckpt.directory}", flush=True)
 
-        writer = metrics_lib.MetricWriter(local, enabled=primary)
+        # Rows past the restored step are redone by this run: they leave metrics.jsonl, so it holds
+        # one row per logged step, as an uninterrupted run's does.
+        writer = metrics_lib.MetricWriter(local, enabled=primary, resume_step=start)
         preemption = _Preemption(ckpt)
         profiler = metrics_lib.ProfilerWindow(
             os.path.join(local, "profile"), tcfg.profile_start_step, tcfg.profile_steps, enabled=primary
@@ -224,16 +222,19 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
         block_each_step = jax.process_count() > 1 and device.platform == "cpu"  # avoids a gloo hang
         summary = {"config": config_name, "workdir": workdir, "params": param_count, "start_step": start}
         eval_history: list[tuple[int, float]] = []
-        window: list[dict] = []
+        # Train metrics since the last logged row; saved in checkpoints, so that a run resumed between
+        # two log steps averages the same steps into its next row as an uninterrupted run.
+        window: list[dict] = list(meta.get("log_window", []))
         pending = None
         last_row: dict = {}
         last_loss = None
         preempted = False
 
-        def log_eval(step: int) -> dict:
+        def log_eval(step: int, write: bool = True) -> dict:
             res = evaluate(state["params"])
             eval_history.append((step, res["loss"]))
-            writer.write(step, "eval", res)
+            if write:
+                writer.write(step, "eval", res)
             if primary:
                 print(f"eval  step {step}: loss {res['loss']:.4f}  ppl {res['perplexity']:.2f}", flush=True)
             return res
@@ -243,7 +244,6 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
             step_done, m = p
             m = jax.device_get(m)
             if not bool(m["finite"]):
-                writer.flush()
                 ckpt.wait()
                 good = ckpt.last_good_step()
                 loss, gnorm = float(m["loss"]), float(m["grad_norm"])
@@ -262,7 +262,8 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
             window.append({k: float(v) for k, v in m.items() if k != "finite"})
 
         def save(step: int) -> None:
-            if ckpt.save(step, state, train_iter, {"config_name": config_name}) and primary:
+            extra = {"config_name": config_name, "log_window": [dict(w) for w in window]}
+            if ckpt.save(step, state, train_iter, extra) and primary:
                 print(f"checkpoint step {step} -> {ckpt.directory}", flush=True)
             _sync_up(local, workdir)
 
@@ -323,15 +324,14 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
             if pending is not None:
                 consume(pending)
             if start >= total and not eval_history:
-                log_eval(total)  # an already finished run: report its final validation loss again
+                log_eval(total, write=False)  # a finished run: report its final validation loss again
         finally:
             profiler.finish()
             preemption.close()
-            writer.flush()
             ckpt.close()
             writer.close()
 
-        rows = _dedupe(metrics_lib.read_jsonl(writer.jsonl_path)) if primary else []
+        rows = metrics_lib.read_jsonl(writer.jsonl_path) if primary else []
         png = None
         if primary:
             png = metrics_lib.plot_loss_curve(

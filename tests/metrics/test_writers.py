@@ -68,3 +68,61 @@ def test_disabled_writer_writes_nothing(tmp_path):
     w.write(1, "train", {"loss": 1.0})
     w.close()
     assert not os.path.exists(tmp_path / "x" / "metrics.jsonl")
+
+
+def test_rows_are_on_disk_as_soon_as_they_are_written(tmp_path):
+    w = MetricWriter(str(tmp_path))
+    w.write(2, "train", {"loss": 1.0})
+    # Read before close, as after a SIGKILL: the row and its TensorBoard event are there.
+    assert [r["step"] for r in read_jsonl(w.jsonl_path)] == [2]
+    (name,) = os.listdir(tmp_path / "tensorboard" / "train")
+    events = read_events(str(tmp_path / "tensorboard" / "train" / name))
+    assert [e["scalars"] for e in events if e["scalars"]] == [{"loss": 1.0}]
+    w.close()
+
+
+def test_a_resumed_writer_supersedes_the_rows_it_logs_again(tmp_path):
+    w = MetricWriter(str(tmp_path))
+    for step in (0, 2, 4, 6):
+        w.write(step, "train", {"loss": float(step)})
+        if step == 4:
+            w.write(4, "eval", {"loss": 0.5})
+    w.close()
+    with open(w.jsonl_path, "a") as f:
+        f.write('{"step": 8, "split": "tr')  # a write cut short by a kill
+    assert [r["step"] for r in read_jsonl(w.jsonl_path)] == [0, 2, 4, 4, 6]
+
+    resumed = MetricWriter(str(tmp_path), resume_step=4)  # restored from checkpoint 4
+    assert [(r["split"], r["step"]) for r in read_jsonl(w.jsonl_path)] == [
+        ("train", 0),
+        ("train", 2),
+        ("train", 4),
+        ("eval", 4),
+    ]
+    resumed.write(6, "train", {"loss": 6.5})
+    resumed.close()
+    assert [r["loss"] for r in read_jsonl(w.jsonl_path)][-1] == 6.5
+    moved = open(tmp_path / "metrics_superseded.jsonl").read().splitlines()
+    assert [line[:30] for line in moved] == ['{"step": 6, "split": "train", ', '{"step": 8, "split": "tr']
+    # TensorBoard drops the older events from the step of a session START on.
+    tb = tmp_path / "tensorboard" / "train"
+    events = [e for name in os.listdir(tb) for e in read_events(str(tb / name))]
+    assert [e["step"] for e in events if e["session_start"]] == [0, 5]
+
+    # A complete last row that only lacks its newline is kept, and the next row starts a new line.
+    with open(w.jsonl_path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        f.truncate()
+    again = MetricWriter(str(tmp_path), resume_step=6)
+    again.write(8, "train", {"loss": 8.0})
+    again.close()
+    assert [r["step"] for r in read_jsonl(w.jsonl_path)] == [0, 2, 4, 4, 6, 8]
+
+
+def test_a_fresh_writer_supersedes_every_older_row(tmp_path):
+    w = MetricWriter(str(tmp_path))
+    w.write(0, "eval", {"loss": 5.0})
+    w.close()
+    MetricWriter(str(tmp_path), resume_step=0).close()
+    assert read_jsonl(w.jsonl_path) == []
+    assert len(read_jsonl(str(tmp_path / "metrics_superseded.jsonl"))) == 1
