@@ -41,6 +41,8 @@ import time
 
 from absl import app, flags, logging
 
+from experiments import cli
+
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "training workdir (config.json + checkpoints/); several, comma-separated, for one table"
 )
@@ -53,31 +55,84 @@ _CONFIG = flags.DEFINE_string("config", "", "config name, when the workdir has n
 _RANDOM_INIT = flags.DEFINE_bool(
     "random_init", False, "evaluate freshly initialised weights (no checkpoint; smoke tests)"
 )
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", lower_bound=0)
 _OUT_DIR = flags.DEFINE_string(
     "out_dir",
     "",
     "where results go (default <workdir>/eval/step_<N>); with several workdirs, where the comparison goes "
     "(default <their common parent>/eval)",
 )
-_BATCH = flags.DEFINE_integer("batch_size", 8, "rows per forward (rounded up to the data x fsdp devices)")
-_CONTEXT = flags.DEFINE_integer("context_len", 0, "scoring context in tokens (0: the training seq_len)")
-_LIMIT = flags.DEFINE_integer("limit", 0, "examples per commonsense task / documents per corpus (0: all)")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 8, "rows per forward (rounded up to the data x fsdp devices)", lower_bound=1
+)
+_CONTEXT = flags.DEFINE_integer(
+    "context_len", 0, "scoring context in tokens (0: the training seq_len)", lower_bound=0
+)
+_LIMIT = flags.DEFINE_integer(
+    "limit", 0, "examples per commonsense task / documents per corpus (0: all)", lower_bound=0
+)
 _PPL_MODE = flags.DEFINE_enum("ppl_mode", "sliding", ["sliding", "stream", "both"], "long-document scoring")
-_STRIDE = flags.DEFINE_integer("stride", 0, "sliding-window stride (0: the context, i.e. disjoint windows)")
+_STRIDE = flags.DEFINE_integer(
+    "stride", 0, "sliding-window stride (0: the context, i.e. disjoint windows)", lower_bound=0
+)
 _NIAH_TASKS = flags.DEFINE_list(
     "niah_tasks", ["s_niah_1", "s_niah_2", "s_niah_3", "mk_niah_1", "mq_niah", "mv_niah"], ""
 )
 _NIAH_LENGTHS = flags.DEFINE_list("niah_lengths", ["4096", "8192", "16384"], "prompt lengths in tokens")
 _NIAH_DEPTHS = flags.DEFINE_list("niah_depths", ["0", "0.25", "0.5", "0.75", "1"], "needle depths in [0, 1]")
-_NIAH_SAMPLES = flags.DEFINE_integer("niah_samples", 4, "samples per task, length and depth")
+_NIAH_SAMPLES = flags.DEFINE_integer("niah_samples", 4, "samples per task, length and depth", lower_bound=1)
 _NIAH_HAYSTACK = flags.DEFINE_string("niah_haystack", "", "haystack text file (default: the validation text)")
-_SEGMENTS = flags.DEFINE_integer("continual_segments", 4, "segments of the memorization stream")
-_CI_STAGES = flags.DEFINE_integer("ci_stages", 5, "class-incremental stages")
-_CI_SHOTS = flags.DEFINE_integer("ci_shots", 4, "demonstrations per class")
-_CI_TEST = flags.DEFINE_integer("ci_test_per_class", 20, "test examples per class (0: all)")
+_SEGMENTS = flags.DEFINE_integer(
+    "continual_segments", 4, "segments of the memorization stream", lower_bound=1
+)
+_CI_STAGES = flags.DEFINE_integer("ci_stages", 5, "class-incremental stages", lower_bound=1)
+_CI_SHOTS = flags.DEFINE_integer("ci_shots", 4, "demonstrations per class", lower_bound=0)
+_CI_TEST = flags.DEFINE_integer("ci_test_per_class", 20, "test examples per class (0: all)", lower_bound=0)
 
 SUITES = ("lm", "commonsense", "niah", "continual")
+
+
+@flags.validator("niah_lengths")
+def _check_lengths(values):
+    bad = [v for v in values if not (v.strip().isdigit() and int(v) > 0)]
+    if bad or not values:
+        raise flags.ValidationError("prompt lengths are positive whole numbers of tokens, e.g. 4096,8192")
+    return True
+
+
+@flags.validator("niah_depths")
+def _check_depths(values):
+    def ok(v):
+        try:
+            return 0.0 <= float(v) <= 1.0
+        except ValueError:
+            return False
+
+    bad = [v for v in values if not ok(v)]
+    if bad or not values:
+        raise flags.ValidationError("needle depths are fractions in [0, 1], e.g. 0,0.5,1")
+    return True
+
+
+@flags.validator("niah_tasks")
+def _check_tasks(values):
+    from nl_jax.eval.niah import TASKS
+
+    bad = [v for v in values if v not in TASKS]
+    if bad or not values:
+        raise flags.ValidationError(f"unknown task {bad or values}; choose from {', '.join(TASKS)}")
+    return True
+
+
+def _check_paths() -> None:
+    """The directories and files named by flags exist (before any model is loaded)."""
+    for flag, value, isdir in (
+        ("--data_dir", _DATA_DIR.value, True),
+        ("--tfds_data_dir", _TFDS_DATA_DIR.value, True),
+        ("--niah_haystack", _NIAH_HAYSTACK.value, False),
+    ):
+        if value and not (os.path.isdir(value) if isdir else os.path.isfile(value)):
+            raise cli.CommandError(f"{flag}={value}: no such {'directory' if isdir else 'file'}")
 
 
 def _suites(value: str) -> list[str]:
@@ -173,27 +228,44 @@ def run_lm(runner, tokenizer, config, context_len: int) -> dict:
     return out
 
 
+def _commonsense_source(task: str) -> tuple[str, str]:
+    """("jsonl" | "tfds" | "", the file, or why the task has no data)."""
+    from nl_jax.eval import multiple_choice as mc
+
+    path = os.path.join(_DATA_DIR.value, f"{task}.jsonl") if _DATA_DIR.value else ""
+    if path and os.path.isfile(path):
+        return "jsonl", path
+    if _TFDS_DATA_DIR.value and task in mc.TFDS_NAMES:
+        return "tfds", _TFDS_DATA_DIR.value
+    where = f"--data_dir={_DATA_DIR.value}" if _DATA_DIR.value else "no --data_dir"
+    return "", f"no {task}.jsonl ({where})" + ("" if task == "siqa" else " and no --tfds_data_dir")
+
+
+def _skip(suite: str, task: str, why: str) -> None:
+    print(f"warning: skipped {suite}/{task}: {why}", file=sys.stderr, flush=True)
+
+
 def run_commonsense(runner, tokenizer, context_len: int) -> dict:
     from nl_jax.eval import multiple_choice as mc
 
     out, skipped = {}, {}
     for task in mc.TASKS:
-        path = os.path.join(_DATA_DIR.value, f"{task}.jsonl") if _DATA_DIR.value else ""
-        labels = os.path.join(_DATA_DIR.value, f"{task}-labels.lst") if _DATA_DIR.value else ""
-        if path and os.path.isfile(path):
+        kind, where = _commonsense_source(task)
+        if kind == "jsonl":
+            labels = os.path.join(_DATA_DIR.value, f"{task}-labels.lst")
             data = mc.load_task(
-                task, path=path, labels_path=labels if os.path.isfile(labels) else "", limit=_LIMIT.value
+                task, path=where, labels_path=labels if os.path.isfile(labels) else "", limit=_LIMIT.value
             )
-        elif _TFDS_DATA_DIR.value and task in mc.TFDS_NAMES:
+        elif kind == "tfds":
             try:
-                data = mc.load_task(task, tfds_data_dir=_TFDS_DATA_DIR.value, limit=_LIMIT.value)
+                data = mc.load_task(task, tfds_data_dir=where, limit=_LIMIT.value)
             except ValueError as e:
                 skipped[task] = str(e)[:200]
+                _skip("commonsense", task, skipped[task])
                 continue
         else:
-            skipped[task] = f"no {task}.jsonl in --data_dir" + (
-                "" if task == "siqa" else " and no --tfds_data_dir"
-            )
+            skipped[task] = where
+            _skip("commonsense", task, where)
             continue
         t0 = time.time()
         res = mc.evaluate_task(runner, tokenizer, task, data, max_len=context_len)
@@ -206,14 +278,64 @@ def run_commonsense(runner, tokenizer, context_len: int) -> dict:
     return out
 
 
-def run_niah(runner, tokenizer, config, out_dir: str) -> dict:
+def _niah_haystack(config, tokenizer) -> str:
+    if _NIAH_HAYSTACK.value:
+        return open(_NIAH_HAYSTACK.value, encoding="utf-8").read()
+    docs = _validation_docs(config, tokenizer, 0)
+    return "\n".join(tokenizer.decode(d.tokens) for d in docs[:200])
+
+
+def _available_memory() -> tuple[int, int | None]:
+    """(host RAM bytes, bytes per accelerator or None on CPU, whose devices share the host's RAM)."""
+    import jax
+
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        return host, None
+    stats = device.memory_stats() or {}
+    return host, stats.get("bytes_limit")
+
+
+def check_niah(runner, tokenizer, haystack: str) -> None:
+    """Before anything is generated: the longest length fits in memory (the lower bound of
+    `niah.memory_needed`) and in what the model can decode, and every task fits the shortest."""
+    import jax
+
     from nl_jax.eval import niah
 
-    if _NIAH_HAYSTACK.value:
-        haystack = open(_NIAH_HAYSTACK.value, encoding="utf-8").read()
-    else:
-        docs = _validation_docs(config, tokenizer, 0)
-        haystack = "\n".join(tokenizer.decode(d.tokens) for d in docs[:200])
+    lengths = [int(x) for x in _NIAH_LENGTHS.value]
+    prompts = len(_NIAH_DEPTHS.value) * _NIAH_SAMPLES.value
+    try:
+        host, device = niah.memory_needed(runner, max(lengths), prompts, tokenizer.vocab_size)
+    except ValueError as e:
+        raise cli.CommandError(f"--niah_lengths={max(lengths)}: {e}") from e
+    have_host, have_device = _available_memory()
+    if have_device is None:  # CPU devices allocate from the host's RAM
+        need = {"host memory": (host + device, have_host)}
+    else:  # at best the devices split their share evenly
+        need = {
+            "host memory": (host, have_host),
+            "memory per device": (device // jax.device_count(), have_device),
+        }
+    for where, (n, have) in need.items():
+        if n > have:
+            raise cli.CommandError(
+                f"--niah_lengths={max(lengths)} needs at least {n / 2**30:,.1f} GiB of {where} for "
+                f"{prompts} prompts (--niah_depths x --niah_samples) in batches of {runner.batch_size}; "
+                f"this machine has {have / 2**30:,.1f} GiB. Use shorter --niah_lengths, fewer "
+                "--niah_samples / --niah_depths, or a smaller --batch_size"
+            )
+    for task in _NIAH_TASKS.value:
+        try:
+            niah.make_sample(task, tokenizer, min(lengths), 0.0, haystack_text=haystack)
+        except ValueError as e:
+            raise cli.CommandError(f"--niah_lengths / --niah_tasks: {e}") from e
+
+
+def run_niah(runner, tokenizer, haystack: str, out_dir: str) -> dict:
+    from nl_jax.eval import niah
+
     res = niah.evaluate_niah(
         runner,
         tokenizer,
@@ -237,6 +359,7 @@ def run_continual(runner, tokenizer, config, context_len: int) -> dict:
 
     out = {}
     if not runner.can_decode:
+        _skip("continual", "all", "the model has no decode state to carry")
         return {"_skipped": "the model has no decode state to carry"}
     docs = _validation_docs(config, tokenizer, 0)
     stream = np.concatenate([np.concatenate([d.tokens, [tokenizer.eos_id]]) for d in docs]).astype(np.int32)
@@ -262,6 +385,7 @@ def run_continual(runner, tokenizer, config, context_len: int) -> dict:
         )
     else:
         out["_skipped_class_incremental"] = "no <data_dir>/continual/{train,test}.jsonl"
+        _skip("continual", "class_incremental", out["_skipped_class_incremental"])
     return out
 
 
@@ -279,8 +403,10 @@ def evaluate_workdir(workdir: str, suites: list[str], out_dir: str = "") -> tupl
     context_len = _CONTEXT.value or int(config.data.seq_len)
     runner = ModelRunner(model, mesh=mesh, batch_size=_BATCH.value, length_bucket=min(256, context_len))
     name = config.get("config_name", "") or os.path.basename(os.path.normpath(workdir))
-    out_dir = out_dir or os.path.join(workdir, "eval", f"step_{step}")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = cli.writable_dir(out_dir or os.path.join(workdir, "eval", f"step_{step}"), "--out_dir")
+    if "niah" in suites:  # checked before any suite runs
+        haystack = _niah_haystack(config, tokenizer)
+        check_niah(runner, tokenizer, haystack)
     json_path = os.path.join(out_dir, "eval_results.json")
     results = json.load(open(json_path)) if os.path.isfile(json_path) else {}
     results["meta"] = {
@@ -304,10 +430,15 @@ def evaluate_workdir(workdir: str, suites: list[str], out_dir: str = "") -> tupl
         elif suite == "commonsense":
             results["commonsense"] = run_commonsense(runner, tokenizer, context_len)
         elif suite == "niah":
-            results["niah"] = run_niah(runner, tokenizer, config, out_dir)
+            results["niah"] = run_niah(runner, tokenizer, haystack, out_dir)
         elif suite == "continual":
             results["continual"] = run_continual(runner, tokenizer, config, context_len)
         print(f"  {suite}: {time.time() - t0:.1f}s", flush=True)
+    if not any(k for suite in suites for k in results[suite] if not k.startswith("_")):
+        raise cli.CommandError(
+            f"nothing was evaluated: every task of --suite={','.join(suites)} was skipped (see the "
+            "warnings above); give --data_dir / --tfds_data_dir with the tasks' data"
+        )
     if jax.process_index() == 0:
         jpath, mpath = report.write_results(out_dir, {name: results})
         print(open(mpath).read())
@@ -316,14 +447,26 @@ def evaluate_workdir(workdir: str, suites: list[str], out_dir: str = "") -> tupl
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO; -v 0 shows it
     workdirs = [w for w in (_WORKDIR.value or "").split(",") if w]
     if not workdirs:
         raise app.UsageError("--workdir is required (one run, or several separated by commas)")
     missing = [w for w in workdirs if not _RANDOM_INIT.value and not os.path.isdir(w)]
     if missing:
         raise app.UsageError(f"--workdir: no such directory {missing}")
+    _check_paths()
     suites = _suites(_SUITE.value)
+    if suites == ["commonsense"]:
+        from nl_jax.eval.multiple_choice import TASKS
+
+        if not any(_commonsense_source(t)[0] for t in TASKS):
+            raise cli.CommandError(
+                "--suite=commonsense has no data: put <task>.jsonl files in --data_dir "
+                f"({', '.join(TASKS)}) or give --tfds_data_dir"
+            )
     if len(workdirs) == 1:
         evaluate_workdir(workdirs[0], suites, _OUT_DIR.value)
         return
@@ -345,5 +488,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
-    sys.exit(0)
+    cli.run(main)

@@ -12,9 +12,9 @@ than memory work.
 
 import json
 
-from absl import app
 from absl import flags
 
+from experiments import cli
 from nl_jax.data import shards
 from nl_jax.data import sources
 from nl_jax.data import tokenizers
@@ -25,11 +25,11 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the shards go.", re
 _TOKENIZER = flags.DEFINE_string("tokenizer", "byte", "'byte' or a SentencePiece .model path.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "jsonl"], "Input format.")
 _TEXT_KEY = flags.DEFINE_string("text_key", "text", "jsonl key holding the text.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards per split.")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards per split.", lower_bound=1)
 _EVAL_FRACTION = flags.DEFINE_float(
     "eval_fraction", sources.DEFAULT_EVAL_FRACTION, "Share of documents (by content hash) for validation."
 )
-_BLOCK_LEN = flags.DEFINE_integer("block_len", shards.DEFAULT_BLOCK_LEN, "Tokens per record.")
+_BLOCK_LEN = flags.DEFINE_integer("block_len", shards.DEFAULT_BLOCK_LEN, "Tokens per record.", lower_bound=1)
 
 
 def prepare(
@@ -59,7 +59,9 @@ def prepare(
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise cli.CommandError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.writable_dir(_OUTPUT_DIR.value, "--output_dir")
     meta = prepare(
         _INPUT.value,
         _OUTPUT_DIR.value,
@@ -80,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-from experiments import config_flag, configs
+from experiments import cli, config_flag, configs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory, local or gs:// (default: ./runs/NAME)")
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -53,6 +53,25 @@ _CLUSTER_ENV = (
 _CONFIG = config_flag.define()
 
 
+def _check_processes() -> None:
+    """The multi-process flags, checked before jax.distributed would wait for the other processes."""
+    n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
+    if n is not None and n < 1:
+        raise cli.CommandError(f"--num_processes={n} must be >= 1")
+    if i is not None and (i < 0 or (n is not None and i >= n)):
+        raise cli.CommandError(
+            f"--process_id={i} must be in [0, --num_processes={n})"
+            if n is not None
+            else f"--process_id={i} must be >= 0 (and below --num_processes)"
+        )
+    if (n is not None or i is not None) and _COORDINATOR.value is None and _DISTRIBUTED.value != "off":
+        if not any(os.environ.get(k) for k in _CLUSTER_ENV):
+            raise cli.CommandError(
+                "--num_processes / --process_id need --coordinator_address=HOST:PORT (process 0's "
+                "address); on Cloud TPU, SLURM or MPI leave all three unset"
+            )
+
+
 def _init_distributed() -> None:
     import jax
 
@@ -79,22 +98,19 @@ def main(argv):
         raise app.UsageError(f"--config=NAME is required; names: {', '.join(configs.names())}")
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it
-    _init_distributed()
-    from nl_jax.train import NonFiniteLossError, run
-
+    _check_processes()
     name = config_flag.name()
-    workdir = _WORKDIR.value or os.path.join("runs", name)
-    try:
-        summary = run(_CONFIG.value, workdir, config_name=name)
-    except (ValueError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, ValueError) else 3)
+    workdir = cli.writable_dir(_WORKDIR.value or os.path.join("runs", name), "--workdir")
+    _init_distributed()
+    from nl_jax.train import run
+
+    summary = run(_CONFIG.value, workdir, config_name=name)
     if summary.get("preempted"):
-        sys.exit(143)  # 128 + SIGTERM, as a scheduler expects from a preempted job
+        sys.exit(cli.PREEMPTED)  # as a scheduler expects from a preempted job
 
 
 if __name__ == "__main__":
     import jax
 
     jax.config.config_with_absl()  # --jax_* flags (e.g. --jax_log_compiles) work too
-    app.run(main)
+    cli.run(main)

@@ -22,7 +22,8 @@ where it starts detached). Re-running the same command skips finished points, re
 from their checkpoints, and skips failed ones unless `--retry_failed`. A failure is recorded in
 WORKDIR/status.jsonl and the sweep goes on. At the end, and with `--collect`, it writes
 WORKDIR/results.{md,csv}, loss_curves.png and a bar chart of `--metric`. Exit code: 0 when every point
-finished, 1 when some failed, 130 / 143 when interrupted.
+finished, 1 when some failed, 130 / 143 when interrupted; a bad flag, grid or config is one `error:`
+line and exit code 2 (experiments/cli.py).
 """
 
 import os
@@ -31,7 +32,7 @@ import shlex
 import sys
 
 from absl import app, flags
-from experiments import config_flag, configs
+from experiments import cli, config_flag, configs
 
 
 _CONFIG = config_flag.define(help_text="base config name (experiments/configs/NAME.py) or path")
@@ -137,14 +138,10 @@ def main(argv):
             outcome = run_launch(plan, _LAUNCH.value, retry_failed=_RETRY.value)
         else:
             outcome = run_local(plan, retry_failed=_RETRY.value, echo=_ECHO.value)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr, flush=True)
-        sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr, flush=True)
         if plan is not None:
             _collect(plan)
-        sys.exit(130)
+        raise cli.CommandError("interrupted: re-run the same command to resume", cli.INTERRUPTED) from None
     _collect(plan)
     if outcome.interrupted_by:
         sys.exit(128 + outcome.interrupted_by)
@@ -154,4 +151,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,9 +7,11 @@ r"""Trains a SentencePiece tokenizer offline on local text (or on the embedded s
 Then use it with `--config.data.tokenizer=/tmp/spm8k.model` (and a model vocab_size >= its size).
 """
 
-from absl import app
+import os
+
 from absl import flags
 
+from experiments import cli
 from nl_jax.data import corpus
 from nl_jax.data import sources
 from nl_jax.data import tokenizers
@@ -20,7 +22,7 @@ _TEXT_KEY = flags.DEFINE_string("text_key", "text", "jsonl key holding the text.
 _MODEL_PREFIX = flags.DEFINE_string("model_prefix", None, "Writes PREFIX.model/.vocab.", required=True)
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 8192, "Vocabulary size (>= ~300 with bytes).")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece model.")
-_MAX_SENTENCES = flags.DEFINE_integer("max_sentences", 2_000_000, "Lines used for training.")
+_MAX_SENTENCES = flags.DEFINE_integer("max_sentences", 2_000_000, "Lines used for training.", lower_bound=1)
 
 
 def documents(input_path: str, fmt: str = "text", text_key: str = "text"):
@@ -33,7 +35,9 @@ def documents(input_path: str, fmt: str = "text", text_key: str = "text"):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise cli.CommandError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.writable_dir(os.path.dirname(os.path.abspath(_MODEL_PREFIX.value)), "--model_prefix's directory")
     path = tokenizers.train_sentencepiece(
         documents(_INPUT.value, _FORMAT.value, _TEXT_KEY.value),
         _MODEL_PREFIX.value,
@@ -46,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

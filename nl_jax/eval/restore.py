@@ -33,14 +33,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def latest_step(workdir: str) -> int | None:
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of the checkpoints in `workdir` that hold a train state, ascending."""
     from etils import epath
 
     d = epath.Path(workdir) / "checkpoints"
     if not d.exists():
-        return None
-    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "state").exists()]
-    return max(steps) if steps else None
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "state").exists())
+
+
+def latest_step(workdir: str) -> int | None:
+    steps = checkpoint_steps(workdir)
+    return steps[-1] if steps else None
 
 
 def restore_model(workdir: str, config, mesh=None, step: int | None = None) -> tuple[nnx.Module, int]:
@@ -49,9 +54,18 @@ def restore_model(workdir: str, config, mesh=None, step: int | None = None) -> t
     import orbax.checkpoint as ocp
     from etils import epath
 
-    step = latest_step(workdir) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(
+            f"no checkpoint under {os.path.join(workdir, 'checkpoints')}: train the run first "
+            "(experiments.pretrain), or pass --random_init for untrained weights"
+        )
+    if step is not None and step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint of step {step} in {os.path.join(workdir, 'checkpoints')}; "
+            f"its steps: {', '.join(map(str, steps))}"
+        )
+    step = steps[-1] if step is None else step
     mesh = make_mesh(config.mesh) if mesh is None else mesh
     model = ModelFn.from_config(config.model)
     target = jax.tree.map(
