@@ -25,9 +25,12 @@ Suites (nl_jax/eval/ holds the definitions of every number):
   commonsense  LAMBADA, PIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, SIQA, BoolQ from
                `<data_dir>/<task>.jsonl` (each dataset's published JSONL; `<task>-labels.lst`
                beside it for releases that keep labels apart), else TFDS from --tfds_data_dir.
-               Tasks with no data are listed as skipped.
+               Each task with no data is a `warning: skipped` line; a run where every task of
+               the asked suites was skipped, or --suite=commonsense with no data at all, is an error.
   niah         RULER-style needle tasks at --niah_lengths x --niah_depths, greedy decoding; the
-               haystack is --niah_haystack (a text file) or the run's validation text.
+               haystack is --niah_haystack (a text file) or the run's validation text. The lengths
+               are checked against what the model can decode and the memory they need at least
+               before any prompt is built.
   continual    test-time memorization over the validation stream (state carried across
                --continual_segments segments of the training length, twice), and class-incremental
                classification if `<data_dir>/continual/{train,test}.jsonl` ({"text", "label"}) exist.
@@ -187,12 +190,13 @@ def _validation_docs(config, tokenizer, limit: int):
 
 
 def _wikitext_docs(data_dir: str, tokenizer, limit: int):
+    from nl_jax.data.sources import read_text
     from nl_jax.eval import perplexity as ppl
 
     for name in ("wikitext.txt", "wiki.test.raw", "wikitext-103/wiki.test.raw"):
         path = os.path.join(data_dir, name)
         if data_dir and os.path.isfile(path):
-            text = open(path, encoding="utf-8").read()
+            text = read_text(path)
             articles = re.split(r"\n(?= = [^=\n].* = \n)", text)  # top-level headings only
             articles = [a.strip("\n") for a in articles if a.strip()]
             return ppl.documents_from_texts(articles[:limit] if limit else articles, tokenizer), path
@@ -242,7 +246,7 @@ def _commonsense_source(task: str) -> tuple[str, str]:
 
 
 def _skip(suite: str, task: str, why: str) -> None:
-    print(f"warning: skipped {suite}/{task}: {why}", file=sys.stderr, flush=True)
+    print(f"warning: skipped {suite}/{task}: {' '.join(why.split())}", file=sys.stderr, flush=True)
 
 
 def run_commonsense(runner, tokenizer, context_len: int) -> dict:
@@ -279,8 +283,10 @@ def run_commonsense(runner, tokenizer, context_len: int) -> dict:
 
 
 def _niah_haystack(config, tokenizer) -> str:
+    from nl_jax.data.sources import read_text
+
     if _NIAH_HAYSTACK.value:
-        return open(_NIAH_HAYSTACK.value, encoding="utf-8").read()
+        return read_text(_NIAH_HAYSTACK.value)
     docs = _validation_docs(config, tokenizer, 0)
     return "\n".join(tokenizer.decode(d.tokens) for d in docs[:200])
 

@@ -29,6 +29,12 @@ _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Shards per split.", lower_b
 _EVAL_FRACTION = flags.DEFINE_float(
     "eval_fraction", sources.DEFAULT_EVAL_FRACTION, "Share of documents (by content hash) for validation."
 )
+_DECODE_ERRORS = flags.DEFINE_enum(
+    "decode_errors",
+    "strict",
+    list(sources.DECODE_ERRORS),
+    "strict: an input that is not UTF-8 text is an error; replace: read it, bad bytes as U+FFFD.",
+)
 _BLOCK_LEN = flags.DEFINE_integer("block_len", shards.DEFAULT_BLOCK_LEN, "Tokens per record.", lower_bound=1)
 
 
@@ -42,13 +48,14 @@ def prepare(
     eval_fraction=sources.DEFAULT_EVAL_FRACTION,
     eval_input="",
     block_len=shards.DEFAULT_BLOCK_LEN,
+    decode_errors="strict",
 ) -> dict:
     """Library form of the command (used by tests); returns the written metadata."""
     tokenizer = tokenizers.load_tokenizer(tokenizer_spec)
     if fmt == "text":
-        source = sources.TextFiles(input_path, eval_input, eval_fraction)
+        source = sources.TextFiles(input_path, eval_input, eval_fraction, decode_errors)
     elif fmt == "jsonl":
-        source = sources.JsonlFiles(input_path, text_key, eval_input, eval_fraction)
+        source = sources.JsonlFiles(input_path, text_key, eval_input, eval_fraction, decode_errors)
     else:
         raise ValueError(f"Unknown --format {fmt!r}; expected text or jsonl")
     splits = {"train": source.iter_documents("train"), "validation": source.iter_documents("validation")}
@@ -72,6 +79,7 @@ def main(argv):
         _EVAL_FRACTION.value,
         _EVAL_INPUT.value,
         _BLOCK_LEN.value,
+        _DECODE_ERRORS.value,
     )
     print(json.dumps({k: v for k, v in meta.items() if k != "splits"}))
     for split, info in meta["splits"].items():

@@ -29,6 +29,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             path="",  # text/jsonl: file, dir or glob; array_record: prepare_data dir
             eval_path="",  # text/jsonl: separate validation files (else a hash split)
             eval_fraction=0.05,  # text/jsonl: share of documents (by content hash) for validation
+            decode_errors="strict",  # text/jsonl: strict (non-UTF-8 text is an error) | replace (as U+FFFD)
             embedded_max_bytes=corpus.DEFAULT_MAX_BYTES,
             tfds_name="",  # e.g. "c4/en:3.1.0", prepared as array_record in tfds_data_dir
             tfds_data_dir="",
@@ -53,11 +54,18 @@ def build_source(cfg: ml_collections.ConfigDict):
     kind = cfg.source
     if kind == "embedded":
         return corpus.EmbeddedCorpus(max_bytes=cfg.get("embedded_max_bytes", corpus.DEFAULT_MAX_BYTES))
+    decode_errors = cfg.get("decode_errors", "strict")
     if kind == "text":
-        return sources_lib.TextFiles(cfg.path, cfg.get("eval_path", ""), cfg.get("eval_fraction", 0.05))
+        return sources_lib.TextFiles(
+            cfg.path, cfg.get("eval_path", ""), cfg.get("eval_fraction", 0.05), decode_errors
+        )
     if kind == "jsonl":
         return sources_lib.JsonlFiles(
-            cfg.path, cfg.get("text_key", "text"), cfg.get("eval_path", ""), cfg.get("eval_fraction", 0.05)
+            cfg.path,
+            cfg.get("text_key", "text"),
+            cfg.get("eval_path", ""),
+            cfg.get("eval_fraction", 0.05),
+            decode_errors,
         )
     if kind == "array_record":
         if not cfg.path:

@@ -7,6 +7,10 @@ Local files have no split of their own; a document goes to "validation" when
 CRC32(its UTF-8 text) / 2**32 < eval_fraction (default 5%), else to "train". Hashing the content
 keeps the split stable under file reordering and puts duplicate documents on the same side.
 Pass `eval_path` to use separate files for validation instead.
+
+Files must be UTF-8 text: one with a NUL byte or bytes that are not UTF-8 (a binary, another
+encoding) is an error naming it, unless `decode_errors="replace"` reads it anyway with U+FFFD for
+the bad bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,28 @@ import numpy as np
 TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("validation", "valid", "eval", "test")
 DEFAULT_EVAL_FRACTION = 0.05
+DECODE_ERRORS = ("strict", "replace")
+_READ_ANYWAY = "or read it anyway with decode_errors=replace (data.decode_errors / --decode_errors)"
+
+
+def read_text(path: str, decode_errors: str = "strict") -> str:
+    """The text of a UTF-8 file; with "strict", a ValueError naming a file that is not UTF-8 text."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if decode_errors == "strict":
+        nul = data.find(b"\0")
+        if nul >= 0:
+            raise ValueError(
+                f"{path} is not text (a NUL byte at offset {nul}: a binary file?); use text files, {_READ_ANYWAY}"
+            )
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                f"to UTF-8, {_READ_ANYWAY}"
+            ) from None
+    return data.decode("utf-8", errors=decode_errors)
 
 
 def expand_paths(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -54,14 +80,13 @@ def split_of(text: str, split: str, eval_fraction: float) -> bool:
     raise ValueError(f"Unknown split {split!r}: use one of {TRAIN_SPLITS + EVAL_SPLITS}")
 
 
-def read_text_documents(path: str) -> Iterator[str]:
+def read_text_documents(path: str, decode_errors: str = "strict") -> Iterator[str]:
     """Documents of one text file: paragraphs, i.e. runs of text separated by blank lines.
 
     A single book-sized file therefore still has a validation split. Paragraph text is kept as is
     except its final newline: the line break and blank lines after it become the EOS separator.
     """
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    text = read_text(path, decode_errors)
     if not text.strip():
         raise ValueError(f"Empty input file: {path!r} contains no text")
     para: list[str] = []
@@ -75,11 +100,11 @@ def read_text_documents(path: str) -> Iterator[str]:
         yield "".join(para).rstrip("\r\n")
 
 
-def read_jsonl_documents(path: str, text_key: str) -> Iterator[str]:
+def read_jsonl_documents(path: str, text_key: str, decode_errors: str = "strict") -> Iterator[str]:
     """One document per line: the string under `text_key` (blank lines skipped)."""
     any_line = False
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, encoding="utf-8", errors=decode_errors) as f:
+        for lineno, line in enumerate(_utf8_lines(f, path), 1):
             if not line.strip():
                 continue
             any_line = True
@@ -97,17 +122,40 @@ def read_jsonl_documents(path: str, text_key: str) -> Iterator[str]:
         raise ValueError(f"Empty input file: {path!r} contains no JSON lines")
 
 
+def _utf8_lines(f, path: str) -> Iterator[str]:
+    """The lines of a text-mode file, a decoding error a ValueError naming the file."""
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8, {_READ_ANYWAY}"
+        ) from None
+
+
 class _LocalFiles:
     """Shared split logic for text and jsonl files."""
 
     suffixes: tuple[str, ...] = ()
 
-    def __init__(self, path: str, eval_path: str = "", eval_fraction: float = DEFAULT_EVAL_FRACTION):
+    def __init__(
+        self,
+        path: str,
+        eval_path: str = "",
+        eval_fraction: float = DEFAULT_EVAL_FRACTION,
+        decode_errors: str = "strict",
+    ):
         self.path = path
         self.eval_path = eval_path
         self.eval_fraction = float(eval_fraction)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+        if decode_errors not in DECODE_ERRORS:
+            raise ValueError(f"decode_errors must be one of {DECODE_ERRORS}, got {decode_errors!r}")
+        self.decode_errors = decode_errors
+
+    def _repr_decode(self) -> str:
+        # Only a non-default value is part of the repr: the reprs of existing runs' sources stay.
+        return "" if self.decode_errors == "strict" else f", decode_errors={self.decode_errors!r}"
 
     def _read(self, path: str) -> Iterator[str]:
         raise NotImplementedError
@@ -146,11 +194,12 @@ class TextFiles(_LocalFiles):
     suffixes = (".txt",)
 
     def _read(self, path: str) -> Iterator[str]:
-        return read_text_documents(path)
+        return read_text_documents(path, self.decode_errors)
 
     def __repr__(self) -> str:
         return (
-            f"TextFiles(path={self.path!r}, eval_path={self.eval_path!r}, eval_fraction={self.eval_fraction})"
+            f"TextFiles(path={self.path!r}, eval_path={self.eval_path!r}, eval_fraction={self.eval_fraction}"
+            f"{self._repr_decode()})"
         )
 
 
@@ -165,17 +214,18 @@ class JsonlFiles(_LocalFiles):
         text_key: str = "text",
         eval_path: str = "",
         eval_fraction: float = DEFAULT_EVAL_FRACTION,
+        decode_errors: str = "strict",
     ):
-        super().__init__(path, eval_path, eval_fraction)
+        super().__init__(path, eval_path, eval_fraction, decode_errors)
         self.text_key = text_key
 
     def _read(self, path: str) -> Iterator[str]:
-        return read_jsonl_documents(path, self.text_key)
+        return read_jsonl_documents(path, self.text_key, self.decode_errors)
 
     def __repr__(self) -> str:
         return (
             f"JsonlFiles(path={self.path!r}, text_key={self.text_key!r}, "
-            f"eval_path={self.eval_path!r}, eval_fraction={self.eval_fraction})"
+            f"eval_path={self.eval_path!r}, eval_fraction={self.eval_fraction}{self._repr_decode()})"
         )
 
 

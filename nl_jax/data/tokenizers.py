@@ -62,7 +62,10 @@ class SentencePieceTokenizer:
         import sentencepiece as spm  # imported lazily: the byte path needs nothing
 
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"SentencePiece model file not found: {model_path!r}")
+            raise FileNotFoundError(
+                f"SentencePiece model file not found: {model_path!r} (a tokenizer is 'byte' or the path of a "
+                ".model file, e.g. from experiments.train_tokenizer)"
+            )
         self.model_path = os.path.abspath(model_path)
         self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
         self._sha = _sha1_of_file(self.model_path)
@@ -171,23 +174,29 @@ def train_sentencepiece(
         yield from first
 
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=chained(),
-        model_prefix=model_prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=byte_fallback,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        split_by_whitespace=True,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=chained(),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=byte_fallback,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_by_whitespace=True,
+            hard_vocab_limit=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # SentencePiece's C++ checks, e.g. fewer pieces allowed than characters seen
+        raise ValueError(
+            f"SentencePiece cannot train {model_prefix!r} with vocab_size={vocab_size}: "
+            f"{str(e).split('] ', 1)[-1]}"
+        ) from e
     return model_prefix + ".model"

@@ -78,7 +78,8 @@ def _sync_up(local: str, workdir: str) -> None:
 
 
 def check_config(config) -> None:
-    """Cheap consistency checks with messages naming the fields."""
+    """Cheap consistency checks with messages naming the fields (ValueError), and warnings for
+    settings that train but cannot do what they are meant to."""
     t, d = config.train, config.data
     if t.steps < 1:
         raise ValueError(f"train.steps must be >= 1, got {t.steps}")
@@ -91,6 +92,21 @@ def check_config(config) -> None:
         raise ValueError(
             f"data.vocab_size={d.vocab_size} differs from model.vocab_size={config.model.vocab_size}"
         )
+    cms = config.model.get("cms")
+    if cms is not None and cms.get("signal", "none") != "none":
+        # A CMS level applies its update at the end of each period: one that does not end before the
+        # sequence does never changes its fast weights in training, i.e. it is a static MLP.
+        for level, period in enumerate(cms.get("periods", ())):
+            if period >= d.seq_len:
+                logging.warning(
+                    "model.cms.periods[%d]=%d >= data.seq_len=%d: CMS level %d never updates within a "
+                    "training sequence, so it trains as a static MLP; use periods below data.seq_len or "
+                    "a longer data.seq_len",
+                    level,
+                    period,
+                    d.seq_len,
+                    level + 1,
+                )
 
 
 class _Preemption:

@@ -198,6 +198,27 @@ def test_bad_jsonl_names_line(tmp_path):
         data.JsonlFiles(str(path)).documents("train")
 
 
+def test_files_that_are_not_utf8_text_are_refused_naming_them(tmp_path):
+    program = tmp_path / "program.txt"
+    program.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    for source, match in (
+        (data.TextFiles(str(program)), r"program.txt is not text \(a NUL byte at offset 7"),
+        (data.TextFiles(str(tmp_path)), r"program.txt is not text"),  # a directory's *.txt
+        (data.JsonlFiles(str(latin1)), r"latin1.jsonl is not UTF-8 text"),
+    ):
+        with pytest.raises(ValueError, match=match + ".*decode_errors=replace"):
+            source.documents("train")
+    # Allowed, the bad bytes read as U+FFFD; only then is the setting part of the source's repr.
+    replaced = data.JsonlFiles(str(latin1), eval_fraction=0.0, decode_errors="replace")
+    assert replaced.documents("train") == ["caf\ufffd"]
+    assert "decode_errors='replace'" in repr(replaced) and "decode_errors" not in repr(data.JsonlFiles("x"))
+    assert data.TextFiles(str(program), eval_fraction=0.0, decode_errors="replace").documents("train")
+    with pytest.raises(ValueError, match="decode_errors must be one of"):
+        data.TextFiles(str(program), decode_errors="ignore")
+
+
 def test_tokenization_is_cached(text_source):
     pipeline.clear_cache()
     a = data.tokenize_documents(text_source, TOK, "train")

@@ -1,5 +1,6 @@
 """Every command answers a bad input with one line, `error: ...`, and the exit code of its kind
-(experiments/cli.py); the traceback only when asked for."""
+(experiments/cli.py), the traceback only when asked for; what it accepts with less than was asked
+for, it says."""
 
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def files(tmp_path_factory):
     (d / "syntax.py").write_text("def get_config(:\n    pass\n")
     (d / "a_file").write_text("not a directory\n")
     (d / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (d / "program").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)  # an executable
     (d / "empty_data").mkdir()
     config = _config(d)
     _write_run(d, config, step=3, name="run")
@@ -92,6 +94,12 @@ CASES = {
         ],
         2,
         ["--process_id=5 must be in [0, --num_processes=2)"],
+    ),
+    "data_binary": (
+        "pretrain",
+        [*TINY, "--workdir={d}/w5", "--config.data.source=text", "--config.data.path={d}/program"],
+        2,
+        ["program is not text (a NUL byte at offset 7", "decode_errors=replace"],
     ),
     "batch_size_0": (
         "pretrain",
@@ -160,6 +168,12 @@ CASES = {
         2,
         ["bad.jsonl:2: invalid JSON"],
     ),
+    "prepare_binary": (
+        "prepare_data",
+        ["--input={d}/program", "--output_dir={d}/shards2"],
+        2,
+        ["program is not text", "--decode_errors"],
+    ),
     "prepare_output_is_a_file": (
         "prepare_data",
         ["--input={d}/bad.jsonl", "--output_dir={d}/a_file"],
@@ -185,6 +199,27 @@ CASES = {
 def test_bad_input_is_one_error_line_with_its_exit_code(files, case):
     module, args, code, expected = CASES[case]
     _assert_one_error_line(_command(module, *[a.format(d=files) for a in args]), code, *expected)
+
+
+def test_every_task_skipped_is_a_warning_each_and_an_error(files):
+    """TFDS named but holding none of the datasets: each task says why it is skipped, and a run
+    that evaluated nothing fails."""
+    args = ["--workdir={d}/run", "--suite=commonsense", "--tfds_data_dir={d}/empty_data"]
+    proc = _command("evaluate", *[a.format(d=files) for a in args])
+    _assert_one_error_line(proc, 2, "nothing was evaluated: every task of --suite=commonsense was skipped")
+    skipped = [ln.split(": ")[1] for ln in proc.stderr.splitlines() if ln.startswith("warning: skipped")]
+    assert len(skipped) == 8 and "skipped commonsense/piqa" in skipped
+
+
+def test_train_tokenizer_says_it_wrote_fewer_pieces_than_asked(files):
+    (files / "small.txt").write_text("def f(x):\n    return x + 1\n\nprint(f(2))\n" * 20)
+    proc = _command(
+        "train_tokenizer", f"--input={files}/small.txt", f"--model_prefix={files}/spm", "--vocab_size=100000"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
+    pieces = int(line.split(" has ")[1].split(" pieces")[0])
+    assert pieces < 1000 and "fewer than --vocab_size=100000" in line and f"vocab_size >= {pieces}" in line
 
 
 def test_the_traceback_comes_with_an_env_flag_or_verbosity(files):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments import configs
 from nl_jax.models.registry import register
-from nl_jax.train import NonFiniteLossError, run
+from nl_jax.train import NonFiniteLossError, check_config, run
 from nl_jax.train import checkpoint as checkpoint_lib
 from nl_jax.train import step as step_lib
 from nl_jax.train.checkpoint import checkpoint_files
@@ -69,6 +70,22 @@ def test_chunk_size_that_does_not_divide_the_length_fails_before_training(tmp_pa
     cfg.model.chunk_size = 4  # the same model trains once the chunk divides the length
     s = run(cfg, str(tmp_path), devices=ONE)
     assert np.isfinite(s["final_eval_loss"])
+
+
+def test_a_cms_level_whose_period_outlasts_the_sequence_is_a_warning(caplog):
+    cfg = configs.load("hope_tiny")
+    cfg.data.seq_len = 64
+    cfg.model.cms.periods = (16, 128)
+    caplog.set_level(logging.WARNING)
+    check_config(cfg)
+    (record,) = [r for r in caplog.records if "cms" in r.getMessage()]
+    assert "model.cms.periods[1]=128 >= data.seq_len=64: CMS level 2 never updates" in record.getMessage()
+    caplog.clear()
+    cfg.model.cms.periods = (16, 32)
+    check_config(cfg)
+    cfg.model.cms.update(periods=(16, 128), signal="none")  # static MLPs: nothing to update
+    check_config(cfg)
+    assert not caplog.records
 
 
 def test_unknown_optimizer_lists_close_matches(tmp_path):
