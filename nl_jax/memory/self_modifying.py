@@ -298,22 +298,36 @@ class SelfModifyingTitans(nnx.Module):
             for i, n in enumerate(self.small)
         }
 
-    def core(self, x: jax.Array, state: SelfModifyingState | None = None):
-        """The memory read y [B, T, H, dh] before the output head, and the new state (None in training)."""
+    def aligned(self, length: int) -> bool:
+        """Whether a block of `length` tokens started at a multiple of it stays on both chunk grids,
+        so `core(..., aligned=True)` can run the chunked form from a carried state."""
+        return length % self.chunk_size == 0 and length % self.memory_chunk_size == 0
+
+    def core(self, x: jax.Array, state: SelfModifyingState | None = None, *, aligned: bool = False):
+        """The memory read y [B, T, H, dh] before the output head, and the new state (None in training).
+
+        `aligned` (static): the caller guarantees that `state` sits at a boundary of both chunk grids
+        and that T is a multiple of both chunk sizes (a model running whole segments); the chunked
+        form then runs from the state with the chunk positions known at trace time, the values
+        being those of the streaming form."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"SelfModifyingTitans expects x [B, T, {self.d_model}], got shape {x.shape}")
         b, t, _ = x.shape
         training = state is None
-        if training:
+        if training or aligned:
             for name, c in (("chunk_size", self.chunk_size), ("memory_chunk_size", self.memory_chunk_size)):
                 if t % c:
                     raise ValueError(
                         f"{name} {c} does not divide the sequence length {t} (the training forward runs "
                         "whole chunks; pass a state from init_state to stream any length)"
                     )
+        if training:
             state = self.init_state(b)
+        elif aligned:  # at a chunk boundary the boundary state is the running one
+            memories = {n: m._replace(boundary=m.weights) for n, m in state.memories.items()}
+            state = state._replace(memories=memories, memory=state.memory._replace(boundary=state.memory.weights))
         z, beta, convs = self.paths(x, state.conv)
-        step = 0 if training else state.memories[self.small[0]].step
+        step = 0 if training or aligned else state.memories[self.small[0]].step
         (q, k, v, rates), mems = chunked.stream_blocks(
             self._small_block,
             {"small": self._stack(state.memories)},
@@ -323,7 +337,7 @@ class SelfModifyingTitans(nnx.Module):
             remat=self.remat_chunks,
         )
         mems = self._unstack(mems["small"])
-        run = ops.memory_chunked if training else ops.memory_stream
+        run = ops.memory_chunked if training or aligned else ops.memory_stream
         y, memory = run(
             self.out_spec,
             state.memory,
@@ -337,14 +351,25 @@ class SelfModifyingTitans(nnx.Module):
         )
         return y, (None if training else SelfModifyingState(convs, mems, memory))
 
-    def __call__(self, x: jax.Array, state: SelfModifyingState | None = None):
+    def __call__(self, x: jax.Array, state: SelfModifyingState | None = None, *, aligned: bool = False):
         """x [B, T, D] -> (y [B, T, D], state). Without a state: the training forward from the
         meta-learned initial memories (T a multiple of both chunk sizes), state None. With a state
-        (`init_state` or a previous call): continues from it, any number of tokens."""
-        y, state = self.core(x, state)
+        (`init_state` or a previous call): continues from it, any number of tokens (`aligned`: see
+        `core`)."""
+        y, state = self.core(x, state, aligned=aligned)
         return self.output(x, y), state
 
     # ---------------------------------------------------------------- cost
+
+    @staticmethod
+    def projection_flops_per_token(
+        d_model: int, num_heads: int, head_dim: int, *, weight_decay: bool = True, momentum: bool = True, **_
+    ) -> float:
+        """Forward FLOPs per token of the static projections (q, k, v, eta, gate, out, [alpha], [beta]):
+        the part of the layer whose backward has weight gradients; the rest (convolutions, memories)
+        is a function of the input alone."""
+        d, h, dh = d_model, num_heads, head_dim
+        return float(2 * d * h * dh * (6 + weight_decay) + 2 * d * h * momentum)
 
     @staticmethod
     def forward_flops_per_token(
@@ -380,7 +405,9 @@ class SelfModifyingTitans(nnx.Module):
         mats = [(dh, dh)] if structure == "linear" else [(dh, hid), (hid, dh)]  # (out, in); input side last
         apply = h * sum(2 * o * i for o, i in mats)  # one memory read of one token, all heads
 
-        proj = 2 * d * h * dh * (6 + weight_decay) + 2 * d * h * momentum  # q k v eta gate out [alpha], beta
+        proj = SelfModifyingTitans.projection_flops_per_token(
+            d, h, dh, weight_decay=weight_decay, momentum=momentum
+        )
         conv = 3 * 2 * conv_width * h * dh
         readouts = 2 * h * dh * (1 + weight_decay)
         n_small = 1 + adaptive_k + adaptive_v + adaptive_q + weight_decay  # eta always
@@ -398,7 +425,7 @@ class SelfModifyingTitans(nnx.Module):
                 o, i = mats[-1]
                 f += h * (2 * c * i + 2 * c * o)  # Gram matrix and right-hand side
                 f += h * 2 * c * c / 3 + h * 2 * c * o  # triangular inverse (~2C^3/3 per chunk) and solve
-                f += h * 2 * o * i  # the DGD term of the final state
+                # (the DGD term of the final state shares the gradient sum's product, counted above)
             if read_mode == "boundary":
                 f += apply
             elif read_mode == "per_token":

@@ -133,14 +133,15 @@ class HopeBlock(nnx.Module):
             mixer = self.mixer.init_state(batch_size)
         return (mixer, self.cms.init_state(batch_size))
 
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, aligned: bool = False):
+        """`aligned` (static): the state sits on the mixer's chunk grids (see SelfModifyingTitans.core)."""
         u = self.mixer_norm(x)
         if state is None:  # training forward of the static / local CMS: whole sequence at once
             a = self.mixer(u) if self.attention else self.mixer(u)[0]
             y, _ = self.cms(x + a)
             return constrain(y, _RESIDUAL), None
         mixer, cms = state
-        a, mixer = self.mixer.extend(u, mixer) if self.attention else self.mixer(u, mixer)
+        a, mixer = self.mixer.extend(u, mixer) if self.attention else self.mixer(u, mixer, aligned=aligned)
         y, cms = self.cms(x + a, cms)
         return constrain(y, _RESIDUAL), (mixer, cms)
 
@@ -183,13 +184,19 @@ class _Hope(nnx.Module):
         )
         return constrain_batch(states, axis=1)  # [L, B, ...]: each sequence's state with its tokens
 
-    def _run(self, tokens, states):
+    def _run(self, tokens, states, aligned: bool = False):
         """tokens [B, T] through the stack from `states` -> (logits, new states)."""
         h = constrain(self.embed(tokens), _RESIDUAL)
-        h, states = self.blocks(h, states)
+        h, states = self.blocks(h, states, aligned=aligned)
         return self._logits(h), states
 
-    def _segment_grads(self, mixer, cms, tokens, targets, mask):
+    @property
+    def segments_aligned(self) -> bool:
+        """Whether segments that start at multiples of the segment length stay on the mixer's chunk
+        grids (always for attention, whose cache has none)."""
+        return self.blocks.layers.attention or self.blocks.layers.mixer.aligned(self.segment)
+
+    def _segment_grads(self, mixer, cms, tokens, targets, mask, aligned: bool = False):
         """One segment's logits, new mixer states and next-token-loss gradients wrt every layer's
         CMS fast weights (leading axis L).
 
@@ -204,7 +211,9 @@ class _Hope(nnx.Module):
 
         def f(p, w, m, r, cr, tok):
             model = nnx.merge(graphdef, p, r, copy=True)
-            logits, (new_mixer, _) = model._run(tok, (m, ContinuumMemory.with_fast_weights(cr, w)))
+            logits, (new_mixer, _) = model._run(
+                tok, (m, ContinuumMemory.with_fast_weights(cr, w)), aligned=aligned
+            )
             return logits, new_mixer
 
         def fwd(p, w, m, r, cr, tok, tgt, msk):
@@ -235,10 +244,10 @@ class _Hope(nnx.Module):
         `segments_per_checkpoint`)."""
         return segments_per_checkpoint(n, self.checkpoint_segments, self.remat_policy)
 
-    def _segment_step(self, defer, carry, xs):
+    def _segment_step(self, defer, aligned, carry, xs):
         """One segment of the scan: logits, new mixer states, gradients into the CMS state."""
         mixer, cms = carry
-        logits, mixer, grads = self._segment_grads(mixer, cms, *xs)
+        logits, mixer, grads = self._segment_grads(mixer, cms, *xs, aligned=aligned)
         return (mixer, self._accumulate(cms, grads, defer=defer)), logits
 
     def _chunk_step(self, k: int):
@@ -275,7 +284,7 @@ class _Hope(nnx.Module):
 
             def body(c, seg):
                 c = (c[0], put(c[1], weights))
-                (m, cm), logits = self._segment_step(fixed, c, seg)
+                (m, cm), logits = self._segment_step(fixed, self.segments_aligned, c, seg)
                 return (m, put(cm, None)), logits
 
             (mixer, cms), logits = jax.lax.scan(body, (mixer, put(cms, None)), xs)
@@ -312,14 +321,14 @@ class _Hope(nnx.Module):
         targets, mask = self._targets(tokens)
         pad = ((0, 0), (0, n * s - t))
         tokens_p, targets, mask = jnp.pad(tokens, pad), jnp.pad(targets, pad), jnp.pad(mask, pad)
-        k = 1
+        k, aligned = 1, False
         if states is None:  # a fresh sequence: chunks start at multiples of k * S (checkpointing)
             states = self._layer_states(b, n * s)
-            k = self.segments_per_checkpoint(n)
+            k, aligned = self.segments_per_checkpoint(n), self.segments_aligned
         to_segments = lambda a: jnp.moveaxis(a.reshape(b, n, s), 1, 0)  # noqa: E731
         xs = tuple(map(to_segments, (tokens_p, targets, mask)))
         if k == 1:
-            states, logits = jax.lax.scan(functools.partial(self._segment_step, ()), states, xs)
+            states, logits = jax.lax.scan(functools.partial(self._segment_step, (), aligned), states, xs)
         else:
             chunk = jax.checkpoint(self._chunk_step(k), prevent_cse=False)  # inside a scan: no CSE anyway
             xs = jax.tree.map(lambda a: a.reshape(n // k, k, *a.shape[1:]), xs)
@@ -356,7 +365,9 @@ class _Hope(nnx.Module):
         def close_segment(st):
             targets = jnp.concatenate([st["buffer"][:, 1:], tokens[:, None]], axis=1)
             mask = jnp.ones(targets.shape, jnp.float32)
-            _, mixer, grads = self._segment_grads(st["start"], st["cms"], st["buffer"], targets, mask)
+            _, mixer, grads = self._segment_grads(
+                st["start"], st["cms"], st["buffer"], targets, mask, aligned=self.segments_aligned
+            )
             return dict(st, start=mixer, mixer=mixer, cms=self._accumulate(st["cms"], grads))
 
         state = jax.lax.cond(complete, close_segment, lambda st: st, state)
@@ -381,32 +392,60 @@ class _Hope(nnx.Module):
 
     # ---------------------------------------------------------------- FLOPs
     @staticmethod
-    def _layer_flops_per_token(cfg, seq_len: int) -> tuple[float, float]:
-        """(mixer, CMS) forward FLOPs per token of one layer, the self-modifying inner loops included."""
+    def _layer_flops_per_token(cfg, seq_len: int) -> tuple[float, float, float]:
+        """(mixer, mixer projections, CMS) forward FLOPs per token of one layer, the self-modifying
+        inner loops included; the projections are the mixer's static matmuls."""
         d = cfg.d_model
         cms = sum(6 * d * h for h in cfg.cms.hidden)
         if cfg.name == "hope_attention":
             heads, kv, head_dim = attention_dims(cfg)
             ctx = (seq_len + 1) / 2 if not cfg.sliding_window else min(cfg.sliding_window, (seq_len + 1) / 2)
-            return 2 * d * head_dim * (2 * heads + 2 * kv) + 4 * heads * head_dim * ctx, cms
+            proj = 2 * d * head_dim * (2 * heads + 2 * kv)
+            return proj + 4 * heads * head_dim * ctx, proj, cms
         from nl_jax.memory.self_modifying import SelfModifyingTitans  # noqa: PLC0415
 
-        return SelfModifyingTitans.forward_flops_per_token(seq_len, d, **dict(cfg.memory)), cms
+        mem = dict(cfg.memory)
+        mixer = SelfModifyingTitans.forward_flops_per_token(seq_len, d, **mem)
+        return mixer, SelfModifyingTitans.projection_flops_per_token(d, **mem), cms
+
+    @classmethod
+    def flops_per_token(cls, cfg, seq_len: int) -> dict:
+        """Analytic FLOPs per token of a training step's parts (2 per multiply-add):
+
+        forward  the model's function: every layer's mixer (inner loops included) and CMS levels,
+                 and the unembedding; the outer backward differentiates it (2x).
+        inner    the CMS inner objective, which the outer gradient does not differentiate. local:
+                 each level's MLP on the previous position and its weight gradient (7/3 of the
+                 level's forward). ntp: each segment's inner backward from the logits, i.e. the
+                 activation gradients through the unembedding, every CMS and the mixers above
+                 layer 0 (a mixer's whole backward but its projections' weight gradients) and the
+                 CMS weight gradients, for the segments whose gradients reach a boundary inside
+                 the sequence (all but the last).
+        """
+        n, unembed = cfg.num_layers, 2 * cfg.d_model * cfg.vocab_size
+        mixer, proj, cms = cls._layer_flops_per_token(cfg, seq_len)
+        forward = n * (mixer + cms) + unembed
+        inner = 0.0
+        if cfg.cms.signal == "local":
+            inner = n * 7 / 3 * cms
+        elif cfg.cms.signal == "ntp":
+            segments = -(-seq_len // min(int(p) for p in cfg.cms.periods))
+            backward = unembed + n * 2 * cms + (n - 1) * (2 * mixer - proj)
+            inner = backward * (segments - 1) / segments
+        return {"forward": float(forward), "inner": float(inner)}
 
     @classmethod
     def forward_flops_per_token(cls, cfg, seq_len: int) -> float:
-        """Analytic forward FLOPs per token (2 per multiply-add), inner loops included: the CMS
-        `local` objective (one more MLP forward and its weight backward per level) or the `ntp`
-        inner backward (activation gradients through the whole stack and the unembedding, plus the
-        CMS weight gradients), and the self-modifying layer's inner loops (its own count)."""
-        n, unembed = cfg.num_layers, 2 * cfg.d_model * cfg.vocab_size
-        mixer, cms = cls._layer_flops_per_token(cfg, seq_len)
-        forward = n * (mixer + cms) + unembed
-        if cfg.cms.signal == "local":
-            forward += n * 3 * cms  # MLP on the shifted keys + its weight gradient (2x)
-        elif cfg.cms.signal == "ntp":
-            forward += unembed + n * (mixer + 2 * cms)
-        return float(forward)
+        """The forward pass as it runs: the model's function and the inner objective's work."""
+        f = cls.flops_per_token(cfg, seq_len)
+        return f["forward"] + f["inner"]
+
+    @classmethod
+    def train_flops_per_token(cls, cfg, seq_len: int) -> float:
+        """A training step: the forward, its backward (2x the model's function) and the inner work
+        once (first order: the outer gradient does not differentiate it)."""
+        f = cls.flops_per_token(cfg, seq_len)
+        return 3 * f["forward"] + f["inner"]
 
     @staticmethod
     def ntp_segments_per_checkpoint(cfg, seq_len: int) -> int:
@@ -425,8 +464,8 @@ class _Hope(nnx.Module):
         weight matmuls and are counted as free. With the ntp forward checkpointed in chunks, the
         backward runs the whole forward once more, inner backward included."""
         full = cfg.remat_policy in ("full", "nothing_saveable")
-        mixer, cms = cls._layer_flops_per_token(cfg, seq_len)
-        layers = cfg.num_layers * (mixer + cms + (3 * cms if cfg.cms.signal == "local" else 0))
+        mixer, _, cms = cls._layer_flops_per_token(cfg, seq_len)
+        layers = cfg.num_layers * (mixer + cms + (7 / 3 * cms if cfg.cms.signal == "local" else 0))
         if cfg.cms.signal != "ntp":
             return float(layers if full else 0.0)
         recompute = 2 * layers if full else 0.0

@@ -63,8 +63,11 @@ def test_causal_and_decoding_and_streaming_equal_the_forward(name, signal):
         out, one = step(model, tokens[:, i], one)
         outs.append(out)
     np.testing.assert_allclose(jnp.stack(outs, 1), logits, **close)
+    # States hold sums of gradient terms (entries up to ~1e2); their float32 rounding scales with the
+    # leaf, not with each entry.
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(state)):
-        np.testing.assert_allclose(a, b, **close)
+        scale = max(1.0, float(jnp.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * scale, err_msg=f"seed {seed}")
 
 
 @pytest.mark.parametrize("read,signal", [("boundary", "local"), ("per_token", "none")])
@@ -170,8 +173,12 @@ def test_forward_flops_count_the_inner_loops():
     for name in ("hope_attention", "hope"):
         for signal in ("none", "local", "ntp"):
             c = small_cfg(name, signal=signal)
+            parts = cls.flops_per_token(c, T)
             flops[name, signal] = cls.forward_flops_per_token(c, T)
-        assert flops[name, "none"] < flops[name, "local"] < flops[name, "ntp"]
+            # the inner objective runs once: the outer backward differentiates the model's function only
+            assert cls.train_flops_per_token(c, T) == 3 * parts["forward"] + parts["inner"]
+            assert (parts["inner"] == 0) == (signal == "none")
+        assert flops[name, "none"] < min(flops[name, "local"], flops[name, "ntp"])
     assert flops["hope", "none"] > 2 * 2 * d * v  # the memory layer's own count is included
 
 

@@ -381,6 +381,8 @@ def stream_blocks(block_fn, states: dict, step, xs, chunk_size: int, *, remat: b
     """
     t = jax.tree.leaves(xs)[0].shape[1]
     n_full, rest = divmod(t, chunk_size)
+    if isinstance(step, int) and step == 0 and not rest:
+        return _whole_chunks(block_fn, states, xs, chunk_size, remat)
     outs = []
     if n_full:
 
@@ -399,6 +401,23 @@ def stream_blocks(block_fn, states: dict, step, xs, chunk_size: int, *, remat: b
         outs.append(jax.tree.map(lambda y: from_chunks(y[None]), ys))
     ys = jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outs)
     return ys, states
+
+
+def _whole_chunks(block_fn, states: dict, xs, chunk_size: int, remat: bool):
+    """`stream_blocks` from a chunk boundary over whole chunks: every block starts at a boundary, so
+    the boundary state is the running one and the scan carries the weights and momenta alone."""
+    zero = jnp.zeros((), jnp.int32)
+
+    def body(carry, xs_block):
+        at_boundary = {n: st.MemoryState(w, m, w, zero) for n, (w, m) in carry.items()}
+        ys, updates = block_fn(at_boundary, xs_block, chunk_size - 1)
+        return updates, ys
+
+    if remat:
+        body = jax.checkpoint(body)
+    carry = {n: (s.weights, s.momentum) for n, s in states.items()}
+    carry, ys = jax.lax.scan(body, carry, jax.tree.map(lambda x: to_chunks(x, chunk_size), xs))
+    return jax.tree.map(from_chunks, ys), {n: st.MemoryState(w, m, w, zero) for n, (w, m) in carry.items()}
 
 
 def memory_chunked(
