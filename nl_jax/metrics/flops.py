@@ -6,8 +6,10 @@ undercounted. A model class may define `forward_flops_per_token(model_cfg, seq_l
 count (inner loops included); otherwise the estimate is the standard one for a Transformer:
 2 FLOPs per matmul parameter (everything but the embedding lookup) plus causal attention,
 2 * num_layers * seq_len * (q/k width) for QK^T and AV averaged over positions. Training costs
-3x the forward (backward = 2x forward); rematerialisation is not counted (it is overhead, not
-model FLOPs).
+3x the forward (backward = 2x forward) unless the model counts its own step
+(`train_flops_per_token`: HOPE's inner objectives run forward only); rematerialisation is not
+counted (it is overhead, not model FLOPs). tests/metrics/test_flops_xla.py holds the analytic
+counts against XLA's own count of the same step with every scan unrolled.
 
 Peak FLOP/s per device: dense bf16 numbers from the vendors' spec sheets; for CPUs the measured
 float32 matmul rate of this project's reference machine (see README), which is a fair stand-in
@@ -85,8 +87,15 @@ def forward_flops_per_token(model_cls, model_cfg, seq_len: int, param_count: int
     return estimate_forward_flops_per_token(model_cfg, seq_len, param_count), "6N + attention estimate"
 
 
-def train_flops_per_token(forward: float) -> float:
-    return 3.0 * forward
+def train_flops_per_token(model_cls, model_cfg, seq_len: int, param_count: int) -> tuple[float, str]:
+    """(FLOPs per token of a training step, where the number came from): the model's own
+    `train_flops_per_token(model_cfg, seq_len)` (models whose forward holds work the backward does
+    not differentiate, e.g. an inner objective), else 3x the forward (backward = 2x forward)."""
+    fn = getattr(model_cls, "train_flops_per_token", None)
+    if fn is not None:
+        return float(fn(model_cfg, seq_len)), f"{model_cls.__name__}.train_flops_per_token"
+    fwd, source = forward_flops_per_token(model_cls, model_cfg, seq_len, param_count)
+    return 3.0 * fwd, f"3 x {source}"
 
 
 def mfu(tokens_per_second: float, train_flops_per_tok: float, num_devices: int, peak: float | None):

@@ -255,9 +255,10 @@ def compile_for_slice(config, slice_name: str, *, save_path: str | None = None) 
     model = program.model
     param_count = model.param_count()
     excess = assert_params_sufficiently_sharded(model.template, mesh, tolerance=math.inf)
-    fwd, source = metrics_lib.forward_flops_per_token(model.cls, config.model, seq_len, param_count)
+    fwd, _ = metrics_lib.forward_flops_per_token(model.cls, config.model, seq_len, param_count)
+    train, source = metrics_lib.train_flops_per_token(model.cls, config.model, seq_len, param_count)
     tokens = gbs * seq_len
-    model_flops = metrics_lib.train_flops_per_token(fwd) * tokens / slice_.num_devices
+    model_flops = train * tokens / slice_.num_devices
     recompute, remat = recompute_flops_per_token(model.cls, config.model, seq_len, fwd)
 
     if save_path and compiled is not None:  # nothing to save when XLA ran out of HBM

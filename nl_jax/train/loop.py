@@ -191,8 +191,9 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
 
         # Banner and one-time facts.
         param_count = model.param_count()
-        fwd, flops_source = metrics_lib.forward_flops_per_token(model.cls, config.model, seq_len, param_count)
-        train_flops = metrics_lib.train_flops_per_token(fwd)
+        train_flops, flops_source = metrics_lib.train_flops_per_token(
+            model.cls, config.model, seq_len, param_count
+        )
         device = jax.devices()[0]
         peak = metrics_lib.peak_flops_per_device(device.device_kind, tcfg.get("peak_flops_per_device", 0.0))
         # Fake CPU devices share one process's cores: the CPU peak is per process.

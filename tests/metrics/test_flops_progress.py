@@ -28,7 +28,8 @@ def test_transformer_estimate_by_hand():
     attention = 4 * 4.0 * (seq / 2) * 128  # layers x (QK^T + AV: 2 x 2 FLOPs) x avg keys x width
     assert estimate_forward_flops_per_token(cfg, seq, n) == pytest.approx(2 * dense + attention)
     fwd, source = forward_flops_per_token(get_model_class("transformer"), cfg, seq, n)
-    assert train_flops_per_token(fwd) == pytest.approx(3 * fwd)
+    train, train_source = train_flops_per_token(get_model_class("transformer"), cfg, seq, n)
+    assert train == pytest.approx(3 * fwd) and train_source == f"3 x {source}"
     assert "estimate" in source or "forward_flops_per_token" in source
 
 
