@@ -36,7 +36,7 @@ from nl_jax.parallel.mesh import make_mesh
 from nl_jax.parallel.rules import assert_params_sufficiently_sharded, sharding_table
 from nl_jax.train import banner as banner_lib
 from nl_jax.train.checkpoint import Checkpointer, checkpoint_files
-from nl_jax.train.program import build_train_program
+from nl_jax.train.program import EVAL_BATCH_KEYS, TRAIN_BATCH_KEYS, build_train_program
 from nl_jax.train.state import init_train_state
 from nl_jax.train.step import NonFiniteLossError
 
@@ -163,13 +163,13 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
 
     with jax.set_mesh(mesh):
 
-        def to_global(batch: dict) -> dict:
-            return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+        def to_global(batch: dict, keys: Sequence[str]) -> dict:
+            return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in keys}
 
         def evaluate(params) -> dict:
             sums = None
             for batch in data.eval_iterator(ecfg.max_batches if ecfg.max_batches > 0 else None):
-                out = jit_eval(params, to_global(batch))
+                out = jit_eval(params, to_global(batch, EVAL_BATCH_KEYS))
                 sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
             if sums is None:
                 raise ValueError("the validation split is empty: nothing to evaluate")
@@ -288,7 +288,7 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
                 log_eval(0)
             step = start
             while step < total:
-                batch = to_global(next(train_iter))
+                batch = to_global(next(train_iter), TRAIN_BATCH_KEYS)
                 with profiler.step(step):
                     state, m = jit_train(state, batch)
                 if block_each_step:
