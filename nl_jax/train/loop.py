@@ -37,7 +37,7 @@ from nl_jax.parallel.rules import assert_params_sufficiently_sharded, sharding_t
 from nl_jax.train import banner as banner_lib
 from nl_jax.train.checkpoint import Checkpointer, checkpoint_files
 from nl_jax.train.program import EVAL_BATCH_KEYS, TRAIN_BATCH_KEYS, build_train_program
-from nl_jax.train.state import init_train_state
+from nl_jax.train.state import init_train_state, train_state_from_params
 from nl_jax.train.step import NonFiniteLossError
 
 
@@ -188,6 +188,8 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
         restored = ckpt.restore_latest(abstract, train_iter)
         if restored is not None:
             state, start, meta = restored
+            if "opt_state" not in state:  # parameters alone (an imported model): start training them
+                state = train_state_from_params(state["params"], tx, shardings)
         else:
             state, start, meta = init_train_state(model, tx, shardings, tcfg.seed), 0, {}
 
