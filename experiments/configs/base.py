@@ -83,6 +83,7 @@ def train_config() -> ml_collections.ConfigDict:
             profile_start_step=0,  # first step traced by jax.profiler (into workdir/profile)
             profile_steps=0,  # number of steps traced; 0: no profiling
             peak_flops_per_device=0.0,  # FLOP/s for MFU; 0: looked up from the device kind
+            wandb_project="",  # log to this Weights & Biases project too (needs `pip install wandb`); "": off
         )
     )
 

@@ -5,7 +5,7 @@ Trainer entry points:
   it = data.train_iterator()              # infinite; get_state()/set_state(), orbax via grain
   for batch in data.eval_iterator(): ...  # finite, deterministic, padded with `weights`
 or directly `make_train_iterator(source, tokenizer, seq_len=..., global_batch_size=..., ...)`.
-Batches: {"tokens": int32 [global_batch_size // process_count, seq_len + 1]}.
+Batches: {"tokens": int32 [global_batch_size // process_count, seq_len + 1], "segment_ids": same}.
 """
 
 import importlib
@@ -18,8 +18,10 @@ _EXPORTS = {
     "default_data_config": "config",
     "from_config": "config",
     "EmbeddedCorpus": "corpus",
+    "Mixture": "mixture",
     "PackWindowsIterDataset": "packing",
     "pack_documents": "packing",
+    "segment_ids": "packing",
     "windows": "packing",
     "InMemoryTokens": "pipeline",
     "make_eval_iterator": "pipeline",

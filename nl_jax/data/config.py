@@ -14,11 +14,25 @@ import ml_collections
 
 from nl_jax.data import corpus
 from nl_jax.data import pipeline
+from nl_jax.data.mixture import Mixture, not_mixable
 from nl_jax.data import shards
 from nl_jax.data import sources as sources_lib
 from nl_jax.data import tokenizers
 
 SOURCES = ("embedded", "text", "jsonl", "array_record", "tfds")
+# What a `data.mixture` entry may set besides its weight; the fields it leaves out are the data
+# section's own.
+MIXTURE_FIELDS = (
+    "source",
+    "path",
+    "eval_path",
+    "eval_fraction",
+    "decode_errors",
+    "embedded_max_bytes",
+    "tfds_name",
+    "tfds_data_dir",
+    "text_key",
+)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -45,12 +59,38 @@ def default_data_config() -> ml_collections.ConfigDict:
             num_workers=0,  # grain worker processes (0: threads in the trainer process)
             prefetch=8,  # batches prefetched per iterator
             eval_max_batches=0,  # 0: the whole validation split
+            # Weighted sources: entries like dict(source="array_record", path=DIR, weight=0.7), each a
+            # weight and source fields (the others are this section's); (): the single source above.
+            mixture=(),
         )
     )
 
 
+def _component_config(cfg: ml_collections.ConfigDict, entry, index: int):
+    """(source config, weight) of one `data.mixture` entry: the data section with its fields."""
+    entry = entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else entry
+    where = f"data.mixture[{index}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a dict of source fields and a weight, got {entry!r}")
+    unknown = sorted(set(entry) - set(MIXTURE_FIELDS) - {"weight"})
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; it takes weight and {list(MIXTURE_FIELDS)}")
+    if "weight" not in entry:
+        raise ValueError(f"{where} has no weight")
+    component = ml_collections.ConfigDict({k: cfg.get(k) for k in MIXTURE_FIELDS if k in cfg})
+    component.update({k: v for k, v in entry.items() if k != "weight"})
+    return component, float(entry["weight"])
+
+
 def build_source(cfg: ml_collections.ConfigDict):
-    """The source object named by `cfg.source`."""
+    """The source object named by `cfg.source`, or the Mixture of `cfg.mixture` when it has entries."""
+    entries = cfg.get("mixture") or ()
+    if entries:
+        components = [_component_config(cfg, e, i) for i, e in enumerate(entries)]
+        for c, _ in components:
+            if c.source == "tfds":
+                raise not_mixable(f"source='tfds' (tfds_name={c.tfds_name!r})")
+        return Mixture(tuple(build_source(c) for c, _ in components), tuple(w for _, w in components))
     kind = cfg.source
     if kind == "embedded":
         return corpus.EmbeddedCorpus(max_bytes=cfg.get("embedded_max_bytes", corpus.DEFAULT_MAX_BYTES))
@@ -147,7 +187,8 @@ def from_config(
     tokenizer = tokenizers.load_tokenizer(cfg.tokenizer)
     tokenizers.check_vocab(tokenizer, cfg.vocab_size)
     source = build_source(cfg)
-    if isinstance(source, shards.ArrayRecordShards):
-        source.check_tokenizer(tokenizer)
+    for s in source.sources if isinstance(source, Mixture) else (source,):
+        if isinstance(s, shards.ArrayRecordShards):
+            s.check_tokenizer(tokenizer)
     pipeline.check_args(cfg.seq_len, cfg.global_batch_size, cfg.seed, process_index, process_count)
     return Data(source, tokenizer, cfg, process_index, process_count)

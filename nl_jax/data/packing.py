@@ -6,8 +6,10 @@ seq_len + 1 tokens and overlap by exactly one, so with inputs = w[:-1] and targe
 token of the stream except the first is a target exactly once (nothing lost, nothing duplicated).
 The tail that does not fill a window is dropped for training and padded for evaluation.
 
-There are no segment ids: attention and memories run across EOS inside a window, as in GPT-style
-packing; HOPE's fast state resets per training sequence (SPEC D8), not per document.
+Each window carries its segment ids (`segment_ids`): the index of the document each token belongs
+to, counted from 0 at the window's first token, an EOS belonging to the document it ends. The models
+do not read them yet: attention and memories still run across EOS inside a window, as in GPT-style
+packing, and HOPE's fast state resets per training sequence (SPEC D8), not per document.
 """
 
 from __future__ import annotations
@@ -49,6 +51,17 @@ def windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
     n = num_windows(len(stream), seq_len)
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return stream[idx]
+
+
+def segment_ids(windows: np.ndarray, eos_id: int) -> np.ndarray:
+    """int32 [..., L]: for each token, the number of EOS tokens before it in its window (row).
+
+    Documents are never empty and the tokenizers never emit EOS inside one, so counting EOS is
+    exactly counting document boundaries.
+    """
+    ends = np.asarray(windows) == eos_id
+    before = np.cumsum(ends, axis=-1, dtype=np.int32) - ends  # EOS strictly before each position
+    return before.astype(np.int32)
 
 
 def iter_eval_windows(

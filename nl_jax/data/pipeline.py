@@ -1,15 +1,16 @@
 """Grain pipelines: tokenize, pack, shuffle, repeat, batch, shard per process; checkpointable.
 
-Two paths, one batch format (`{"tokens": int32 [global_batch_size // process_count, seq_len + 1]}`,
-inputs = tokens[:, :-1], targets = tokens[:, 1:]):
+Two paths, one batch format (`{"tokens": int32 [global_batch_size // process_count, seq_len + 1],
+"segment_ids": int32, same shape}`, inputs = tokens[:, :-1], targets = tokens[:, 1:]; segment ids
+number the documents inside each row, see packing.py):
 
-* Random access (embedded corpus, text, jsonl, array_record). The split is one token stream: held
-  in memory (tokenized once per process and cached) or read from ArrayRecord blocks. Windows
-  (packing.py) are shuffled globally by grain's index shuffle, reshuffled each epoch, repeated
-  forever. Process p of P takes rows [p*B/P, (p+1)*B/P) of every global batch, so the processes'
-  batches stacked in process order are exactly the single-process batch stream (what
-  `jax.make_array_from_process_local_data` expects). Iterator state: `{"next_index": k}` = batches
-  consumed (a few bytes, independent of corpus size).
+* Random access (embedded corpus, text, jsonl, array_record, and mixtures of them, mixture.py). The
+  split is one token stream: held in memory (tokenized once per process and cached) or read from
+  ArrayRecord blocks. Windows (packing.py) are shuffled globally by grain's index shuffle,
+  reshuffled each epoch, repeated forever. Process p of P takes rows [p*B/P, (p+1)*B/P) of every
+  global batch, so the processes' batches stacked in process order are exactly the single-process
+  batch stream (what `jax.make_array_from_process_local_data` expects). Iterator state:
+  `{"next_index": k}` = batches consumed (a few bytes, independent of corpus size).
 * Streaming (TFDS). Documents are sharded by process (`ds[p::P]`), shuffled and repeated as a
   grain MapDataset, tokenized on the fly and packed by `PackWindowsIterDataset`. Process shards are
   disjoint by document and together cover the dataset, but are not a row split of the
@@ -18,6 +19,7 @@ inputs = tokens[:, :-1], targets = tokens[:, 1:]):
 Eval iterators are plain finite generators (not checkpointed: eval always restarts): all windows of
 the split in order, the last one partial, the last batch padded with PAD rows; `weights` [B, L]
 (float32) marks the real targets, so every validation token but the first is scored exactly once.
+A mixture's validation windows are its components' interleaved by weight (mixture.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from nl_jax.data import packing
 from nl_jax.data import shards
+from nl_jax.data.mixture import Mixture, interleave, not_mixable
 from nl_jax.data import sources as sources_lib
 from nl_jax.data import tokenizers
 
@@ -78,30 +81,39 @@ def token_store(source, tokenizer, split: str):
     raise TypeError(f"Unsupported data source {source!r}")
 
 
-def _read_windows(store, ids: np.ndarray, seq_len: int) -> np.ndarray:
-    if isinstance(store, InMemoryTokens):  # one fancy-indexing gather per batch
-        return store.stream[ids[:, None] * seq_len + np.arange(seq_len + 1)[None, :]]
-    return np.stack([store.read(i * seq_len, i * seq_len + seq_len + 1) for i in ids])
+def as_batch(tokens: np.ndarray, eos_id: int) -> dict:
+    """The batch of some token rows: the rows and their segment ids."""
+    tokens = np.asarray(tokens, np.int32)
+    return {"tokens": tokens, "segment_ids": packing.segment_ids(tokens, eos_id)}
+
+
+class ReadWindow(grain.transforms.Map):
+    """Window index -> its seq_len + 1 tokens (module-level class so grain workers can pickle it)."""
+
+    def __init__(self, store, seq_len: int):
+        self._store = store
+        self._seq_len = seq_len
+
+    def map(self, i):
+        return self._store.read(i * self._seq_len, (i + 1) * self._seq_len + 1)
 
 
 class ProcessBatchDataset(grain.MapDataset):
-    """Element k: this process's rows of global batch k, reading windows `order[k*B : (k+1)*B]`."""
+    """Element k: this process's rows of global batch k, i.e. windows `[k*B, (k+1)*B)` of `windows`."""
 
     def __init__(
         self,
-        order: grain.MapDataset,
-        store,
-        seq_len: int,
+        windows: grain.MapDataset,
         global_batch_size: int,
         process_index: int,
         process_count: int,
+        eos_id: int,
     ):
-        super().__init__(order)
-        self._store = store
-        self._seq_len = seq_len
+        super().__init__(windows)
         self._global = global_batch_size
         self._local = global_batch_size // process_count
         self._first_row = process_index * self._local
+        self._eos = eos_id
 
     def __len__(self) -> int:
         return len(self._parent) // self._global
@@ -110,8 +122,7 @@ class ProcessBatchDataset(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         start = index * self._global + self._first_row
-        ids = np.asarray([self._parent[i] for i in range(start, start + self._local)], np.int64)
-        return {"tokens": _read_windows(self._store, ids, self._seq_len)}
+        return as_batch(np.stack([self._parent[i] for i in range(start, start + self._local)]), self._eos)
 
     def __str__(self) -> str:
         return f"ProcessBatchDataset(rows={self._first_row}:{self._first_row + self._local})"
@@ -128,8 +139,27 @@ class TokenizeRecord(grain.transforms.Map):
         return self._tokenizer.encode(sources_lib.record_text(record, self._text_key))
 
 
-def _as_batch(tokens: np.ndarray) -> dict:
-    return {"tokens": np.asarray(tokens, np.int32)}
+class AsBatch(grain.transforms.Map):
+    """Rows of tokens -> a batch with segment ids (module-level class so grain workers can pickle it)."""
+
+    def __init__(self, eos_id: int):
+        self._eos = eos_id
+
+    def map(self, tokens):
+        return as_batch(tokens, self._eos)
+
+
+def _random_access_stores(source, tokenizer, split: str) -> list:
+    """The token stores of a source's split (one per mixture component), or [] for a streaming
+    source (TFDS)."""
+    if not isinstance(source, Mixture):
+        store = token_store(source, tokenizer, split)
+        return [] if store is None else [store]
+    stores = [token_store(s, tokenizer, split) for s in source.sources]
+    for s, store in zip(source.sources, stores):
+        if store is None:
+            raise not_mixable(repr(s))
+    return stores
 
 
 def check_args(seq_len, global_batch_size, seed, process_index, process_count) -> None:
@@ -171,19 +201,24 @@ def make_train_iterator(
     tokenizers.check_vocab(tokenizer, vocab_size)
     local = global_batch_size // process_count
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, prefetch))
-    store = token_store(source, tokenizer, split)
-    if store is not None:
-        n = packing.num_windows(len(store), seq_len)
-        if n == 0:
-            raise ValueError(
-                f"Corpus too small: {store!r} has {len(store)} tokens, fewer than one "
-                f"window of seq_len + 1 = {seq_len + 1}"
-            )
-        order = grain.MapDataset.range(n)
-        if shuffle:
-            order = order.shuffle(seed=seed)
+    stores = _random_access_stores(source, tokenizer, split)
+    if stores:
+        windows = []
+        for i, store in enumerate(stores):
+            n = packing.num_windows(len(store), seq_len)
+            if n == 0:
+                raise ValueError(
+                    f"Corpus too small: {store!r} has {len(store)} tokens, fewer than one "
+                    f"window of seq_len + 1 = {seq_len + 1}"
+                )
+            order = grain.MapDataset.range(n)
+            if shuffle:  # each mixture component its own permutation
+                order = order.shuffle(seed=(seed + i) % 2**32)
+            windows.append(order.repeat().map(ReadWindow(store, seq_len)))
+        if isinstance(source, Mixture):
+            windows = [grain.MapDataset.mix(windows, source.weights)]
         ds = ProcessBatchDataset(
-            order.repeat(), store, seq_len, global_batch_size, process_index, process_count
+            windows[0], global_batch_size, process_index, process_count, tokenizer.eos_id
         ).to_iter_dataset(read_options)
     else:
         src = source.data_source(split)
@@ -199,7 +234,7 @@ def make_train_iterator(
         # Elements here are documents, many per batch: read further ahead than for batches.
         doc_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(64, prefetch * local))
         ds = packing.PackWindowsIterDataset(docs.to_iter_dataset(doc_options), seq_len, tokenizer.eos_id)
-        ds = ds.batch(local, drop_remainder=True).map(_as_batch)
+        ds = ds.batch(local, drop_remainder=True).map(AsBatch(tokenizer.eos_id))
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ds)
@@ -230,25 +265,35 @@ def make_eval_iterator(
 ) -> Iterator[dict]:
     """Finite, deterministic batches over the whole split (or its first `max_batches`).
 
-    Yields `{"tokens": int32 [B/P, L+1], "weights": float32 [B/P, L]}`; every process yields the same
-    number of batches, so a multi-host eval loop never waits on a process that ran out.
+    Yields `{"tokens": int32 [B/P, L+1], "segment_ids": int32 [B/P, L+1], "weights": float32
+    [B/P, L]}`; every process yields the same number of batches, so a multi-host eval loop never
+    waits on a process that ran out.
     """
     check_args(seq_len, global_batch_size, 0, process_index, process_count)
     tokenizers.check_vocab(tokenizer, vocab_size)
-    store = token_store(source, tokenizer, split)
-    if store is not None:
-        windows = _store_eval_windows(store, seq_len)
+    stores = _random_access_stores(source, tokenizer, split)
+    if isinstance(source, Mixture):
+        windows = interleave([_store_eval_windows(s, seq_len) for s in stores], source.weights)
+    elif stores:
+        windows = _store_eval_windows(stores[0], seq_len)
     else:
         src = source.data_source(split)
         docs = (tokenizer.encode(sources_lib.record_text(src[i], source.text_key)) for i in range(len(src)))
         windows = packing.iter_eval_windows(docs, seq_len, tokenizer.eos_id)
     return _eval_batches(
-        windows, seq_len, global_batch_size, process_index, process_count, max_batches, tokenizer.pad_id
+        windows,
+        seq_len,
+        global_batch_size,
+        process_index,
+        process_count,
+        max_batches,
+        tokenizer.pad_id,
+        tokenizer.eos_id,
     )
 
 
 def _eval_batches(
-    windows, seq_len, global_batch_size, process_index, process_count, max_batches, pad_id
+    windows, seq_len, global_batch_size, process_index, process_count, max_batches, pad_id, eos_id
 ) -> Iterator[dict]:
     local = global_batch_size // process_count
     rows = slice(process_index * local, (process_index + 1) * local)
@@ -265,7 +310,7 @@ def _eval_batches(
                 break
         if filled == 0:
             return
-        yield {"tokens": tokens[rows], "weights": weights[rows]}
+        yield {**as_batch(tokens[rows], eos_id), "weights": weights[rows]}
         count += 1
         if filled < global_batch_size:
             return
@@ -283,6 +328,7 @@ __all__ = [
     "InMemoryTokens",
     "ProcessBatchDataset",
     "PackWindowsIterDataset",
+    "as_batch",
     "clear_cache",
 ]
 PackWindowsIterDataset = packing.PackWindowsIterDataset

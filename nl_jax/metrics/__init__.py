@@ -1,4 +1,4 @@
-"""Metrics: TensorBoard + JSON-lines writers, FLOPs/MFU, throughput/ETA, profiler window, plots."""
+"""Metrics: TensorBoard, JSON-lines and W&B writers, FLOPs/MFU, throughput/ETA, profiler window, plots."""
 
 from nl_jax.metrics.flops import (
     PEAK_FLOPS,
@@ -11,7 +11,15 @@ from nl_jax.metrics.flops import (
 from nl_jax.metrics.plots import plot_loss_curve
 from nl_jax.metrics.profiler import ProfilerWindow
 from nl_jax.metrics.progress import Throughput, format_duration, format_summary, progress_line
-from nl_jax.metrics.writers import JsonlWriter, MetricWriter, TensorBoardWriter, read_events, read_jsonl
+from nl_jax.metrics.writers import (
+    JsonlWriter,
+    MetricWriter,
+    TensorBoardWriter,
+    WandbWriter,
+    import_wandb,
+    read_events,
+    read_jsonl,
+)
 
 __all__ = [
     "PEAK_FLOPS",
@@ -29,6 +37,8 @@ __all__ = [
     "JsonlWriter",
     "MetricWriter",
     "TensorBoardWriter",
+    "WandbWriter",
+    "import_wandb",
     "read_events",
     "read_jsonl",
 ]

@@ -1,10 +1,11 @@
-"""Metric writers: TensorBoard event files and JSON lines, written by process 0 only.
+"""Metric writers, used by process 0 only: TensorBoard event files, JSON lines, and optionally a
+Weights & Biases run.
 
-The TensorBoard writer emits the event-file format directly (TFRecord framing around `Event`
-protos with scalar `Summary` values: a few varints, no TensorFlow / tensorboard dependency), so
-`tensorboard --logdir WORKDIR` reads the runs. `read_events` parses the same files back (tests,
-plotting). JSON lines (`metrics.jsonl`) hold one object per logged step, the easiest format for
-scripts: `{"step": 100, "split": "train", "loss": 2.31, ...}`.
+TensorBoard files are written by tensorboardX (a small pure-Python package), so
+`tensorboard --logdir WORKDIR` reads the runs; `read_events` reads them back with TensorBoard's own
+loader (the `tensorboard` package: tests, scripts). JSON lines (`metrics.jsonl`) hold one object
+per logged step, the easiest format for scripts: `{"step": 100, "split": "train", "loss": 2.31, ...}`.
+W&B (`train.wandb_project`, the `wandb` package) gets the same scalars as `<split>/<name>`.
 
 Every row is flushed as it is written, so a killed run loses no row it logged. A run resumed from
 step S redoes the steps after S: `MetricWriter(..., resume_step=S)` moves the rows past S to
@@ -14,183 +15,130 @@ SessionLog START at S + 1, which makes TensorBoard drop the older events from th
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
 import os
-import socket
-import struct
+import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
-# ---- CRC32C (Castagnoli), as TFRecord framing needs it ----
-_POLY = 0x82F63B78
-_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ _POLY if _c & 1 else _c >> 1
-    _TABLE.append(_c)
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ---- protobuf wire format (only what Event / Summary need) ----
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(number: int, wire: int, payload: bytes) -> bytes:
-    key = _varint((number << 3) | wire)
-    if wire == 2:
-        return key + _varint(len(payload)) + payload
-    return key + payload
-
-
-def _scalar_value(tag: str, value: float) -> bytes:
-    # Summary.Value: tag = 1 (string), simple_value = 2 (float)
-    return _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", value))
-
-
-_SESSION_START = 1  # SessionLog.status START
-
-
-def encode_event(
-    step: int,
-    wall_time: float,
-    scalars: Mapping[str, float] | None = None,
-    file_version: str = "",
-    session_start: bool = False,
-) -> bytes:
-    """An `Event` proto: wall_time = 1 (double), step = 2 (int64), file_version = 3, summary = 5,
-    session_log = 6 (SessionLog: status = 1)."""
-    out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version:
-        out += _field(3, 2, file_version.encode())
-    if scalars:
-        summary = b"".join(_field(1, 2, _scalar_value(k, float(v))) for k, v in scalars.items())
-        out += _field(5, 2, summary)
-    if session_start:
-        out += _field(6, 2, _field(1, 0, _varint(_SESSION_START)))
-    return out
-
-
-def frame_record(data: bytes) -> bytes:
-    """TFRecord framing: length, masked crc of the length, data, masked crc of the data."""
-    length = struct.pack("<Q", len(data))
-    return length + struct.pack("<I", _masked_crc(length)) + data + struct.pack("<I", _masked_crc(data))
+_FILE_NUMBERS = itertools.count()
 
 
 class TensorBoardWriter:
-    """Scalars to `<logdir>/events.out.tfevents.<time>.<host>` (one file per writer).
+    """Scalars to `<logdir>/events.out.tfevents.<time>.<host>.<pid>.<n>` (one file per writer).
+
+    tensorboardX's synchronous `EventsWriter`, not its `SummaryWriter`: the latter hands events to a
+    background thread, so its flush() can return before the event is in the file; here every row is
+    written and flushed before `write_scalars` returns.
 
     `purge_step`: start with a SessionLog START at that step; TensorBoard then discards the events
     of earlier files at steps >= purge_step (a resumed run's redone steps)."""
 
     def __init__(self, logdir: str, purge_step: int | None = None):
+        # Imported on first use: tensorboardX imports torch when it is installed, seconds of start-up.
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._event = Event
         os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(logdir, name)
-        self._f = open(self.path, "ab")
-        self._f.write(frame_record(encode_event(0, time.time(), file_version="brain.Event:2")))
+        # The name holds only the second: writers started in the same second need their own suffix,
+        # numbered so that TensorBoard, which reads a run's files in name order, reads them in order.
+        suffix = f".{os.getpid()}.{next(_FILE_NUMBERS):04d}"
+        self._writer = EventsWriter(os.path.join(logdir, "events"), suffix)
+        (self.path,) = glob.glob(os.path.join(glob.escape(logdir), f"events.out.tfevents.*{suffix}"))
         if purge_step is not None:
-            self._f.write(frame_record(encode_event(purge_step, time.time(), session_start=True)))
-        self._f.flush()
+            start = SessionLog(status=SessionLog.START)
+            self._write(Event(step=purge_step, wall_time=time.time(), session_log=start))
+        self._writer.flush()
+
+    def _write(self, event) -> None:
+        self._writer.write_event(event)
+        self._writer.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        finite = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
-        if finite:
-            self._f.write(frame_record(encode_event(step, time.time(), finite)))
-            self._f.flush()
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        values = [
+            Summary.Value(tag=k, simple_value=float(v))
+            for k, v in scalars.items()
+            if isinstance(v, (int, float))
+        ]
+        if values:
+            self._write(self._event(step=int(step), wall_time=time.time(), summary=Summary(value=values)))
 
     def flush(self) -> None:
-        self._f.flush()
+        self._writer.flush()
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = n = 0
-    while True:
-        b = buf[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
-    i = 0
-    while i < len(buf):
-        key, i = _read_varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i : i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i : i + 4], i + 4
-        elif wire == 2:
-            n, i = _read_varint(buf, i)
-            value, i = buf[i : i + n], i + n
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
+        self._writer.close()
 
 
 def read_events(path: str) -> list[dict]:
-    """Parses an event file (checking every CRC) into [{"step", "wall_time", "scalars",
-    "session_start"}]."""
-    data = open(path, "rb").read()
-    events, i = [], 0
-    while i < len(data):
-        header = data[i : i + 8]
-        (length,) = struct.unpack("<Q", header)
-        if struct.unpack("<I", data[i + 8 : i + 12])[0] != _masked_crc(header):
-            raise ValueError(f"{path}: bad length CRC at byte {i}")
-        body = data[i + 12 : i + 12 + length]
-        if struct.unpack("<I", data[i + 12 + length : i + 16 + length])[0] != _masked_crc(body):
-            raise ValueError(f"{path}: bad data CRC at byte {i}")
-        i += 16 + length
-        event = {"step": 0, "wall_time": 0.0, "scalars": {}, "session_start": False}
-        for number, _, value in _fields(body):
-            if number == 1:
-                event["wall_time"] = struct.unpack("<d", value)[0]
-            elif number == 2:
-                event["step"] = value
-            elif number == 5:
-                for _, _, v in _fields(value):
-                    tag, val = "", 0.0
-                    for n2, _, x in _fields(v):
-                        if n2 == 1:
-                            tag = x.decode()
-                        elif n2 == 2:
-                            val = struct.unpack("<f", x)[0]
-                    event["scalars"][tag] = val
-            elif number == 6:
-                event["session_start"] = any(n == 1 and v == _SESSION_START for n, _, v in _fields(value))
-        events.append(event)
+    """The events of one event file as TensorBoard's loader reads them: [{"step", "wall_time",
+    "scalars", "session_start"}]. Needs the `tensorboard` package (it also views the runs)."""
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+        from tensorboard.util import tensor_util
+    except ImportError as e:
+        raise ImportError(
+            "reading TensorBoard event files needs the tensorboard package: pip install tensorboard"
+        ) from e
+    events = []
+    for e in EventFileLoader(path).Load():
+        # The loader hands scalars over as 0-d tensors, whichever way they were written.
+        scalars = {v.tag: float(tensor_util.make_ndarray(v.tensor)) for v in e.summary.value}
+        start = e.HasField("session_log") and e.session_log.status == e.session_log.START
+        events.append({"step": e.step, "wall_time": e.wall_time, "scalars": scalars, "session_start": start})
     return events
+
+
+def import_wandb(project: str):
+    """The wandb module, or a ValueError saying how to get it (train.wandb_project asks for it)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(
+            f"train.wandb_project={project!r} needs the wandb package, which is not installed: "
+            "pip install wandb (or the package's [wandb] extra), or leave train.wandb_project empty"
+        ) from None
+    return wandb
+
+
+class WandbWriter:
+    """Scalars to a Weights & Biases run, as `<split>/<name>` at W&B step = the train step.
+
+    The run's id is kept in `<logdir>/wandb_run_id`, so a resumed run continues the same W&B run;
+    a fresh run (resume_step 0) starts a new one. W&B keeps the rows the interrupted run had logged
+    past its checkpoint (it ignores steps below its own), which the resumed run recomputes the same.
+    W&B's own files go to `<logdir>/wandb`; `WANDB_MODE=offline` keeps the run there for
+    `wandb sync`."""
+
+    def __init__(
+        self, project: str, logdir: str, resume_step: int = 0, config: dict | None = None, name: str = ""
+    ):
+        wandb = import_wandb(project)
+        id_path = os.path.join(logdir, "wandb_run_id")
+        run_id = ""
+        if resume_step > 0 and os.path.exists(id_path):
+            with open(id_path) as f:
+                run_id = f.read().strip()
+        run_id = run_id or secrets.token_hex(4)
+        os.makedirs(logdir, exist_ok=True)
+        self.run = wandb.init(
+            project=project, id=run_id, resume="allow", dir=logdir, config=config, name=name or None
+        )
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+
+    def write_scalars(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+        row = {f"{split}/{k}": float(v) for k, v in scalars.items() if isinstance(v, (int, float))}
+        if row:
+            self.run.log(row, step=int(step))
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class JsonlWriter:
@@ -265,21 +213,33 @@ def supersede_rows(path: str, first_step: int) -> int:
 
 
 class MetricWriter:
-    """Both writers under one directory (TensorBoard runs `train/` and `eval/`, plus metrics.jsonl);
-    a no-op on processes other than 0.
+    """The writers under one directory (TensorBoard runs `train/` and `eval/`, metrics.jsonl, and a
+    W&B run when `wandb_project` is set); a no-op on processes other than 0.
 
     `resume_step`: the step the run starts from (0: a fresh run). The rows of later steps, which this
-    run logs again, are moved out of metrics.jsonl (a fresh run moves them all)."""
+    run logs again, are moved out of metrics.jsonl (a fresh run moves them all). `run_config` and
+    `run_name` describe the run to W&B."""
 
-    def __init__(self, logdir: str, enabled: bool = True, resume_step: int = 0):
+    def __init__(
+        self,
+        logdir: str,
+        enabled: bool = True,
+        resume_step: int = 0,
+        wandb_project: str = "",
+        run_config: dict | None = None,
+        run_name: str = "",
+    ):
         self.logdir, self.enabled = logdir, enabled
         self.jsonl_path = os.path.join(logdir, "metrics.jsonl")
         self._first_step = resume_step + 1 if resume_step > 0 else 0
         self._tb: dict[str, TensorBoardWriter] = {}
         self._jsonl = None
+        self.wandb = None
         if enabled:
             supersede_rows(self.jsonl_path, self._first_step)
             self._jsonl = JsonlWriter(self.jsonl_path)
+            if wandb_project:
+                self.wandb = WandbWriter(wandb_project, logdir, resume_step, run_config, run_name)
 
     def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -290,6 +250,8 @@ class MetricWriter:
             )
         self._tb[split].write_scalars(step, scalars)
         self._jsonl.write(step, split, scalars)
+        if self.wandb is not None:
+            self.wandb.write_scalars(step, split, scalars)
 
     def flush(self) -> None:
         for w in list(self._tb.values()) + ([self._jsonl] if self._jsonl else []):
@@ -298,3 +260,5 @@ class MetricWriter:
     def close(self) -> None:
         for w in list(self._tb.values()) + ([self._jsonl] if self._jsonl else []):
             w.close()
+        if self.wandb is not None:
+            self.wandb.close()

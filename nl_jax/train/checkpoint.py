@@ -5,6 +5,10 @@ Layout: `<workdir>/checkpoints/<step>/{state, data, meta}`
   data   the grain iterator state, one JSON file per process (grain's orbax handler)
   meta   JSON: step, model config, run name (checked on restore)
 
+A parameters-only checkpoint (`save_params_only`: an imported model, `experiments.convert`) is
+step 0 with `state = {step, params}`, no data item and `"params_only": true` in meta: a run
+restoring it starts from those parameters with a fresh optimizer state and data iterator.
+
 Restore order (MaxText's, written down): the newest checkpoint in this workdir; if it cannot be
 read (a corrupted or partial write) or its parameters or optimizer state are not finite (written by
 a version that only checked the loss), it is moved aside to `<workdir>/checkpoints_corrupt/` with a
@@ -23,6 +27,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -137,7 +142,8 @@ class Checkpointer:
             )
 
     def restore_latest(self, abstract_state, data_iterator):
-        """(state, step, meta) from the newest readable, finite checkpoint, or None if there is none."""
+        """(state, step, meta) from the newest readable, finite checkpoint, or None if there is none.
+        From a parameters-only checkpoint, state is `{"params"}` alone."""
         for step in reversed(self.all_steps()):
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -148,22 +154,28 @@ class Checkpointer:
                 continue
             self._check_model(step, meta)
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator),
-                    ),
-                )
+                if meta.get("params_only"):  # the data iterator stays at its start
+                    # Another manager: orbax binds an item to the handler of its first use, and this
+                    # one saves `state` with StandardSave.
+                    with ocp.CheckpointManager(self.directory, item_names=ITEMS) as manager:
+                        state = {"params": _restore_params(manager, step, abstract_state["params"])}
+                else:
+                    state = self.manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract_state),
+                            data=grain.checkpoint.CheckpointRestore(data_iterator),
+                        ),
+                    )["state"]
             except Exception as e:
                 self._move_aside(step, _cannot_restore(e))
                 continue
-            if not bool(_all_finite(restored["state"])):
-                del restored  # frees the bad state before the previous checkpoint is read
+            if not bool(_all_finite(state)):
+                del state  # frees the bad state before the previous checkpoint is read
                 self._move_aside(step, "holds parameters or optimizer state that are not finite (NaN / inf)")
                 continue
             self._verified.add(int(step))
-            return restored["state"], step, meta
+            return state, step, meta
         return None
 
 
@@ -180,25 +192,10 @@ def checkpoint_files(workdir: str) -> list[str]:
     return sorted((n for n in os.listdir(d) if n.isdigit()), key=int)
 
 
-def restore_params(workdir: str, model_cfg, mesh, step: int | None = None):
-    """(params, step): only the parameters of the newest (or `step`) checkpoint in `workdir`,
-    sharded for `mesh` by the logical-axis rules (for evaluation; the optimizer state stays on
-    disk). `params` is the pure dict that `ModelFn.apply` takes."""
-    from nl_jax.train.state import ModelFn
-
-    model = ModelFn.from_config(model_cfg)
-    shardings = model.param_shardings(mesh)
-    target = {
-        "params": jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            model.abstract_params(),
-            shardings,
-        )
-    }
-    manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=ITEMS)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ValueError(f"no checkpoint in {workdir}/checkpoints")
+def _restore_params(manager, step: int, abstract_params):
+    """The `state.params` of checkpoint `step` alone (orbax partial restore), laid out as the
+    shardings of `abstract_params` (ShapeDtypeStructs) say."""
+    target = {"params": abstract_params}
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
     restored = manager.restore(
         step,
@@ -206,5 +203,42 @@ def restore_params(workdir: str, model_cfg, mesh, step: int | None = None):
             state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
         ),
     )
+    return restored["state"]["params"]
+
+
+def restore_params(workdir: str, model_cfg, mesh, step: int | None = None):
+    """(params, step): only the parameters of the newest (or `step`) checkpoint in `workdir`,
+    sharded for `mesh` by the logical-axis rules (for evaluation; the optimizer state stays on
+    disk). `params` is the pure dict that `ModelFn.apply` takes."""
+    from nl_jax.train.state import ModelFn
+
+    model = ModelFn.from_config(model_cfg)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        model.abstract_params(),
+        model.param_shardings(mesh),
+    )
+    manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=ITEMS)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"no checkpoint in {workdir}/checkpoints")
+    params = _restore_params(manager, step, target)
     manager.close()
-    return restored["state"]["params"], step
+    return params, step
+
+
+def save_params_only(workdir: str, params, model_cfg_dict: dict, extra_meta: dict | None = None) -> None:
+    """Writes `params` (a pure dict, e.g. an imported model's) as the parameters-only checkpoint of
+    step 0 in `workdir` (see the module docstring); the workdir must hold no checkpoint yet."""
+    directory = epath.Path(workdir) / "checkpoints"
+    if directory.exists() and any(p.name.isdigit() for p in directory.iterdir()):
+        raise ValueError(f"{directory} already holds checkpoints: write the parameters to a new workdir")
+    if not bool(_all_finite(params)):
+        raise NonFiniteLossError("refusing to save parameters that are not finite (NaN / inf)")
+    meta = {"step": 0, "model": model_cfg_dict, "params_only": True, **(extra_meta or {})}
+    state = {"step": np.zeros((), np.int32), "params": params}
+    with ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=True), item_names=ITEMS
+    ) as m:
+        m.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        m.wait_until_finished()

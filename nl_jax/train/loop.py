@@ -8,7 +8,7 @@ Order of work (each failure is a clear error before anything expensive):
   a save on SIGTERM -> final eval, save, loss-curve PNG, summary.json.
 
 Outputs under `workdir`: checkpoints/, metrics.jsonl, tensorboard/{train,eval}/, loss_curve.png,
-summary.json, config.json, profile/. With a gs:// workdir, checkpoints go straight to GCS and
+summary.json, config.json, profile/, and with `train.wandb_project` wandb/ and wandb_run_id. With a gs:// workdir, checkpoints go straight to GCS and
 the small files are written locally and copied up at each save and at the end.
 """
 
@@ -36,8 +36,8 @@ from nl_jax.parallel.mesh import make_mesh
 from nl_jax.parallel.rules import assert_params_sufficiently_sharded, sharding_table
 from nl_jax.train import banner as banner_lib
 from nl_jax.train.checkpoint import Checkpointer, checkpoint_files
-from nl_jax.train.program import build_train_program
-from nl_jax.train.state import init_train_state
+from nl_jax.train.program import EVAL_BATCH_KEYS, TRAIN_BATCH_KEYS, build_train_program
+from nl_jax.train.state import init_train_state, train_state_from_params
 from nl_jax.train.step import NonFiniteLossError
 
 
@@ -51,13 +51,13 @@ class Hook:
 
 def _local_dir(workdir: str) -> str:
     """Where the small outputs are written: the workdir itself, or for a remote (gs://) workdir a
-    local directory seeded with the remote metric rows, so a resumed run extends its history (and
-    the copy up at each save overwrites nothing it did not read)."""
+    local directory seeded with the remote metric rows and W&B run id, so a resumed run extends its
+    history (and the copy up at each save overwrites nothing it did not read)."""
     if "://" not in workdir:
         os.makedirs(workdir, exist_ok=True)
         return workdir
     local = tempfile.mkdtemp(prefix="nl_jax_run_")
-    for name in ("metrics.jsonl", "metrics_superseded.jsonl"):
+    for name in ("metrics.jsonl", "metrics_superseded.jsonl", "wandb_run_id"):
         remote = epath.Path(workdir) / name
         if jax.process_index() == 0 and remote.exists():
             with open(os.path.join(local, name), "wb") as f:
@@ -92,6 +92,8 @@ def check_config(config) -> None:
         raise ValueError(
             f"data.vocab_size={d.vocab_size} differs from model.vocab_size={config.model.vocab_size}"
         )
+    if t.get("wandb_project"):
+        metrics_lib.import_wandb(t.wandb_project)  # a missing package fails before any compilation
     cms = config.model.get("cms")
     if cms is not None and cms.get("signal", "none") != "none":
         # A CMS level applies its update at the end of each period: one that does not end before the
@@ -163,13 +165,13 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
 
     with jax.set_mesh(mesh):
 
-        def to_global(batch: dict) -> dict:
-            return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+        def to_global(batch: dict, keys: Sequence[str]) -> dict:
+            return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in keys}
 
         def evaluate(params) -> dict:
             sums = None
             for batch in data.eval_iterator(ecfg.max_batches if ecfg.max_batches > 0 else None):
-                out = jit_eval(params, to_global(batch))
+                out = jit_eval(params, to_global(batch, EVAL_BATCH_KEYS))
                 sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
             if sums is None:
                 raise ValueError("the validation split is empty: nothing to evaluate")
@@ -186,6 +188,8 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
         restored = ckpt.restore_latest(abstract, train_iter)
         if restored is not None:
             state, start, meta = restored
+            if "opt_state" not in state:  # parameters alone (an imported model): start training them
+                state = train_state_from_params(state["params"], tx, shardings)
         else:
             state, start, meta = init_train_state(model, tx, shardings, tcfg.seed), 0, {}
 
@@ -230,7 +234,14 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
 
         # Rows past the restored step are redone by this run: they leave metrics.jsonl, so it holds
         # one row per logged step, as an uninterrupted run's does.
-        writer = metrics_lib.MetricWriter(local, enabled=primary, resume_step=start)
+        writer = metrics_lib.MetricWriter(
+            local,
+            enabled=primary,
+            resume_step=start,
+            wandb_project=tcfg.get("wandb_project", ""),
+            run_config=config.to_dict(),
+            run_name=config_name or os.path.basename(workdir.rstrip("/")),
+        )
         preemption = _Preemption(ckpt)
         profiler = metrics_lib.ProfilerWindow(
             os.path.join(local, "profile"), tcfg.profile_start_step, tcfg.profile_steps, enabled=primary
@@ -289,7 +300,7 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
                 log_eval(0)
             step = start
             while step < total:
-                batch = to_global(next(train_iter))
+                batch = to_global(next(train_iter), TRAIN_BATCH_KEYS)
                 with profiler.step(step):
                     state, m = jit_train(state, batch)
                 if block_each_step:

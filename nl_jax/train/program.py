@@ -18,6 +18,11 @@ from nl_jax.optim.factory import make_optimizer
 from nl_jax.train.state import ModelFn, abstract_train_state, state_shardings_for
 from nl_jax.train.step import make_eval_step, make_train_step
 
+# What the steps read of a batch. The pipeline's batches carry more (segment_ids), which stays on
+# the host until a model reads it.
+TRAIN_BATCH_KEYS = ("tokens",)
+EVAL_BATCH_KEYS = ("tokens", "weights")
+
 
 @dataclasses.dataclass
 class TrainProgram:
@@ -73,13 +78,13 @@ def build_train_program(config, mesh: Mesh) -> TrainProgram:
             ) from e
         jit_train = jax.jit(
             train_step,
-            in_shardings=(shardings, {"tokens": batch_sharding}),
+            in_shardings=(shardings, {k: batch_sharding for k in TRAIN_BATCH_KEYS}),
             out_shardings=(shardings, replicated),
             donate_argnums=0,
         )
         jit_eval = jax.jit(
             make_eval_step(model),
-            in_shardings=(shardings["params"], {"tokens": batch_sharding, "weights": batch_sharding}),
+            in_shardings=(shardings["params"], {k: batch_sharding for k in EVAL_BATCH_KEYS}),
             out_shardings=replicated,
         )
     return TrainProgram(

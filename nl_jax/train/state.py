@@ -136,6 +136,16 @@ def abstract_train_state(model: ModelFn, tx, shardings: dict) -> dict:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
+def train_state_from_params(params, tx, shardings: dict) -> dict:
+    """A step-0 train state around given parameters (a parameters-only checkpoint), with a fresh
+    optimizer state, laid out by `shardings`."""
+
+    def init(params):
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    return jax.jit(init, out_shardings=shardings)(params)
+
+
 def init_train_state(model: ModelFn, tx, shardings: dict, seed: int) -> dict:
     """Fresh parameters from `seed` and a fresh optimizer state, created sharded."""
     cfg = model.cfg

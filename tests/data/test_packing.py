@@ -38,6 +38,23 @@ def test_windows_cover_stream_once(seq_len, n):
     assert n - 1 - len(targets) < seq_len  # only the tail that does not fill a window is dropped
 
 
+@pytest.mark.parametrize("seq_len", [1, 5, 16])
+def test_segment_ids_number_the_documents_of_each_window(seq_len):
+    rng = np.random.default_rng(3)
+    docs = [d for d in _docs(rng, 30) if len(d)]
+    stream = packing.pack_documents(docs, EOS)
+    doc_of = np.repeat(np.arange(len(docs)), [len(d) + 1 for d in docs])  # EOS ends its own document
+    w = packing.windows(stream, seq_len)
+    starts = np.arange(len(w)) * seq_len
+    expected = doc_of[starts[:, None] + np.arange(seq_len + 1)] - doc_of[starts][:, None]
+    got = packing.segment_ids(w, EOS)
+    assert got.dtype == np.int32 and got.shape == w.shape
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(
+        packing.segment_ids(np.array([7, EOS, 8, 9, EOS, 4]), EOS), [0, 0, 1, 1, 1, 2]
+    )
+
+
 def test_eval_windows_include_the_tail():
     rng = np.random.default_rng(1)
     docs = _docs(rng)

@@ -30,11 +30,15 @@ def _take(it, n):
 def test_batches_shape_dtype_and_content(text_source):
     it = data.make_train_iterator(text_source, TOK, seq_len=16, global_batch_size=4, seed=3)
     b = next(it)
-    assert set(b) == {"tokens"} and b["tokens"].shape == (4, 17) and b["tokens"].dtype == np.int32
+    assert (
+        set(b) == {"tokens", "segment_ids"} and b["tokens"].shape == (4, 17) and b["tokens"].dtype == np.int32
+    )
     all_windows = {
         w.tobytes() for w in packing.windows(data.tokenize_documents(text_source, TOK, "train"), 16)
     }
     assert all(row.tobytes() in all_windows for row in b["tokens"])
+    assert b["segment_ids"].dtype == np.int32
+    np.testing.assert_array_equal(b["segment_ids"], packing.segment_ids(b["tokens"], TOK.eos_id))
 
 
 def test_epoch_is_a_permutation_and_reshuffled(text_source):
@@ -115,6 +119,8 @@ def test_eval_iterator_finite_deterministic_and_exact(text_source):
     assert weights.shape == (tokens.shape[0], 16) and weights.sum() == len(val) - 1
     targets = tokens[:, 1:][weights > 0]
     np.testing.assert_array_equal(targets, val[1:])  # every target once, in order
+    for b in batches:
+        np.testing.assert_array_equal(b["segment_ids"], packing.segment_ids(b["tokens"], TOK.eos_id))
     assert len(list(data.make_eval_iterator(text_source, TOK, max_batches=2, **kw))) == 2
 
 

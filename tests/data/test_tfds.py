@@ -29,7 +29,9 @@ def test_data_source_reads_prepared_split(tfds_source):
 def test_train_windows_and_resume(tfds_source):
     kw = dict(seq_len=32, global_batch_size=4, seed=1)
     it = data.make_train_iterator(tfds_source, TOK, **kw)
-    first = [next(it)["tokens"] for _ in range(4)]
+    batch = next(it)
+    np.testing.assert_array_equal(batch["segment_ids"], data.segment_ids(batch["tokens"], TOK.eos_id))
+    first = [batch["tokens"]] + [next(it)["tokens"] for _ in range(3)]
     assert all(b.shape == (4, 33) and b.dtype == np.int32 for b in first)
     state = it.get_state()
     rest = [next(it)["tokens"] for _ in range(6)]

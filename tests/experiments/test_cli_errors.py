@@ -48,6 +48,8 @@ def files(tmp_path_factory):
     config = _config(d)
     _write_run(d, config, step=3, name="run")
     (d / "no_config").mkdir()
+    (d / "gpt2").mkdir()
+    (d / "gpt2" / "config.json").write_text('{"model_type": "gpt2"}')
     (d / "no_checkpoint").mkdir()
     (d / "no_checkpoint" / "config.json").write_text(config.to_json_best_effort())
     return d
@@ -185,6 +187,24 @@ CASES = {
         ["--input={d}/nope.txt", "--model_prefix={d}/spm"],
         2,
         ["nope.txt"],
+    ),
+    "convert_no_hf_dir": (
+        "convert",
+        ["--from_hf={d}/nope", "--to={d}/w6"],
+        2,
+        ["--from_hf=", "nope: no such directory"],
+    ),
+    "convert_not_llama": (
+        "convert",
+        ["--from_hf={d}/gpt2", "--to={d}/w7"],
+        2,
+        ["model_type 'gpt2' is not supported; nl_jax imports llama"],
+    ),
+    "convert_export_step_99": (
+        "convert",
+        ["--workdir={d}/run", "--to_hf={d}/hf_out", "--step=99"],
+        2,
+        ["has no checkpoint of step 99; its steps: 3"],
     ),
     "sweep_override_typo": (
         "sweep",

@@ -1,52 +1,29 @@
-"""TensorBoard event files (framing, CRCs, protos) and JSON lines."""
+"""Metric writers: TensorBoard event files (tensorboardX, read back by TensorBoard's loader), JSON
+lines, and Weights & Biases in its offline mode."""
 
 import os
-import struct
+import sys
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nl_jax.metrics import MetricWriter, TensorBoardWriter, plot_loss_curve, read_events, read_jsonl
-from nl_jax.metrics.writers import crc32c, encode_event, frame_record
-
-
-def test_crc32c_known_vectors():
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert crc32c(b"") == 0
-    assert crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
-
-
-def test_event_encoding_matches_the_protobuf_wire_format():
-    # Event{wall_time=1.5, step=300, summary{value{tag="a", simple_value=2.0}}} by hand:
-    by_hand = (
-        b"\x09"
-        + struct.pack("<d", 1.5)
-        + b"\x10"
-        + bytes([0xAC, 0x02])  # varint 300
-        + b"\x2a\x0a"
-        + b"\x0a\x08"
-        + b"\x0a\x01a"
-        + b"\x15"
-        + struct.pack("<f", 2.0)
-    )
-    assert encode_event(300, 1.5, {"a": 2.0}) == by_hand
-    framed = frame_record(b"xyz")
-    assert framed[:8] == struct.pack("<Q", 3) and framed[12:15] == b"xyz" and len(framed) == 19
+from nl_jax.train.loop import check_config
+from tests.train.tiny import tiny_config
 
 
 def test_tensorboard_writer_round_trip(tmp_path):
     w = TensorBoardWriter(str(tmp_path))
     for step in (1, 2, 1000):
-        w.write_scalars(step, {"loss": 1.0 / step, "lr": 3e-4})
+        w.write_scalars(step, {"loss": 1.0 / step, "lr": 3e-4, "note": "not a scalar"})
     w.close()
     events = read_events(w.path)
     assert events[0]["scalars"] == {}  # the file_version header event
     assert [e["step"] for e in events[1:]] == [1, 2, 1000]
-    assert events[-1]["scalars"]["loss"] == pytest.approx(1e-3)
-    data = bytearray(open(w.path, "rb").read())
-    data[-6] ^= 0xFF  # a flipped byte is caught by the CRC
-    open(w.path, "wb").write(bytes(data))
-    with pytest.raises(ValueError, match="bad data CRC"):
-        read_events(w.path)
+    assert events[-1]["scalars"] == {"loss": pytest.approx(1e-3), "lr": pytest.approx(3e-4)}
+    again = TensorBoardWriter(str(tmp_path))  # a second writer in the same second: its own file
+    again.close()
+    assert again.path != w.path and len(os.listdir(tmp_path)) == 2
 
 
 def test_metric_writer_jsonl_tensorboard_and_png(tmp_path):
@@ -106,8 +83,11 @@ def test_a_resumed_writer_supersedes_the_rows_it_logs_again(tmp_path):
     assert [line[:30] for line in moved] == ['{"step": 6, "split": "train", ', '{"step": 8, "split": "tr']
     # TensorBoard drops the older events from the step of a session START on.
     tb = tmp_path / "tensorboard" / "train"
-    events = [e for name in os.listdir(tb) for e in read_events(str(tb / name))]
+    events = [e for name in sorted(os.listdir(tb)) for e in read_events(str(tb / name))]
     assert [e["step"] for e in events if e["session_start"]] == [0, 5]
+    shown = EventAccumulator(str(tb))
+    shown.Reload()
+    assert [(e.step, e.value) for e in shown.Scalars("loss")] == [(0, 0.0), (2, 2.0), (4, 4.0), (6, 6.5)]
 
     # A complete last row that only lacks its newline is kept, and the next row starts a new line.
     with open(w.jsonl_path, "rb+") as f:
@@ -126,3 +106,45 @@ def test_a_fresh_writer_supersedes_every_older_row(tmp_path):
     MetricWriter(str(tmp_path), resume_step=0).close()
     assert read_jsonl(w.jsonl_path) == []
     assert len(read_jsonl(str(tmp_path / "metrics_superseded.jsonl"))) == 1
+
+
+def test_wandb_writer_offline_logs_and_resumes_the_same_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")  # leave pytest's capture of stdout alone
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # nothing under $HOME
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+    w = MetricWriter(str(tmp_path), wandb_project="nl-jax-test", run_config={"model": {"d": 8}}, run_name="t")
+    run = w.wandb.run
+    assert run.offline and run.project == "nl-jax-test" and run.name == "t"
+    assert run.config["model"] == {"d": 8}
+    w.write(0, "train", {"loss": 5.0, "lr": 1e-3})
+    w.write(0, "eval", {"loss": 4.5})
+    w.write(2, "train", {"loss": 3.0})  # W&B commits a step's row when the next step begins
+    assert {k: run.summary[k] for k in ("train/loss", "eval/loss", "_step")} == {
+        "train/loss": 5.0,
+        "eval/loss": 4.5,
+        "_step": 0,
+    }
+    w.close()
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    assert run_id == run.id
+    assert any(name.endswith(f"-{run_id}") for name in os.listdir(tmp_path / "wandb"))
+
+    resumed = MetricWriter(str(tmp_path), resume_step=2, wandb_project="nl-jax-test")
+    assert resumed.wandb.run.id == run_id
+    resumed.close()
+    fresh = MetricWriter(str(tmp_path), resume_step=0, wandb_project="nl-jax-test")
+    assert fresh.wandb.run.id != run_id
+    fresh.close()
+
+
+def test_wandb_missing_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails as if not installed
+    with pytest.raises(
+        ValueError, match=r"train.wandb_project='p' needs the wandb package.*pip install wandb"
+    ):
+        MetricWriter(str(tmp_path), wandb_project="p")
+    MetricWriter(str(tmp_path)).close()  # without a project nothing imports it
+    with pytest.raises(ValueError, match="needs the wandb package"):  # before anything is compiled
+        check_config(tiny_config(train__wandb_project="p"))

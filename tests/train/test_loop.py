@@ -14,14 +14,20 @@ from nl_jax.train.checkpoint import checkpoint_files
 from tests.train.tiny import tiny_config
 
 
-def test_short_run_end_to_end(tmp_path):
-    """Validation loss falls; checkpoints, metrics (jsonl + TensorBoard), PNG, summary, profile."""
+def test_short_run_end_to_end(tmp_path, monkeypatch):
+    """Validation loss falls; checkpoints, metrics (jsonl + TensorBoard + W&B offline), PNG, summary,
+    profile."""
+    for name, value in dict(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONSOLE="off").items():
+        monkeypatch.setenv(name, value)
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
     cfg = tiny_config(
         train__steps=16,
         eval__every=8,
         checkpoint__every=8,
         train__profile_start_step=3,
         train__profile_steps=2,
+        train__wandb_project="nl-jax-test",
     )
     cfg.optim.lr = 1e-2
     wd = str(tmp_path / "run")
@@ -60,6 +66,11 @@ def test_short_run_end_to_end(tmp_path):
     # Running the same command again finds the finished run: nothing is retrained.
     again = run(cfg, wd, config_name="tiny", devices=jax.devices()[:1])
     assert again["start_step"] == 16 and again["final_eval_loss"] == s["final_eval_loss"]
+    # Both were the same W&B run, kept offline in the workdir.
+    with open(os.path.join(wd, "wandb_run_id")) as f:
+        run_id = f.read().strip()
+    assert len([d for d in os.listdir(os.path.join(wd, "wandb")) if d.startswith("offline-run-")]) == 2
+    assert all(d.endswith(run_id) for d in os.listdir(os.path.join(wd, "wandb")) if d.startswith("offline-"))
 
 
 def test_fsdp_x_tensor_on_8_devices_and_accumulation_match_one_device(tmp_path):

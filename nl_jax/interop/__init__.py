@@ -1,0 +1,1 @@
+"""Checkpoints of other frameworks: `llama` (Hugging Face Llama <-> nl_jax `transformer`)."""
