@@ -56,7 +56,9 @@ def memory_config() -> ml_collections.ConfigDict:
             eta_max=0.1,  # eta = eta_max * sigmoid(.), in (0, 1]
             max_grad_norm=1.0,  # each token's inner gradient clipped to this norm (0: off)
             conv_width=4,  # causal depthwise conv on the q/k/v paths
-            remat_chunks=False,  # jax.checkpoint every chunk of the memory scan
+            # jax.checkpoint every chunk of the memory scans: the backward recomputes a chunk instead of
+            # reading every chunk's intermediates back (hope_tiny step 1.75x faster on CPU, less memory)
+            remat_chunks=True,
             memory_target="self",  # output memory's target: self (M_B(v), paper 4.3) | value (v, paper 4.2)
         )
     )
