@@ -30,8 +30,9 @@ Inner signal (`signal`):
   local  a layer-local l2 objective with self-generated targets: level l learns to predict the next
          position's level input from the current one,
              g_t = grad_W 1/2 || MLP_l(u_{t-1}; W) - sg(u_t) ||^2,    u_t = Norm_l(z_t)
-         (no term at t = 0). Weights are constant inside a period, so every term of a period is taken
-         at the same W: fully parallel within the period (one vjp per period).
+         (no term at t = 0), each token's term clipped to norm 1 (a quartic objective: see _local_grad).
+         Weights are constant inside a period, so every term of a period is taken at the same W:
+         fully parallel within the period (one vjp per period).
   none   a static MLP stack: exactly the parameters and the output of K pre-norm SwiGLU sublayers,
          no fast state (the "w/o CMS" ablation).
 """
@@ -51,6 +52,7 @@ from nl_jax.layers.norms import RMSNorm
 from nl_jax.parallel.rules import constrain
 
 VARIANTS = ("sequential", "independent", "nested")
+LOCAL_MAX_GRAD_NORM = 1.0  # the local objective's per-token gradient clip (see ContinuumMemory._local_grad)
 SIGNALS = ("ntp", "local", "none")
 _FAST_NAMES = {
     "gate": ("batch", "embed", "mlp"),
@@ -301,9 +303,26 @@ class ContinuumMemory(nnx.Module):
 
     # ---------------------------------------------------------------- local signal
     def _local_grad(self, w, keys, targets, mask):
-        """sum_t mask_t grad_W 1/2 ||MLP(keys_t; W) - targets_t||^2 (one vjp over the tokens)."""
+        """sum_t mask_t clip(grad_W 1/2 ||MLP(keys_t; W) - targets_t||^2) (one vjp over the tokens).
+
+        Each token's gradient is scaled to norm <= LOCAL_MAX_GRAD_NORM, as the memories clip theirs:
+        the l2 loss of a SwiGLU is quartic in its weights, so plain GD at a fixed inner lr diverges once
+        a level's weights have grown (hope_tiny at 2,048 tokens: one period's gradient reached 4e5 and
+        the loss went NaN at outer step 3). A token's gradient is linear in its output error, so
+        scaling the error scales that token's gradient; its norm comes from the per-token factors
+        (each weight's gradient is an outer product of the token's input and backpropagated error)."""
+        keys = keys.astype(jnp.float32)
+        gate = keys @ w["gate"]
+        up = keys @ w["up"]
+        act = jax.nn.silu(gate)
+        err = (act * up) @ w["down"] - targets  # [B, T, D]
+        d_hid = err @ jnp.swapaxes(w["down"], -1, -2)
+        d_gate = d_hid * up * jax.grad(lambda g: jnp.sum(jax.nn.silu(g)))(gate)
+        sq = lambda a: jnp.sum(a * a, axis=-1)  # noqa: E731
+        norm_sq = sq(act * up) * sq(err) + sq(keys) * (sq(d_gate) + sq(d_hid * act))
+        scale = LOCAL_MAX_GRAD_NORM * jax.lax.rsqrt(jnp.maximum(norm_sq, LOCAL_MAX_GRAD_NORM**2))
         out, vjp = jax.vjp(lambda w_: swiglu_fast(w_, keys, self.dtype).astype(jnp.float32), w)
-        return vjp((out - targets) * mask[..., None])[0]
+        return vjp(err * (scale * mask)[..., None])[0]
 
     def _local_level(self, i, lv, prev, u, pos):
         """Level i over u [B, T, D] from token count pos: outputs, new level state, new prev.

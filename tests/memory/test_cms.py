@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from nl_jax.layers import RMSNorm, SwiGLU
-from nl_jax.memory.cms import ContinuumMemory
+from nl_jax.memory.cms import LOCAL_MAX_GRAD_NORM, ContinuumMemory
 from tests.memory.inputs import fresh_seed
 
 D, HID, PERIODS, LR = 16, (8, 12), (2, 4), (0.5, 0.3)
@@ -39,13 +39,14 @@ def _rms(u, scale):
 
 def reference_local(cms: ContinuumMemory, x):
     """Token by token, one sequence at a time, every quantity from the definition in cms.py:
-    g_t = grad 1/2 ||MLP(u_{t-1}) - u_t||^2, summed over the period, applied at its end; nested
-    levels re-initialised from I_l at the next level's boundaries. Returns outputs and final weights."""
+    g_t = grad 1/2 ||MLP(u_{t-1}) - u_t||^2 clipped to norm LOCAL_MAX_GRAD_NORM, summed over the
+    period, applied at its end; nested levels re-initialised from I_l at the next level's boundaries.
+    Returns outputs, final weights and whether each term was clipped."""
     k = cms.num_levels
     scales = [lvl.norm.scale[...] for lvl in cms.levels]
     w0 = [{n: getattr(lvl.mlp, n).kernel[...] for n in ("gate", "up", "down")} for lvl in cms.levels]
     agg = cms.agg[...] if cms.variant == "independent" else None
-    ys, finals = [], []
+    ys, finals, clipped = [], [], []
     for b in range(x.shape[0]):
         w = list(w0)
         g = [jax.tree.map(jnp.zeros_like, wi) for wi in w]
@@ -60,6 +61,9 @@ def reference_local(cms: ContinuumMemory, x):
                 o = _mlp(w[i], u)
                 if prev[i] is not None:
                     gi = jax.grad(lambda wi: 0.5 * jnp.sum((_mlp(wi, prev[i]) - u) ** 2))(w[i])
+                    norm = jnp.sqrt(sum(jnp.sum(a * a) for a in jax.tree.leaves(gi)))
+                    gi = jax.tree.map(lambda a: a * jnp.minimum(1.0, LOCAL_MAX_GRAD_NORM / norm), gi)
+                    clipped.append(bool(norm > LOCAL_MAX_GRAD_NORM))
                     g[i] = jax.tree.map(jnp.add, g[i], gi)
                     h[i] = jax.tree.map(jnp.add, h[i], gi)
                 prev[i] = u
@@ -78,7 +82,7 @@ def reference_local(cms: ContinuumMemory, x):
                     w[i] = init[i]
         ys.append(jnp.stack(out_b))
         finals.append(w)
-    return jnp.stack(ys), [jax.tree.map(lambda *a: jnp.stack(a), *lv) for lv in zip(*finals)]
+    return jnp.stack(ys), [jax.tree.map(lambda *a: jnp.stack(a), *lv) for lv in zip(*finals)], clipped
 
 
 def _close(a, b, tol=2e-5):
@@ -90,9 +94,10 @@ def _close(a, b, tol=2e-5):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_local_signal_equals_the_token_by_token_reference(variant):
     seed = fresh_seed()
-    cms = _cms(seed, variant)
+    cms = _cms(seed, variant, init_std=0.07)  # weights large enough that some terms are clipped
     x = jax.random.normal(jax.random.key(seed), (2, 11, D))  # 11: ends inside every period
-    y_ref, w_ref = reference_local(cms, x)
+    y_ref, w_ref, clipped = reference_local(cms, x)
+    assert 0 < sum(clipped) < len(clipped), "the inputs must exercise both sides of the clip"
     y, state = _call(cms, x, cms.init_state(2))
     _close(y, y_ref)
     _close(ContinuumMemory.fast_weights(state), w_ref)
