@@ -1,0 +1,271 @@
+"""Training throughput of HOPE against its baselines at equal parameters, one command, one table.
+
+    python -m benchmarks.train_step                              # T = 256 (8 x 256) and T = 2048 (1 x 2048)
+    python -m benchmarks.train_step --lengths=256 --models=transformer,hope_ntp
+    python -m benchmarks.train_step --peers                      # + nested-learning (PyTorch), see below
+
+Each row is one `nl_jax.train.run` of the named config in a fresh subprocess, as
+`python -m experiments.pretrain` runs it (embedded corpus, data pipeline, metrics; no checkpoints,
+one validation batch at the end): tokens/s over the timed steps after the first (the trainer's own
+meter), MFU by the trainer's FLOP count, the time from the subprocess's start to the end of its
+first step (imports, data, compilation), and the subprocess's peak resident memory. The baselines'
+SwiGLU widths are solved so that every model has the parameters of the HOPE config (`--base`);
+ratios are to the Transformer++ row of the same length, measured in this one run.
+
+`--peers` adds rows for the PyTorch package nested-learning (its `hope_selfmod` model and its
+transformer) at `--peers_shape`, with nl_jax's `hope` (ntp signal) and `transformer` at the same
+shape, run by `--peers_python` (an interpreter where `torch` and `nested_learning` import; the
+set-up is in benchmarks/peers.py). Neither package is a dependency of nl_jax.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("lengths", ["256", "2048"], "sequence lengths T; each step holds max(1, 2048 // T) sequences")
+flags.DEFINE_list(
+    "models", ["transformer", "titans", "hope_none", "hope_local", "hope_ntp"], "rows (see MODELS)"
+)
+flags.DEFINE_string("base", "hope_tiny", "the HOPE config whose parameter count every row matches")
+flags.DEFINE_integer("steps", 10, "timed steps after the first")
+flags.DEFINE_integer("tokens_per_step", 2048, "batch = max(1, tokens_per_step // T)")
+flags.DEFINE_multi_string("override", [], "extra --config overrides for every row, e.g. model.scan_layers=False")
+flags.DEFINE_bool("peers", False, "also time nested-learning's hope_selfmod and transformer (PyTorch)")
+flags.DEFINE_string("peers_python", sys.executable, "interpreter with torch and nested_learning")
+flags.DEFINE_string("peers_shape", "d_model=128,num_layers=2,batch=4,seq_len=256", "shape of the peer rows")
+flags.DEFINE_integer("peers_steps", 3, "timed steps of each peer row (its hope_selfmod takes seconds per step)")
+flags.DEFINE_string("json", "", "also write the rows to this file")
+# The worker: one row in this process (the parent runs it as a subprocess).
+flags.DEFINE_string("worker_config", "", "internal: config name of one row")
+flags.DEFINE_string("worker_overrides", "{}", "internal: its overrides, a json object")
+flags.DEFINE_float("worker_start", 0.0, "internal: the parent's clock when it started the worker")
+
+# row name -> (config family, overrides): the family's config of the base's size (hope_340m ->
+# transformer_340m), or the base itself (None); baselines get their SwiGLU width solved at run time
+MODELS = {
+    "transformer": ("transformer", {}),
+    "titans": ("titans", {}),
+    "hope_none": (None, {"model.cms.signal": "none"}),
+    "hope_local": (None, {"model.cms.signal": "local"}),
+    "hope_ntp": (None, {"model.cms.signal": "ntp"}),
+}
+
+
+def _config_name(family: str | None) -> str:
+    """The config of `family` at the base's size: the base's name with its family replaced."""
+    if family is None:
+        return FLAGS.base
+    return f"{family}_{FLAGS.base.rsplit('_', 1)[1]}"
+
+
+def _apply(config, overrides: dict):
+    """Sets dotted fields ("model.cms.signal") of `config`; an unknown field is an error."""
+    for key, value in overrides.items():
+        *path, field = key.split(".")
+        section = config
+        for part in path:
+            section = section[part]
+        if field not in section:
+            raise ValueError(f"unknown config field {key!r}")
+        section[field] = tuple(value) if isinstance(section[field], tuple) else value  # json has no tuples
+    return config
+
+
+def _parse(text: str):
+    """A --override value: a python literal (numbers, bools, tuples) or else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def matched_mlp_hidden(name: str, params: int, extra: dict) -> int:
+    """The SwiGLU width (a multiple of 8) that brings config `name`, with the `extra` overrides, closest
+    to `params` parameters."""
+    from experiments import configs  # noqa: PLC0415
+    from nl_jax.models import count_params  # noqa: PLC0415
+
+    cfg = configs.load(name).model
+
+    def count(h):
+        cfg.mlp_hidden = h
+        return count_params(cfg)
+
+    _apply(cfg, {k[len("model.") :]: v for k, v in extra.items() if k.startswith("model.")})
+
+    lo, hi = 8, 8 * 4096
+    while hi - lo > 8:  # count grows with the width
+        mid = (lo + hi) // 16 * 8
+        lo, hi = (mid, hi) if count(mid) < params else (lo, mid)
+    return min((lo, hi), key=lambda h: abs(count(h) - params))
+
+
+def _worker(config_name: str, overrides: dict) -> dict:
+    """Runs one row in this process and returns its measurements."""
+    import jax  # noqa: PLC0415
+
+    from experiments import configs  # noqa: PLC0415
+    from nl_jax.train import Hook, run  # noqa: PLC0415
+
+    config = _apply(configs.load(config_name), overrides)
+    config.train.update(steps=FLAGS.steps + 1, log_every=FLAGS.steps + 1)
+    config.eval.update(every=0, max_batches=1)
+    config.checkpoint.enabled = False
+    first = {}
+
+    def first_step(step, state, row):
+        del state, row
+        first.setdefault("t", time.time())
+
+    with tempfile.TemporaryDirectory() as workdir:
+        summary = run(config, workdir, config_name=config_name, hooks=[Hook(1, first_step)])
+    return dict(
+        params=summary["params"],
+        tokens_per_s=summary["tokens_per_s"],
+        mfu=summary["mfu"],
+        train_flops_per_token=summary["train_flops_per_token"],
+        first_step_s=first["t"] - FLAGS.worker_start,
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        jax=jax.__version__,
+        device=jax.devices()[0].device_kind,
+    )
+
+
+def _subprocess(args: list[str]) -> dict:
+    """Runs a row's process; its last JSON line is the row. nl_jax workers get the start time, to
+    count their first step from the same clock (the peers read their process start from /proc)."""
+    if "--worker_config" in " ".join(args):
+        args = [*args, f"--worker_start={time.time()}"]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=os.getcwd(), check=False)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        return {"error": " | ".join(tail) or f"exit {out.returncode}"}
+    return json.loads(lines[-1])
+
+
+def _row(name: str, config_name: str, overrides: dict) -> dict:
+    res = _subprocess(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.train_step",
+            f"--worker_config={config_name}",
+            f"--worker_overrides={json.dumps(overrides)}",
+        ]
+    )
+    return dict(model=name, config=config_name, overrides=overrides, **res)
+
+
+def _peer_row(kind: str, loop: str, shape: dict) -> dict:
+    args = [f"--{k}={v}" for k, v in shape.items()]
+    res = _subprocess(
+        [
+            FLAGS.peers_python,
+            "-m",
+            "benchmarks.peers",
+            f"--kind={kind}",
+            f"--loop={loop}",
+            f"--steps={FLAGS.peers_steps}",
+            "--vocab=260",
+            *args,
+        ]
+    )
+    res.pop("kind", None)
+    return dict(model=f"nested-learning {kind} ({loop})", **res)
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(
+        f"{'model':<38} {'T':>5} {'batch':>5} {'params':>10} {'tokens/s':>9} {'x Transformer++':>15} "
+        f"{'MFU':>6} {'first step s':>12} {'peak RSS GB':>11}"
+    )
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<38} {r.get('seq_len', ''):>5} error: {r['error']}")
+            continue
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        print(
+            f"{r['model']:<38} {r['seq_len']:>5} {r['batch']:>5} {r['params']:>10,} {r['tokens_per_s']:>9,.0f} "
+            f"{ratio:>15} {mfu:>6} {r['first_step_s']:>12.1f} {r['peak_rss_gb']:>11.2f}"
+        )
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker_config:
+        print(json.dumps(_worker(FLAGS.worker_config, json.loads(FLAGS.worker_overrides))), flush=True)
+        return
+
+    from experiments import configs  # noqa: PLC0415
+    from nl_jax.models import count_params  # noqa: PLC0415
+
+    extra = {k: _parse(v) for k, v in (o.split("=", 1) for o in FLAGS.override)}
+    target = count_params(_apply(configs.load(FLAGS.base), extra).model)
+    widths = {}
+    rows = []
+    for t in map(int, FLAGS.lengths):
+        batch = max(1, FLAGS.tokens_per_step // t)
+        for name in FLAGS.models:
+            family, overrides = MODELS[name]
+            config_name = _config_name(family)
+            overrides = {**overrides, **extra, "data.seq_len": t, "data.global_batch_size": batch}
+            if config_name != FLAGS.base:
+                if config_name not in widths:
+                    widths[config_name] = matched_mlp_hidden(config_name, target, extra)
+                overrides["model.mlp_hidden"] = widths[config_name]
+            row = _row(name, config_name, overrides)
+            row.update(seq_len=t, batch=batch)
+            rows.append(row)
+            print(f"  {name} T={t}: " + json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
+    if FLAGS.peers:
+        shape = {k: int(v) for k, v in (kv.split("=") for kv in FLAGS.peers_shape.split(","))}
+        mine = {
+            "model.d_model": shape["d_model"],
+            "model.num_layers": shape["num_layers"],
+            "data.seq_len": shape["seq_len"],
+            "data.global_batch_size": shape["batch"],
+        }
+        for name, config_name, overrides in (
+            ("transformer (peers shape)", _config_name("transformer"), mine),
+            ("hope_ntp (peers shape)", FLAGS.base, {**mine, "model.cms.signal": "ntp"}),
+        ):
+            row = _row(name, config_name, {**overrides, **extra})
+            rows.append(dict(row, seq_len=shape["seq_len"], batch=shape["batch"]))
+        # Their transformer as a plain step (forward, backward, AdamW: no memory writes to make);
+        # their HOPE through the package's own training loop, which writes the memories.
+        for kind, loop in (("transformer", "plain"), ("hope_selfmod", "package")):
+            rows.append(dict(_peer_row(kind, loop, shape), seq_len=shape["seq_len"], batch=shape["batch"]))
+    for r in rows:  # ratios to the Transformer++ row of the same length (and shape)
+        peers = "shape" in r["model"] or r["model"].startswith("nested-learning")
+        ref = next(
+            (
+                x
+                for x in rows
+                if x["seq_len"] == r["seq_len"]
+                and "error" not in x
+                and x["model"] == ("transformer (peers shape)" if peers else "transformer")
+            ),
+            None,
+        )
+        r["ratio"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref and "error" not in r else None
+    print()
+    _print_table(rows)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
