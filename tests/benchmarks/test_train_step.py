@@ -1,0 +1,46 @@
+"""benchmarks.train_step's equal-parameter rows, without training.
+
+Run in a subprocess: the benchmark defines absl flags (`steps`, `lengths`) that library modules the
+other tests import define too."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    from benchmarks.train_step import _apply, _parse, matched_mlp_hidden
+    from experiments import configs
+    from nl_jax.models import count_params
+
+    out = {}
+    extra = {"model.num_layers": 2}
+    target = count_params(_apply(configs.load("hope_tiny"), extra).model)
+    for name in ("transformer_tiny", "titans_tiny"):
+        width = matched_mlp_hidden(name, target, extra)
+        cfg = _apply(configs.load(name), {**extra, "model.mlp_hidden": width}).model
+        out[name] = [width, count_params(cfg), target]
+    try:
+        _apply(configs.load("hope_tiny"), {"model.cms.no_such_field": 1})
+    except ValueError as e:
+        out["error"] = str(e)
+    out["parsed"] = [_parse("(16,64)"), _parse("False"), _parse("ntp")]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_baselines_are_sized_to_the_hope_config_and_overrides_are_checked():
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("transformer_tiny", "titans_tiny"):
+        width, params, target = out[name]
+        assert width % 8 == 0
+        # The solved width is the multiple of 8 closest to the target: one step of 8 changes the
+        # count by 3 x 8 x d_model per layer.
+        assert abs(params - target) <= 3 * 8 * 128 * 2 / 2, (name, params, target)
+    assert "unknown config field 'model.cms.no_such_field'" in out["error"]
+    assert out["parsed"] == [[16, 64], False, "ntp"]
