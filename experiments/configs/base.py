@@ -3,7 +3,7 @@
 Sections: `model` (what `nl_jax.models.build_model` reads), `mesh` (`nl_jax.parallel.make_mesh`),
 `optim` (`nl_jax.optim.factory.make_optimizer`), `data` (`nl_jax.data.from_config`), and what the
 trainer (`nl_jax.train.run`) reads: `train`, `eval`, `checkpoint`. The defaults train a tiny model on
-a laptop; sized configs call `paper_recipe(config, ...)` for the paper's setting (D1).
+a laptop; sized configs call `paper_recipe(config, ...)` for the paper's setting (docs/design.md, Decision 1).
 Any field can be overridden on the command line: `--config.model.d_model=512`.
 """
 
@@ -17,7 +17,8 @@ def model_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             name="transformer",  # registry name: nl_jax.models.registry.registered_models()
-            vocab_size=32000,  # Llama-2 tokenizer (paper D1); 260 for byte-level tiny configs (259 ids)
+            # Llama-2 tokenizer (docs/design.md, Decision 1); 260 for byte-level tiny configs (259 ids)
+            vocab_size=32000,
             d_model=1024,  # residual stream width
             num_layers=24,  # number of blocks (stacked and scanned)
             num_heads=16,  # query heads
@@ -29,7 +30,8 @@ def model_config() -> ml_collections.ConfigDict:
             tie_embeddings=False,  # share the input embedding as the output projection
             norm_eps=1e-6,  # RMSNorm epsilon
             dtype="float32",  # compute dtype of matmuls/activations; "bfloat16" on TPU
-            param_dtype="float32",  # storage dtype of parameters (float32 master weights, D10)
+            # storage dtype of parameters (float32 master weights, docs/design.md, Decision 10)
+            param_dtype="float32",
             scan_layers=True,  # lax.scan over stacked layers (False: python loop, for debugging)
             remat_policy="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
             init_std=0.02,  # std of the normal init of every projection and the embedding
@@ -53,7 +55,7 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 
 def optim_config() -> ml_collections.ConfigDict:
-    """AdamW with warm-up + cosine (paper D1); any nl_jax.optim optimizer by name."""
+    """AdamW with warm-up + cosine (docs/design.md, Decision 1); any nl_jax.optim optimizer by name."""
     return ml_collections.ConfigDict(
         dict(
             name="adamw",  # adamw | m3 | muon | deep_momentum | delta_momentum | momentum_memory | ...
@@ -112,11 +114,10 @@ def checkpoint_config() -> ml_collections.ConfigDict:
 def paper_recipe(
     config, tokens: float, seq_len: int = 4096, batch_tokens: int = 2**19, grad_accum_steps: int = 1
 ):
-    """The paper's training setting (D1): 4096-token context, 0.5M-token batches, AdamW 4e-4
-    cosine, wd 0.1, vocab 32000 (SentencePiece), `tokens` in total. `grad_accum_steps`: the
-    microbatches of a step; the sized configs set enough for the step to fit both 32-chip slices,
-    v5p-64 and v4-64 (32 GiB per chip; README table, `python -m experiments.compile`).
-    Returns `config`."""
+    """The paper's training setting (docs/design.md, Decision 1): 4096-token context, 0.5M-token batches,
+    AdamW 4e-4 cosine, wd 0.1, vocab 32000 (SentencePiece), `tokens` in total. `grad_accum_steps`: the
+    microbatches of a step; the sized configs set enough for the step to fit both 32-chip slices, v5p-64 and
+    v4-64 (32 GiB per chip; README table, `python -m experiments.compile`). Returns `config`."""
     batch = batch_tokens // seq_len
     config.data.update(seq_len=seq_len, global_batch_size=batch)
     config.train.update(

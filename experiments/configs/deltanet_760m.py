@@ -10,7 +10,8 @@ from experiments.configs import base, deltanet_base
 def get_config():
     config = deltanet_base.get_config()
     config.model.update(d_model=1536, num_layers=24, num_heads=12, mlp_hidden=4096, tie_embeddings=False)
-    # TPU defaults: bf16 matmuls over float32 master weights and float32 fast weights (D10); keep the
-    # projection outputs and recompute the rest of each block in the backward pass.
+    # TPU defaults (docs/design.md, Decision 10): bf16 matmuls over float32 master weights and float32 fast
+    # weights; keep the projection outputs and recompute the rest of each block in the backward pass.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    return base.paper_recipe(config, tokens=30e9, grad_accum_steps=2)  # D1: 760M on 30B tokens
+    # docs/design.md, Decision 1: 760M on 30B tokens
+    return base.paper_recipe(config, tokens=30e9, grad_accum_steps=2)

@@ -13,7 +13,8 @@ def get_config():
     config.model.update(
         d_model=2048, num_layers=21, num_heads=6, head_dim=256, mlp_hidden=5632, tie_embeddings=True
     )
-    # TPU defaults: bf16 matmuls over float32 master weights and float32 fast weights (D10); keep the
-    # projection outputs and recompute the rest of each block in the backward pass.
+    # TPU defaults (docs/design.md, Decision 10): bf16 matmuls over float32 master weights and float32 fast
+    # weights; keep the projection outputs and recompute the rest of each block in the backward pass.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    return base.paper_recipe(config, tokens=100e9, grad_accum_steps=2)  # D1: 1.3B on 100B tokens
+    # docs/design.md, Decision 1: 1.3B on 100B tokens
+    return base.paper_recipe(config, tokens=100e9, grad_accum_steps=2)

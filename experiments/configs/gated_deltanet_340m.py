@@ -12,7 +12,7 @@ def get_config():
     config.model.update(
         d_model=1024, num_layers=21, num_heads=3, head_dim=256, mlp_hidden=2816, tie_embeddings=True
     )
-    # TPU defaults: bf16 matmuls over float32 master weights and float32 fast weights (D10); keep the
-    # projection outputs and recompute the rest of each block in the backward pass.
+    # TPU defaults (docs/design.md, Decision 10): bf16 matmuls over float32 master weights and float32 fast
+    # weights; keep the projection outputs and recompute the rest of each block in the backward pass.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    return base.paper_recipe(config, tokens=15e9)  # D1: 340M on 15B tokens
+    return base.paper_recipe(config, tokens=15e9)  # docs/design.md, Decision 1: 340M on 15B tokens

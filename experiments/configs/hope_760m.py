@@ -12,9 +12,9 @@ def get_config():
     config.model.update(d_model=1536, num_layers=24, tie_embeddings=True)
     config.model.memory.update(num_heads=12, head_dim=128)
     config.model.cms.hidden = (640, 640, 640, 640)
-    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    # TPU defaults: bf16 matmuls over float32 master weights (docs/design.md, Decision 10).
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    config = base.paper_recipe(config, tokens=30e9)  # D1: 760M on 30B tokens
+    config = base.paper_recipe(config, tokens=30e9)  # docs/design.md, Decision 1: 760M on 30B tokens
     # Pods (README table): the ntp backward keeps every sequence's CMS fast weights and memory states
     # at each checkpoint (16 per 4096 tokens), so a microbatch holds one sequence per fsdp shard,
     # split 4 ways over 'tensor': fits v5p-64 and v4-64 (32 chips).

@@ -11,9 +11,9 @@ def get_config():
     config = hope_base.get_config("hope_attention")
     config.model.update(d_model=2048, num_layers=24, num_heads=16, tie_embeddings=True)
     config.model.cms.hidden = (1408, 1408, 1408, 1408)
-    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    # TPU defaults: bf16 matmuls over float32 master weights (docs/design.md, Decision 10).
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    config = base.paper_recipe(config, tokens=100e9)  # D1: 1.3B on 100B tokens
+    config = base.paper_recipe(config, tokens=100e9)  # docs/design.md, Decision 1: 1.3B on 100B tokens
     # Pods (README table): the ntp backward keeps every sequence's CMS fast weights and KV caches
     # at each checkpoint (16 per 4096 tokens), so a microbatch holds one sequence per fsdp shard,
     # split 8 ways over 'tensor': 17.7 GiB per chip on v4-64 (with 'tensor' 4: 33.8, over its 32).

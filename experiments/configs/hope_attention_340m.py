@@ -11,9 +11,9 @@ def get_config():
     config = hope_base.get_config("hope_attention")
     config.model.update(d_model=1024, num_layers=24, num_heads=16, tie_embeddings=True)
     config.model.cms.hidden = (704, 704, 704, 704)
-    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    # TPU defaults: bf16 matmuls over float32 master weights (docs/design.md, Decision 10).
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    config = base.paper_recipe(config, tokens=15e9)  # D1: 340M on 15B tokens
+    config = base.paper_recipe(config, tokens=15e9)  # docs/design.md, Decision 1: 340M on 15B tokens
     # Pods (README table): the ntp backward keeps every sequence's CMS fast weights and KV caches
     # at each checkpoint (16 per 4096 tokens), so a microbatch holds one sequence per fsdp shard,
     # split 4 ways over 'tensor': fits v5p-64 and v4-64 (32 chips).

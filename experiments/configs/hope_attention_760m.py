@@ -11,9 +11,9 @@ def get_config():
     config = hope_base.get_config("hope_attention")
     config.model.update(d_model=1536, num_layers=24, num_heads=12, tie_embeddings=True)
     config.model.cms.hidden = (1088, 1088, 1088, 1088)
-    # TPU defaults: bf16 matmuls over float32 master weights (D10).
+    # TPU defaults: bf16 matmuls over float32 master weights (docs/design.md, Decision 10).
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    config = base.paper_recipe(config, tokens=30e9)  # D1: 760M on 30B tokens
+    config = base.paper_recipe(config, tokens=30e9)  # docs/design.md, Decision 1: 760M on 30B tokens
     # Pods (README table): the ntp backward keeps every sequence's CMS fast weights and KV caches
     # at each checkpoint (16 per 4096 tokens), so a microbatch holds one sequence per fsdp shard,
     # split 4 ways over 'tensor': fits v5p-64 and v4-64 (32 chips).

@@ -2,7 +2,7 @@
 
 `model.cms` configures the Continuum Memory System (nl_jax/memory/cms.py); `model.memory` holds the
 keyword arguments of the self-modifying Titans layer (nl_jax/memory/self_modifying.py), passed as
-they are. The paper's ablation rows (paper_notes 8.3) are flags on `hope_*`:
+they are. The paper's ablation rows (Table 6) are flags on `hope_*`:
 
     w/o DGD               --config.model.memory.dgd=False
     w/o momentum          --config.model.memory.momentum=False
@@ -21,7 +21,7 @@ from experiments.configs import base
 def cms_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            variant="sequential",  # sequential | independent | nested (paper_notes 5.2)
+            variant="sequential",  # sequential | independent | nested (Eq. 72-74 of the paper)
             signal="ntp",  # ntp (next-token-loss gradient) | local (l2, self-generated targets) | none (static MLPs)
             periods=(16, 64, 256, 1024),  # update period of each level in tokens; min = the ntp segment
             hidden=(704, 704, 704, 704),  # SwiGLU hidden width of each level
@@ -41,11 +41,13 @@ def memory_config() -> ml_collections.ConfigDict:
         dict(
             num_heads=8,  # memory heads
             head_dim=128,  # per-head width of every memory (k, v, q, eta, alpha, memory)
-            structure="mlp",  # mlp (2-layer residual MLP, D4) | linear (gated delta rule with modified values)
+            # mlp (2-layer residual MLP, docs/design.md, Decision 4) | linear (gated delta rule with
+            # modified values)
+            structure="mlp",
             hidden=0,  # hidden width of each memory MLP; 0 = head_dim
             activation="silu",
-            chunk_size=8,  # chunk of all memories but the output one (D6)
-            memory_chunk_size=64,  # chunk of the output memory (D6)
+            chunk_size=8,  # chunk of all memories but the output one (docs/design.md, Decision 6)
+            memory_chunk_size=64,  # chunk of the output memory (docs/design.md, Decision 6)
             read="boundary",  # boundary (paper Eq. 90) | per_token (dual form)
             dgd=True,  # delta gradient descent (ablation: w/o DGD)
             momentum=True,  # Titans-style momentum (ablation: w/o momentum)
@@ -59,7 +61,7 @@ def memory_config() -> ml_collections.ConfigDict:
             # jax.checkpoint every chunk of the memory scans: the backward recomputes a chunk instead of
             # reading every chunk's intermediates back (hope_tiny step 1.75x faster on CPU, less memory)
             remat_chunks=True,
-            memory_target="self",  # output memory's target: self (M_B(v), paper 4.3) | value (v, paper 4.2)
+            memory_target="self",  # output memory's target: self (M_B(v), Eq. 83-85) | value (v, Eq. 79-82)
         )
     )
 

@@ -10,7 +10,7 @@ from experiments.configs import base, retnet_base
 def get_config():
     config = retnet_base.get_config()
     config.model.update(d_model=1024, num_layers=24, num_heads=4, mlp_hidden=1536, tie_embeddings=True)
-    # TPU defaults: bf16 matmuls over float32 master weights and float32 fast weights (D10); keep the
-    # projection outputs and recompute the rest of each block in the backward pass.
+    # TPU defaults (docs/design.md, Decision 10): bf16 matmuls over float32 master weights and float32 fast
+    # weights; keep the projection outputs and recompute the rest of each block in the backward pass.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
-    return base.paper_recipe(config, tokens=15e9)  # D1: 340M on 15B tokens
+    return base.paper_recipe(config, tokens=15e9)  # docs/design.md, Decision 1: 340M on 15B tokens

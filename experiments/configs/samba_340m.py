@@ -13,7 +13,8 @@ from experiments.configs import base, samba_base
 def get_config():
     config = samba_base.get_config()
     config.model.update(d_model=1024, num_layers=22, num_heads=8, mlp_hidden=2816)
-    # TPU defaults: bf16 matmuls over float32 master weights (D10); keep the projection outputs.
+    # TPU defaults (docs/design.md, Decision 10): bf16 matmuls over float32 master weights; keep the
+    # projection outputs.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
     config.model.scan_remat = True  # the scan's per-token [Din, N] states are the largest activations
     config = base.paper_recipe(config, tokens=15e9)

@@ -10,7 +10,7 @@ from experiments.configs import base, titans_base
 def get_config():
     config = titans_base.get_config()
     config.model.update(d_model=1024, num_layers=24, num_heads=16, mlp_hidden=2432, tie_embeddings=True)
-    # TPU defaults: bf16 matmuls over float32 master weights and fast weights (D10); keep the
-    # projection outputs and recompute the rest in the backward pass.
+    # TPU defaults (docs/design.md, Decision 10): bf16 matmuls over float32 master weights and fast weights;
+    # keep the projection outputs and recompute the rest in the backward pass.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
     return base.paper_recipe(config, tokens=15e9)

@@ -22,7 +22,8 @@ def titans_config() -> ml_collections.ConfigDict:
                     hidden=0,  # MLP memory hidden width; 0 = head_dim
                     activation="silu",  # s in the MLP memory
                     chunk_size=64,  # tokens whose inner gradients share the chunk-start memory
-                    read="post_update",  # post_update (Titans) | per_token | boundary (SPEC D6)
+                    # post_update (Titans) | per_token | boundary (docs/design.md, Decision 6)
+                    read="post_update",
                     momentum=True,  # surprise momentum S_t = eta_t S_{t-1} - theta_t grad
                     max_lr=0.1,  # theta_t = max_lr * sigmoid(x W_theta)
                     conv_width=4,  # causal depthwise conv on q / k / v

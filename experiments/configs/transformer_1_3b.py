@@ -10,7 +10,7 @@ from experiments.configs import base
 def get_config():
     config = base.get_config()
     config.model.update(d_model=2048, num_layers=24, num_heads=16, mlp_hidden=5376, tie_embeddings=False)
-    # TPU defaults: bf16 matmuls over float32 master weights (D10); keep the projection outputs
-    # and recompute the attention matrices in the backward pass.
+    # TPU defaults (docs/design.md, Decision 10): bf16 matmuls over float32 master weights; keep the
+    # projection outputs and recompute the attention matrices in the backward pass.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
     return base.paper_recipe(config, tokens=100e9, grad_accum_steps=2)

@@ -11,6 +11,7 @@ from experiments.configs import base, ttt_base
 def get_config():
     config = ttt_base.get_config()
     config.model.update(d_model=1024, num_layers=24, num_heads=16, mlp_hidden=2736)
-    # TPU defaults: bf16 matmuls over float32 master weights (D10); keep the projection outputs.
+    # TPU defaults (docs/design.md, Decision 10): bf16 matmuls over float32 master weights; keep the
+    # projection outputs.
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
     return base.paper_recipe(config, tokens=15e9)

@@ -9,7 +9,7 @@ The tail that does not fill a window is dropped for training and padded for eval
 Each window carries its segment ids (`segment_ids`): the index of the document each token belongs
 to, counted from 0 at the window's first token, an EOS belonging to the document it ends. The models
 do not read them yet: attention and memories still run across EOS inside a window, as in GPT-style
-packing, and HOPE's fast state resets per training sequence (SPEC D8), not per document.
+packing, and HOPE's fast state resets per training sequence (docs/design.md, Decision 8), not per document.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Continual learning at test time: memorization across segments and class-incremental
 classification, with the model's weights frozen and only its state (fast weights, CMS levels,
-KV cache) carrying information forward (SPEC D8).
+KV cache) carrying information forward (docs/design.md, Decision 8).
 
 1. `stream_memorization`: a token stream is cut into K segments of `segment_len` tokens (normally
    the training length) and passed through the model twice, the decode state carried across

@@ -1,6 +1,6 @@
 """Needle-in-a-haystack in the style of RULER (Hsieh et al. 2024), generated locally in token space.
 
-Tasks (paper_notes 8.4 names):
+Tasks (named as in the paper's NIAH table, Table 1):
   s_niah_1   passkey: noise haystack, "The pass key is N. Remember it. N is the pass key."
   s_niah_2   number: text haystack, one needle "One of the special magic numbers for KEY is: N."
   s_niah_3   uuid: as s_niah_2 with a UUID value

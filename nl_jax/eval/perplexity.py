@@ -17,7 +17,7 @@ Documents longer than the context `context_len` (normally the training length):
   at least `context_len - stride` tokens of context; the last window is aligned to the document end
   to use a full context. A document that fits is one window: exactly the full forward.
 * mode="stream" carries the model's decode state across segments of `context_len` tokens
-  (SPEC D8): recurrent memories keep what they learned; attention models keep a KV cache of
+  (docs/design.md, Decision 8): recurrent memories keep what they learned; attention models keep a KV cache of
   `context_len` tokens, i.e. they stream as a sliding-window attention of the training length.
 """
 

@@ -1,10 +1,10 @@
-"""Results tables laid out like the paper's (paper_notes 8.1-8.4), from the evaluate JSON.
+"""Results tables laid out like the paper's (docs/design.md, "Results tables"), from the evaluate JSON.
 
 Language modeling and commonsense (Tables 1/2): Wiki ppl, LMB ppl, LMB acc, PIQA acc, Hella
 acc_norm, Wino acc, ARC-e acc, ARC-c acc_norm, SIQA acc, BoolQ acc, Avg = the mean of the 8
 accuracy columns. "Wiki ppl" is word perplexity (lm-evaluation-harness `wikitext`, independent of
 the tokenizer); a missing entry is "-" and the average then covers the columns present (marked *).
-NIAH (A-Table 1): accuracy per task at each length, "a/b/c" over the lengths.
+NIAH (Table 1 of the long version): accuracy per task at each length, "a/b/c" over the lengths.
 """
 
 from __future__ import annotations

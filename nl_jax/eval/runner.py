@@ -6,12 +6,11 @@ through the registry interface only (`model(tokens) -> logits`, and for decoding
 
 * `score(inputs, targets)`: per-position log p(target | inputs[:t+1]) and whether the target is the
   argmax, from one full forward (a fresh state per row: what training sees).
-* `stream(inputs, targets, state)`: the same numbers with a decode state carried in and out, so a
-  sequence longer than the training length flows through segment by segment (SPEC D8). The generic
-  path scans `decode_step` over the tokens; a model may expose a faster multi-token stateful path
-  as a method `forward_with_state(tokens [B, T], state) -> (logits [B, T, V], state)`, used when
-  present. For attention models the state is the KV cache: past `max_len` it wraps and acts as a
-  sliding window of `max_len` tokens.
+* `stream(inputs, targets, state)`: the same numbers with a decode state carried in and out, so a sequence
+  longer than the training length flows through segment by segment (docs/design.md, Decision 8). The generic
+  path scans `decode_step` over the tokens; a model may expose a faster multi-token stateful path as a method
+  `forward_with_state(tokens [B, T], state) -> (logits [B, T, V], state)`, used when present. For attention
+  models the state is the KV cache: past `max_len` it wraps and acts as a sliding window of `max_len` tokens.
 * `generate(prompt, n)`: greedy decoding (decode_step after a streamed prefill, or repeated full
   forwards for models that do not decode).
 

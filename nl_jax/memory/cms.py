@@ -1,4 +1,5 @@
-"""Continuum Memory System (CMS, paper_notes 5, SPEC D7): K MLP levels updated at different periods.
+"""Continuum Memory System (CMS, Eq. 70-74 of the paper; docs/design.md, Decision 7): K MLP levels
+updated at different periods.
 
 Each level is a pre-norm residual SwiGLU, `z <- z + MLP_l(Norm_l(z))`, whose weights are *fast
 weights*: a float32 pytree carried per sequence (never Params). Its meta-learned initial value is
@@ -14,7 +15,7 @@ differentiate through the inner one (but does flow through the fast weights to t
 Variants (`variant`):
   sequential   the chain z <- z + MLP_l(Norm_l(z)), l = 1..K (paper Eq. 70, Hope's forward).
   independent  parallel levels on the same input, y = x + sum_l a_l MLP_l(Norm_l(x)), a learnable.
-  nested       the sequential chain, plus (our first-order reading of paper_notes 5.2) each level l
+  nested       the sequential chain, plus (our first-order reading of the paper's Eq. 72) each level l
                but the last has a second fast state I_l, its re-initialisation point, which the next
                level's schedule maintains: at every boundary of P_{l+1},
                    I_l <- I_l - lr_{l+1} * sum of level l's gradient terms over that P_{l+1} window

@@ -1,4 +1,4 @@
-"""Self-modifying Titans (paper_notes 4.3-4.6) as an NNX layer, thin over `nl_jax.memory.ops`.
+"""Self-modifying Titans (Eq. 83-91 of the paper) as an NNX layer, thin over `nl_jax.memory.ops`.
 
 Per head (H heads of width dh), B(t) being the state at the last chunk boundary before token t:
 
@@ -15,16 +15,17 @@ Per head (H heads of width dh), B(t) being the state at the last chunk boundary 
 
 Every memory is per head either a residual MLP M(z) = z + W1 s(W2 z) (`structure="mlp"`) or a
 matrix (`"linear"`), with a meta-learned initial state (the `init_*` Params of `memory_<name>`); the
-fast weights themselves are float32 arrays carried in the state, never Params (SPEC D4, D10).
+fast weights themselves are float32 arrays carried in the state, never Params (docs/design.md,
+Decisions 4 and 10).
 
-Chunking (SPEC D6, paper_notes A3): the k, v, q, eta and alpha memories use `chunk_size`, the
+Chunking (docs/design.md, Decision 6): the k, v, q, eta and alpha memories use `chunk_size`, the
 output memory `memory_chunk_size`. Keys, values, rates and self-generated targets of a chunk come
 from the states at the end of the previous chunk. Since nothing reads the output memory except the
 output, the layer runs in two stages: a scan over `chunk_size` chunks for the small memories (which
 feed each other), then the output memory over the keys, values and rates they produced.
 
 Decisions on what the paper leaves open:
-  - scalar rates from vector memories (paper_notes A7): eta and alpha memories map dh -> dh like
+  - scalar rates from vector memories (docs/design.md, Decision 4): eta and alpha memories map dh -> dh like
     the others (so they can learn from (k, v_hat)); a learned read-out vector and bias per head turn
     the memory's output into the scalar, then eta_max * sigmoid (eta) or sigmoid (alpha).
   - stability on real text (measured on hope_tiny with the embedded corpus): the paper's rates are
@@ -41,11 +42,11 @@ Decisions on what the paper leaves open:
     (`ops.MemorySpec`, per-sample clipping as in Titans implementations), which bounds each chunk's
     step by chunk * eta_max * max_grad_norm.
   - targets v_hat are not stop-gradient: the outer gradient flows through the whole unrolled forward,
-    targets included (paper_notes A1); the inner gradient treats v_hat as the constant target.
-  - momentum (SPEC D5): Titans' surprise S_t, its decay beta_t a static gate of x, shared by all
-    memories of a head as eta and alpha are. The DGD rate is eta_t (paper 4.4).
-  - the output memory's target is M_out,B(t)(v_t) as in the paper's 4.3 (`memory_target="self"`);
-    `memory_target="value"` trains it on v_t directly (the paper's 4.2).
+    targets included (docs/design.md, Decision 12); the inner gradient treats v_hat as the constant target.
+  - momentum (docs/design.md, Decision 5): Titans' surprise S_t, its decay beta_t a static gate of x,
+    shared by all memories of a head as eta and alpha are. The DGD rate is eta_t (Eq. 86-88).
+  - the output memory's target is M_out,B(t)(v_t) as in the paper's Eq. 83-85 (`memory_target="self"`);
+    `memory_target="value"` trains it on v_t directly (the paper's Eq. 79-82).
   - initial states: MLP memories start as the identity map (W1 = 0, W2 ~ N(0, 1/dh)), so every adaptive
     projection starts as its static one; matrix memories start as the identity, the output one at 0.
   - alpha's bias starts at 4 (retention ~0.98 per token); eta's at 0 (eta = eta_max / 2).
@@ -108,7 +109,8 @@ class MemoryInit(nnx.Module):
     def state(self, batch_size: int, momentum: bool) -> ops.MemoryState:
         cls = ops.LinearWeights if self.spec.structure == "linear" else ops.MLPWeights
         weights = {}
-        for name in cls._fields:  # fast weights are float32 whatever the param dtype (SPEC D10)
+        # fast weights are float32 whatever the param dtype (docs/design.md, Decision 10)
+        for name in cls._fields:
             p = getattr(self, f"init_{name}")[...].astype(jnp.float32)
             weights[name] = jnp.broadcast_to(p, (batch_size, *p.shape))
         return ops.init_state(cls(**weights), momentum=momentum)
@@ -117,7 +119,7 @@ class MemoryInit(nnx.Module):
 class SelfModifyingTitans(nnx.Module):
     """Self-modifying Titans layer: x [B, T, D] -> y [B, T, D] (see the module docstring).
 
-    Flags, each switching exactly one part (the rows of the paper's ablation table, paper_notes 8.3):
+    Flags, each switching exactly one part (the rows of the paper's ablation table, Table 6):
       dgd=False            plain GD (no DGD erase term)
       momentum=False       no surprise momentum (no beta gate, no momentum state)
       weight_decay=False   no retention gate (no alpha memory, no alpha projection)

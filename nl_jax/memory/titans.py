@@ -7,10 +7,10 @@
     S_t = eta_t S_{t-1} - theta_t grad l(M_B; k_t, v_t),   M_t = (1 - alpha_t) M_{t-1} + S_t
     y = W_o (RMSNorm(M_t(q_t)) * SiLU(x W_g))
 
-(paper_notes 3.1; output norm and gate as in Titans 4.4). The fast weights are not Params: only
+(Titans, Section 3; output norm and gate as in Titans, Section 4.4). The fast weights are not Params: only
 their meta-learned initial value (`memory_init_*`) is, together with the projections and gates. A
-training forward starts every sequence from `memory_init` (SPEC D8); with a decode state the layer
-continues from that state token by token.
+training forward starts every sequence from `memory_init` (docs/design.md, Decision 8); with a decode
+state the layer continues from that state token by token.
 
 `form` picks the op that runs a training forward: `chunked` (the fast path) or `naive` (the
 token-by-token reference with the same chunk semantics), so a whole model can be checked against its
@@ -100,7 +100,7 @@ class NeuralMemory(nnx.Module):
             setattr(self, f"memory_init_{name}", logical_param(rngs, init, shape, names, param_dtype))
 
     def _initial_memory(self, batch_size: int) -> ops.MemoryState:
-        # Fast weights accumulate in float32 whatever the compute dtype (SPEC D10).
+        # Fast weights accumulate in float32 whatever the compute dtype (docs/design.md, Decision 10).
         cls = ops.LinearWeights if self.spec.structure == "linear" else ops.MLPWeights
         weights = {}
         for name in self.weight_names:

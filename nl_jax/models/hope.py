@@ -1,4 +1,5 @@
-"""HOPE (self-modifying Titans + CMS) and HOPE-Attention (softmax attention + CMS), SPEC D3 / D7.
+"""HOPE (self-modifying Titans + CMS) and HOPE-Attention (softmax attention + CMS), docs/design.md,
+Decisions 3 and 7.
 
 Block (pre-norm residual, RMSNorm):
     hope            h = x + SelfModTitans(Norm(x))      (the layer has its own out norm, gate, out proj)

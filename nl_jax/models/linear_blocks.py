@@ -1,7 +1,8 @@
 """What RetNet, DeltaNet and Gated DeltaNet share: a linear fast-weight token mixer over the memory core,
 a pre-norm block and the language model around it (layouts as in fla-org/flash-linear-attention).
 
-Mixer, per head h (q, k [Dk], v [Dv]; the state S [Dv, Dk] is a float32 fast weight, SPEC D10):
+Mixer, per head h (q, k [Dk], v [Dv]; the state S [Dv, Dk] is a float32 fast weight, docs/design.md,
+Decision 10):
 
     q, k, v = x W_q, x W_k, x W_v        then optionally a causal depthwise conv (width 4) + SiLU,
                                           l2-normalised q and k, rotary position on q and k

@@ -1,5 +1,5 @@
 """Titans (Behrouz et al. 2025): the neural long-term memory alone (LMM) and its three hybrids with
-attention, MAC, MAG and MAL (paper_notes 3.1). One registered model, `titans`; the variant is
+attention, MAC, MAG and MAL (Titans, Sections 3-4). One registered model, `titans`; the variant is
 `model.titans.variant`. Every block is pre-norm with residuals and ends in a SwiGLU MLP:
 
   lmm  h = x + LMM(Norm(x))

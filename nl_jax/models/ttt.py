@@ -169,7 +169,8 @@ class TTTLayer(nnx.Module):
     def _initial_memory(self, batch_size: int) -> ops.MemoryState:
         cls = ops.LinearBiasWeights if self.structure == "linear" else ops.MLPBiasWeights
         weights, widths = {}, dict(self.bias_widths)
-        for name in cls._fields:  # fast weights in float32 whatever the compute dtype (D10)
+        # fast weights in float32 whatever the compute dtype (docs/design.md, Decision 10)
+        for name in cls._fields:
             p = getattr(self, f"memory_init_{name}")[...].astype(jnp.float32)
             if name in widths:  # a bias is a one-column matrix [H, width, 1]
                 p = p.reshape(self.num_heads, widths[name], 1)

@@ -1,4 +1,4 @@
-"""Deep optimizers of Nested Learning as optax transforms (paper_notes section 2; spec D9).
+"""Deep optimizers of Nested Learning as optax transforms (docs/design.md, Decision 9).
 
 Each optimizer is a ``scale_by_<name>`` transform (NamedTuple state) and a chained alias
 ``<name>(learning_rate, ...)`` ending in ``optax.scale_by_learning_rate`` (float or schedule)::

@@ -1,4 +1,4 @@
-"""Adam derived as an optimal element-wise associative memory (paper 2.8, App. B, A-Eq.101-105)."""
+"""Adam derived as an optimal element-wise associative memory (Appendix B of the paper, Eq. 101-105)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def scale_by_adam_memory(
     *,
     value: Literal["sqrt", "identity"] = "sqrt",
 ) -> optax.GradientTransformation:
-    """Element-wise associative memory whose optimum is Adam (paper 2.8).
+    """Element-wise associative memory whose optimum is Adam (Eq. 101-105).
 
     The memory ``m`` minimises ``sum_i ||m * g_i - P||^2 + lambda ||m||^2`` over the gradients seen so
     far, element-wise. Its closed form is ``m* = M~ * P / (H + lambda)`` with the two sufficient
@@ -89,7 +89,7 @@ def adam_memory(
     *,
     value: Literal["sqrt", "identity"] = "sqrt",
 ) -> optax.GradientTransformation:
-    """Adam as an associative memory (paper 2.8): ``W <- W - lr (m* + wd W)``.
+    """Adam as an associative memory (Eq. 101-105): ``W <- W - lr (m* + wd W)``.
 
     Reduces to ``optax.adam(learning_rate, b1, b2, eps, eps_root)`` exactly with ``value='sqrt'``
     and ``weight_decay=None`` (and to ``optax.adamw`` with ``weight_decay=wd``).

@@ -1,4 +1,4 @@
-"""Deep Momentum Gradient Descent, DMGD (paper 2.4): the momentum is an MLP memory.
+"""Deep Momentum Gradient Descent, DMGD (Eq. 50 of the paper): the momentum is an MLP memory.
 
 How a matrix gradient is fed to the memory (the paper leaves it open). The paper's linear momentum
 is already a memory from the input space of the layer to its output space: with the weight viewed
@@ -10,13 +10,13 @@ gradient's row ``g_r``. DMGD replaces that linear map by a residual MLP over the
     M: (n_in, n_out) linear path,  A: (n_in, h) = W_2 applied to the one-hot keys,
     B: (h, n_out) = W_1,  phi = tanh by default
 
-(the rows of ``U`` are ``m(e_r) = M^T e_r + W_1 phi(W_2 e_r)/sqrt(n_in)``, the ``z + W1 s(W2 z)``
-shape of spec D4). So each gradient row is the target value for its row key; the whole gradient is
-one batch of ``n_in`` (key, value) pairs and the memory has ``h (n_in + n_out)`` extra fast weights
-per matrix (``h`` = ``MomentumMLP.hidden``, e.g. 16): the MLP state stays small for big matrices.
-The ``1/sqrt(n_in)`` makes ``phi(A) phi(A)^T / n_in`` O(1) for ``A ~ N(0, 1)``.
+(the rows of ``U`` are ``m(e_r) = M^T e_r + W_1 phi(W_2 e_r)/sqrt(n_in)``, the ``z + W1 s(W2 z)`` shape of
+docs/design.md, Decision 4). So each gradient row is the target value for its row key; the whole gradient is
+one batch of ``n_in`` (key, value) pairs and the memory has ``h (n_in + n_out)`` extra fast weights per matrix
+(``h`` = ``MomentumMLP.hidden``, e.g. 16): the MLP state stays small for big matrices. The ``1/sqrt(n_in)``
+makes ``phi(A) phi(A)^T / n_in`` O(1) for ``A ~ N(0, 1)``.
 
-Inner objective (paper: dot product / value-less, A-Eq.50): ``L(theta) = -<U(theta), G>``
+Inner objective (paper: dot product / value-less, Eq. 50): ``L(theta) = -<U(theta), G>``
 (``objective='dot'``) or ``1/2 ||U(theta) - G||^2`` (``'l2'``, a delta-rule memory). One inner GD
 step with retention ``decay`` per outer step: ``theta <- decay theta - lr_theta grad L``, with
 ``lr_theta = inner_lr`` for ``M`` and ``mlp_lr`` for ``(A, B)``; the update is the read-out
@@ -83,7 +83,7 @@ def scale_by_deep_momentum(
     objective: Literal["dot", "l2"] = "dot",
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
-    """DMGD (paper 2.4): momentum = residual MLP memory trained online on the gradients.
+    """DMGD (Eq. 50): momentum = residual MLP memory trained online on the gradients.
 
     See the module docstring for the memory and how a matrix gradient is fed. ``memory=None`` is the
     linear memory ``U = M``.
@@ -171,7 +171,7 @@ def deep_momentum(
     objective: Literal["dot", "l2"] = "dot",
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
-    """DMGD SGD (paper 2.4): ``theta <- decay theta - lr_theta grad L(theta; G)``, ``W -= lr U(theta)``.
+    """DMGD SGD (Eq. 50): ``theta <- decay theta - lr_theta grad L(theta; G)``, ``W -= lr U(theta)``.
 
     Reduces to ``optax.sgd(learning_rate, momentum=decay)`` exactly with ``memory=None`` (linear
     memory), ``objective='dot'``, ``inner_lr=1``.

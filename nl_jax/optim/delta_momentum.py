@@ -1,4 +1,4 @@
-"""Delta momentum (paper 2.3): momentum with an L2 objective, i.e. gradient-dependent decay."""
+"""Delta momentum (Eq. 48-49 of the paper): momentum with an L2 objective, i.e. gradient-dependent decay."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def scale_by_delta_momentum(
     *,
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
-    """Delta momentum, the right-multiplied arXiv form (paper 2.3, A-Eq.48-49).
+    """Delta momentum, the right-multiplied arXiv form (Eq. 48-49).
 
     Paper: ``m_{i+1} = m_i (alpha I - g_i^T g_i) - eta P_i g_i`` (``m, g``: ``d_out x d_in``). Here a
     weight is viewed as ``(n_in, n_out)`` matrices (``y = x @ W``, :mod:`nl_jax.optim.matrix`), which
@@ -104,7 +104,7 @@ def delta_momentum(
     *,
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
-    """Delta-momentum SGD (paper 2.3): ``M <- (decay I - beta G G^T/||G||^2) M + P(G)``, ``W -= lr M``.
+    """Delta-momentum SGD (Eq. 48-49): ``M <- (decay I - beta G G^T/||G||^2) M + P(G)``, ``W -= lr M``.
 
     Reduces to ``optax.sgd(learning_rate, momentum=decay)`` when ``beta == 0`` (and ``P`` identity).
     """

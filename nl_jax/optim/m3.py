@@ -1,4 +1,4 @@
-"""M3, Multi-scale Momentum Muon (paper 2.11, A-Section 7.2, Algorithm 1)."""
+"""M3, Multi-scale Momentum Muon (Section 7.2 of the paper, Algorithm 1)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def scale_by_m3(
     form: Literal["ema", "accumulate"] = "ema",
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
-    """Multi-scale momentum Muon (paper 2.11, Algorithm 1): two momentum memories, NS outputs.
+    """Multi-scale momentum Muon (Algorithm 1): two momentum memories, NS outputs.
 
     ``form='accumulate'`` is Algorithm 1 literally (no decay)::
 
@@ -160,7 +160,7 @@ def m3(
     form: Literal["ema", "accumulate"] = "ema",
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
-    """M3 optimizer (paper 2.11): ``W <- W - lr ((O1 + alpha O2)/(sqrt(V) + eps) + wd W)``.
+    """M3 optimizer (Section 7.2): ``W <- W - lr ((O1 + alpha O2)/(sqrt(V) + eps) + wd W)``.
 
     See :func:`scale_by_m3` for both forms. ``weight_decay=None`` leaves decay (and params) out.
     """

@@ -1,4 +1,4 @@
-"""Momentum as an associative memory (paper 2.1) and preconditioned momentum (paper 2.2).
+"""Momentum as an associative memory (Eq. 33 of the paper) and preconditioned momentum (Eq. 46-47).
 
 Sign convention (all of ``nl_jax.optim``, as in optax): a ``scale_by_*`` transform returns a
 *descent direction* ``u`` and the alias ends with ``optax.scale_by_learning_rate(lr)``, which applies
@@ -23,7 +23,7 @@ class MomentumMemoryState(NamedTuple):
 def scale_by_momentum_memory(
     decay=0.9, inner_lr=1.0, nesterov: bool = False, mu_dtype=None
 ) -> optax.GradientTransformation:
-    """Momentum as a value-less associative memory (paper 2.1, A-Eq.33).
+    """Momentum as a value-less associative memory (Eq. 33).
 
     The memory ``m`` minimises the value-less objective ``L(m) = -<m, g_i>`` (``<m g_i^T, I>`` in the
     paper's sign) with retention ``decay``; one inner gradient step of size ``inner_lr`` gives
@@ -52,7 +52,7 @@ def scale_by_momentum_memory(
 def momentum_memory(
     learning_rate: optax.ScalarOrSchedule, decay=0.9, inner_lr=1.0, nesterov: bool = False, mu_dtype=None
 ) -> optax.GradientTransformation:
-    """SGD whose momentum is a value-less associative memory (paper 2.1).
+    """SGD whose momentum is a value-less associative memory (Eq. 33).
 
     ``m <- decay m + inner_lr g``; ``W <- W - lr m``.
     Reduces to ``optax.sgd(learning_rate, momentum=decay, nesterov=nesterov)`` exactly (bitwise)
@@ -101,7 +101,7 @@ def scale_by_preconditioned_momentum(
     preconditioner: Optional[optax.GradientTransformation] = None,
     mu_dtype=None,
 ) -> optax.GradientTransformation:
-    """Momentum with a more expressive association (paper 2.2, A-Eq.46-47).
+    """Momentum with a more expressive association (Eq. 46-47).
 
     Objective ``L(m) = -<m, P_i g_i>`` gives ``m_{i+1} = decay m_i + inner_lr P_i(g_i)``, ``u = m``.
     ``P`` is pluggable: any ``optax.GradientTransformation`` (stateful ones such as
@@ -133,7 +133,7 @@ def preconditioned_momentum(
     preconditioner: Optional[optax.GradientTransformation] = None,
     mu_dtype=None,
 ) -> optax.GradientTransformation:
-    """Preconditioned momentum SGD (paper 2.2): ``m <- decay m + inner_lr P(g)``; ``W <- W - lr m``.
+    """Preconditioned momentum SGD (Eq. 46-47): ``m <- decay m + inner_lr P(g)``; ``W <- W - lr m``.
 
     Default ``P`` is the RMS preconditioner (:func:`default_preconditioner`). Reduces to
     ``optax.rmsprop(lr, decay=d, eps=e, eps_in_sqrt=s, bias_correction=b, momentum=decay)`` exactly

@@ -1,7 +1,7 @@
-"""Newton-Schulz output nonlinearity (paper 2.6) and Muon, its linear-momentum special case.
+"""Newton-Schulz output nonlinearity (Eq. 52 of the paper) and Muon, its linear-momentum special case.
 
 Paper 2.6: ``W_{i+1} = W_i + sigma(m_{i+1}(u_i))``; with ``sigma`` = Newton-Schulz orthogonalisation
-and ``m`` the linear momentum memory of paper 2.1, this is Muon (A-Eq.42): ``W += NS_k(m)``,
+and ``m`` the linear momentum memory of Eq. 33, this is Muon (Eq. 42): ``W += NS_k(m)``,
 ``m = alpha m - eta g``.
 """
 
@@ -17,7 +17,7 @@ from nl_jax.optim import matrix
 from nl_jax.optim.momentum import scale_by_momentum_memory
 
 QUINTIC = (3.4445, -4.7750, 2.0315)  # Muon's coefficients (Jordan et al.)
-CUBIC = (1.5, -0.5, 0.0)  # X <- X (3I - X^T X) / 2: the NL derivation (A-Eq.43-44)
+CUBIC = (1.5, -0.5, 0.0)  # X <- X (3I - X^T X) / 2: the NL derivation (Eq. 43-44)
 _PRESETS = {"quintic": QUINTIC, "cubic": CUBIC}
 
 Coeffs = Union[str, Sequence[float]]
@@ -100,7 +100,7 @@ def scale_by_newton_schulz(
     vector_rule: Literal["normalize", "identity"] = "normalize",
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
-    """Nonlinear output sigma = Newton-Schulz (paper 2.6), a stateless transform.
+    """Nonlinear output sigma = Newton-Schulz (Eq. 52), a stateless transform.
 
     Every matrix leaf (see :mod:`nl_jax.optim.matrix`) becomes ``s * NS_k(u)`` with
     ``s = shape_scale_factor(n_in, n_out, shape_scale)`` (``'width'``: Muon's
@@ -146,7 +146,7 @@ def muon(
     consistent_rms=0.2,
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
-    """Muon = linear momentum memory (paper 2.1) + Newton-Schulz output (paper 2.6).
+    """Muon = linear momentum memory (Eq. 33) + Newton-Schulz output (Eq. 52).
 
     ``m <- beta m + g``; ``u = s NS_k(m)`` (``u = s m/||m||`` for vectors, see
     :func:`scale_by_newton_schulz`); ``W <- W - lr (u + wd W)``.

@@ -1,6 +1,6 @@
 """Named sweeps: each is a function of the base config returning its axes (see grid.py).
 
-    hope_ablation  the paper's HOPE ablation table (paper_notes 8.3): the full model, then one
+    hope_ablation  the paper's HOPE ablation table (Table 6): the full model, then one
                    component off per point (DGD, momentum, weight decay, CMS, adaptive k / v) and
                    adaptive q on
     cms_levels     number of CMS levels (periods x4 apart from the config's first period, up to the
@@ -34,7 +34,7 @@ def _require(config, sweep: str, *keys: str) -> None:
 
 
 def hope_ablation(config) -> list[tuple[Option, ...]]:
-    """Rows of A-Table 6; the flags are those documented in experiments/configs/hope_base.py."""
+    """Rows of the paper's Table 6; the flags are those documented in experiments/configs/hope_base.py."""
     mem = "model.memory."
     _require(config, "hope_ablation", mem + "dgd", "model.cms.signal", mem + "adaptive_q")
     return [

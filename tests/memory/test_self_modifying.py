@@ -260,7 +260,7 @@ def test_memories_stay_bounded_with_rates_at_their_bounds():
 
 def test_linear_memories_are_a_gated_delta_rule_with_modified_values():
     """structure="linear", no momentum: every memory follows S_t = a_t S_{t-1}(I - b_t k k^T) + b_t u_t k^T
-    with b = eta / alpha and u = alpha (v_hat - S_B k), v_hat = S_B v (paper_notes 4.7), here in
+    with b = eta / alpha and u = alpha (v_hat - S_B k), v_hat = S_B v (Eq. 92-93 of the paper), here in
     numpy float64 token by token, reads and rates from the boundary states."""
     seed = fresh_seed()
     c_small, c_mem = 2, 4

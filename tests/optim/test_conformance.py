@@ -25,8 +25,8 @@ NAMES = sorted(CASES)
 # Least squares (300 steps): learning rate (float or schedule) and the required final/initial loss.
 # NS outputs divided by sqrt(V) (M3) do not settle at a fixed step size, so M3 uses a cosine decay.
 # The literal (accumulating) M3 of Algorithm 1 has no forgetting: its momenta integrate every past
-# gradient, an undamped oscillator whose step only shrinks like 1/sqrt(t) (paper_notes 2.11); it is
-# held to a 2x reduction, the decayed form to 100x.
+# gradient, an undamped oscillator whose step only shrinks like 1/sqrt(t) (Algorithm 1 of the paper;
+# docs/design.md, Decision 9); it is held to a 2x reduction, the decayed form to 100x.
 CONVERGENCE = {name: (lr, 0.01) for name, (_, _, lr) in CASES.items()}
 CONVERGENCE["m3_ema"] = (optax.cosine_decay_schedule(0.03, 300), 0.01)
 CONVERGENCE["m3_accumulate"] = (optax.cosine_decay_schedule(0.03, 300), 0.5)

@@ -1,4 +1,4 @@
-"""Delta momentum (paper 2.3) and deep momentum / DMGD (paper 2.4) against numpy references."""
+"""Delta momentum (Eq. 48-49) and deep momentum / DMGD (Eq. 50) against numpy references."""
 
 import jax
 import jax.numpy as jnp

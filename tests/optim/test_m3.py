@@ -1,4 +1,4 @@
-"""M3 (paper 2.11) against a plain python loop of Algorithm 1, in both forms."""
+"""M3 (Section 7.2 of the paper) against a plain python loop of Algorithm 1, in both forms."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Newton-Schulz nonlinearity (paper 2.6)."""
+"""Newton-Schulz nonlinearity (Eq. 52 of the paper)."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -1,7 +1,7 @@
 """The chunked training form: `lax.scan` over chunks, batched matmuls inside each chunk.
 
-Within a chunk of C tokens every gradient is taken at the boundary state W_0 (SPEC D6), so the
-rank-one factors e_i x_i^T of all tokens are known up front (`structures.token_errors`). The rule of
+Within a chunk of C tokens every gradient is taken at the boundary state W_0 (docs/design.md, Decision 6), so
+the rank-one factors e_i x_i^T of all tokens are known up front (`structures.token_errors`). The rule of
 `rules.py` is linear in the state, which gives closed forms for every weight matrix of the memory:
 
   W_i = a_i W_0 + mu_i S_0 - sum_{s<=i} Cm[i,s] eta_s e_s x_s^T - sum_{s<=i} A[i,s] gamma_s p_s k_s^T

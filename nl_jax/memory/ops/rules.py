@@ -1,6 +1,6 @@
 """The inner update rule shared by all forms, and the one-token decode step (`memory_recurrent`).
 
-For each token t, with B(t) the state at the last chunk boundary (SPEC D6):
+For each token t, with B(t) the state at the last chunk boundary (docs/design.md, Decision 6):
 
   g_t = dL(M_{B(t)}; k_t, v_t)/dW                       gradient at the boundary state
   S_t = beta_t S_{t-1} - eta_t g_t                      momentum (surprise); S_t = -eta_t g_t without it
@@ -8,7 +8,7 @@ For each token t, with B(t) the state at the last chunk boundary (SPEC D6):
   W_t = alpha_t W_{t-1} + S_t                           every other weight
 
 eta is the inner learning rate, alpha the retention gate (weight decay: 1 keeps everything), beta the
-momentum decay and gamma the DGD rate (paper 2.9, 4.4; the paper uses gamma = eta). Each is a
+momentum decay and gamma the DGD rate (Eq. 55-57, 86-88; the paper uses gamma = eta). Each is a
 per-token, per-head scalar. Leaving `retention`, `momentum` or `dgd` out switches that part off.
 
 `delta_scale` tau_t (optional) scales what token t sees of its chunk's updates: it reads with

@@ -4,7 +4,7 @@ A memory maps keys to values with fast weights that are updated in context. Two 
 per head (weights carry leading batch and head axes, `[B, H, out, in]`):
 
   linear  M(z) = W z                       W: [Dv, Dk]
-  mlp     M(z) = z + W1 s(W2 z)            W2: [Dh, D] (input side), W1: [D, Dh]  (SPEC D4)
+  mlp     M(z) = z + W1 s(W2 z)            W2: [Dh, D] (input side), W1: [D, Dh]  (docs/design.md, Decision 4)
 
 Two options of the spec make the TTT inner model (Sun et al. 2024):
 
@@ -21,8 +21,8 @@ Two inner objectives, per token:
   dot  L = -<M(k), v>                      (Hebbian: linear attention, RetNet)
 
 With `self_target` the memory generates its own target from the given value, v_hat = M_B(v) with
-the state of the last chunk boundary (self-modifying Titans, paper 4.3); the inner gradient treats
-v_hat as a constant (it is the regression target), the outer gradient flows through it.
+the state of the last chunk boundary (self-modifying Titans, Eq. 83-85 of the paper); the inner
+gradient treats v_hat as a constant (it is the regression target), the outer gradient flows through it.
 
 For one token the gradient of either objective with respect to every weight matrix is rank one,
 `dL/dW = e x^T`, with `x` the input of that matrix and `e` the error backpropagated to its output.
@@ -125,7 +125,7 @@ class MemoryState(NamedTuple):
     weights:  the fast weights W_t after the last token seen.
     momentum: the surprise S_t, same structure as `weights`; None when the rule has no momentum.
     boundary: the fast weights at the last chunk boundary. Gradients of a chunk, and reads in
-              `boundary` mode, use this state (SPEC D6). Equal to `weights` at a boundary.
+              `boundary` mode, use this state (docs/design.md, Decision 6). Equal to `weights` at a boundary.
     step:     int32 scalar, tokens consumed since the last chunk boundary (0 at a boundary).
     """
 
