@@ -11,6 +11,10 @@ they are. The paper's ablation rows (Table 6) are flags on `hope_*`:
     w/o inner-proj. k     --config.model.memory.adaptive_k=False
     w/o inner-proj. v     --config.model.memory.adaptive_v=False
     adaptive q            --config.model.memory.adaptive_q=True
+
+The paper's literal self-modifying update, without nl_jax's stabilisers (docs/design.md,
+Decision 11): --config.model.memory.paper_literal=True (or one at a time: normalize_values=False,
+eta_param=paper, max_grad_norm=0).
 """
 
 import ml_collections
@@ -55,8 +59,13 @@ def memory_config() -> ml_collections.ConfigDict:
             adaptive_k=True,  # k from its own memory (ablation: w/o inner-projection k)
             adaptive_v=True,  # v from its own memory (ablation: w/o inner-projection v)
             adaptive_q=False,  # q static by default (paper Eq. 83-85); True = adaptive q
-            eta_max=0.1,  # eta = eta_max * sigmoid(.), in (0, 1]
-            max_grad_norm=1.0,  # each token's inner gradient clipped to this norm (0: off)
+            eta_max=0.1,  # eta = eta_max * sigmoid(.), in (0, 1] (eta_param="bounded" only)
+            max_grad_norm=1.0,  # each token's inner gradient clipped to this norm (0: off, the paper's form)
+            normalize_values=True,  # l2-normalise v like q and k (False: raw v, the paper's form)
+            eta_param="bounded",  # bounded (eta_max * sigmoid) | paper (softplus, no cap; eta_max unused)
+            # True: the paper's literal form, overriding the three above (normalize_values=False,
+            # eta_param="paper", max_grad_norm=0); docs/design.md, Decision 11
+            paper_literal=False,
             conv_width=4,  # causal depthwise conv on the q/k/v paths
             # jax.checkpoint every chunk of the memory scans: the backward recomputes a chunk instead of
             # reading every chunk's intermediates back (hope_tiny step 1.75x faster on CPU, less memory)

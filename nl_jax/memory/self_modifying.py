@@ -5,6 +5,7 @@ Per head (H heads of width dh), B(t) being the state at the last chunk boundary 
     z_q, z_k, z_v = SiLU(conv(x W_q)), SiLU(conv(x W_k)), SiLU(conv(x W_v))      z_eta, z_alpha = x W_eta, x W_alpha
     k_t = l2(M_k,B(t)(z_k,t))      v_t = l2(M_v,B(t)(z_v,t))      q_t = l2(z_q,t)  (adaptive_q: l2(M_q,B(t)(z_q,t)))
     eta_t   = eta_max * sigmoid(<r_eta, M_eta,B(t)(z_eta,t)> + b_eta)             inner learning rate
+        (normalize_values=False: v_t = M_v,B(t)(z_v,t); eta_param="paper": eta_t = softplus(<...> + b_eta))
     alpha_t = sigmoid(<r_alpha, M_alpha,B(t)(z_alpha,t)> + b_alpha)               retention (weight decay)
     beta_t  = sigmoid(x W_beta)                                                   momentum decay
     every memory M (k, v, q, eta, alpha and the output memory) learns from (k_t, v_hat_t), v_hat_t = M_B(t)(v_t):
@@ -24,10 +25,22 @@ from the states at the end of the previous chunk. Since nothing reads the output
 output, the layer runs in two stages: a scan over `chunk_size` chunks for the small memories (which
 feed each other), then the output memory over the keys, values and rates they produced.
 
+Departures from the paper's literal form, each a constructor option (docs/design.md, Decision 11;
+the measurements that motivated them are under "stability" below):
+  - v is l2-normalised (the paper normalises q and k only): `normalize_values` (default True);
+  - eta is bounded, eta_max * sigmoid(.) (the paper's eta_t = M_eta(x_t) has no cap): `eta_param`,
+    "bounded" (default) or "paper" = softplus(.) (the paper gives no output nonlinearity and a
+    learning rate must be positive; eta_max is then unused);
+  - each token's inner gradient is clipped to `max_grad_norm` (default 1.0; 0: off, the paper's form).
+`paper_literal=True` selects the paper's form of all three (normalize_values=False, eta_param="paper",
+max_grad_norm=0) and overrides whatever is passed for them; from a config:
+`--config.model.memory.paper_literal=True`.
+
 Decisions on what the paper leaves open:
   - scalar rates from vector memories (docs/design.md, Decision 4): eta and alpha memories map dh -> dh like
     the others (so they can learn from (k, v_hat)); a learned read-out vector and bias per head turn
-    the memory's output into the scalar, then eta_max * sigmoid (eta) or sigmoid (alpha).
+    the memory's output into the scalar, then eta_max * sigmoid or softplus (eta, `eta_param`) or
+    sigmoid (alpha).
   - stability on real text (measured on hope_tiny with the embedded corpus): the paper's rates are
     unbounded and its values unnormalised, and both feed the inner loop back into itself: eta is read
     from a memory that eta itself updates, and self-generated targets M(v) grow with the memories.
@@ -49,7 +62,8 @@ Decisions on what the paper leaves open:
     `memory_target="value"` trains it on v_t directly (the paper's Eq. 79-82).
   - initial states: MLP memories start as the identity map (W1 = 0, W2 ~ N(0, 1/dh)), so every adaptive
     projection starts as its static one; matrix memories start as the identity, the output one at 0.
-  - alpha's bias starts at 4 (retention ~0.98 per token); eta's at 0 (eta = eta_max / 2).
+  - alpha's bias starts at 4 (retention ~0.98 per token); eta's at 0 (eta = eta_max / 2; "paper":
+    softplus(0) = log 2 ~ 0.69).
 
 Streaming: with a state the layer continues from any position, for any number of tokens, with the
 same closed forms (`ops.stream_blocks`): a segment shorter than a chunk, a prefill, or one decode
@@ -73,6 +87,7 @@ from nl_jax.memory.ops import structures as st
 
 READ_MODES = ("boundary", "per_token")
 MEMORY_TARGETS = ("self", "value")
+ETA_PARAMS = ("bounded", "paper")  # eta = eta_max * sigmoid(.) | softplus(.) (see `eta_rate`)
 
 
 class SelfModifyingState(NamedTuple):
@@ -86,6 +101,21 @@ class SelfModifyingState(NamedTuple):
 
 def _unit(z):
     return z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-6)
+
+
+def eta_rate(logit, eta_param: str, eta_max: float):
+    """The inner learning rate from its scalar read-out `logit` = <r_eta, M_eta(z_eta)> + b_eta.
+
+    "bounded": eta_max * sigmoid(logit), in (0, eta_max] (nl_jax's stabiliser, docs/design.md,
+    Decision 11). "paper": softplus(logit), positive and unbounded above: the paper's eta_t = M_eta(x_t)
+    has no cap, and since it gives eta's memory no output nonlinearity while a learning rate must be
+    positive, softplus is the closest positive form; `eta_max` is unused.
+    """
+    if eta_param == "bounded":
+        return eta_max * jax.nn.sigmoid(logit)
+    if eta_param == "paper":
+        return jax.nn.softplus(logit)
+    raise ValueError(f"eta_param must be one of {ETA_PARAMS}, got {eta_param!r}")
 
 
 class MemoryInit(nnx.Module):
@@ -128,6 +158,17 @@ class SelfModifyingTitans(nnx.Module):
     Extra keyword arguments: `eta_max` (the bound of the inner learning rate, default 0.1),
     `max_grad_norm` (each token's inner gradient is clipped to this norm, default 1.0; 0: off) and
     `memory_target` ("self" or "value", the output memory's target).
+
+    Departures from the paper's literal form (docs/design.md, Decision 11), each an option:
+      normalize_values=True   v is l2-normalised like q and k (False: raw v, the paper's form)
+      eta_param="bounded"     eta = eta_max * sigmoid(.), eta_max in (0, 1]; "paper": eta = softplus(.),
+                              unbounded above (`eta_rate`), eta_max unused and not range-checked
+      max_grad_norm=1.0       per-token inner gradient clipping (0: off, the paper's form)
+      paper_literal=False     True: the paper's form, i.e. normalize_values=False, eta_param="paper",
+                              max_grad_norm=0. It overrides those three options: values passed for
+                              them alongside paper_literal=True are ignored (so a config that lists
+                              every key with its default can switch to the paper's form with this flag
+                              alone).
     """
 
     def __init__(
@@ -150,6 +191,9 @@ class SelfModifyingTitans(nnx.Module):
         adaptive_q: bool = False,
         eta_max: float = 0.1,
         max_grad_norm: float = 1.0,
+        normalize_values: bool = True,
+        eta_param: str = "bounded",
+        paper_literal: bool = False,
         conv_width: int = 4,
         remat_chunks: bool = False,
         init_std: float = 0.02,
@@ -167,6 +211,10 @@ class SelfModifyingTitans(nnx.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if hidden < 0:
             raise ValueError(f"hidden must be >= 0 (0 means head_dim), got {hidden}")
+        if paper_literal:  # overrides the three stabilisers (see the class docstring)
+            normalize_values, eta_param, max_grad_norm = False, "paper", 0.0
+        if eta_param not in ETA_PARAMS:
+            raise ValueError(f"eta_param must be one of {ETA_PARAMS}, got {eta_param!r}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.chunk_size, self.memory_chunk_size, self.read = int(chunk_size), int(memory_chunk_size), read
         self.dgd, self.momentum, self.weight_decay = dgd, momentum, weight_decay
@@ -178,11 +226,13 @@ class SelfModifyingTitans(nnx.Module):
             "alpha": weight_decay,
         }
         self.small = tuple(name for name, on in self.adaptive.items() if on)  # memories on `chunk_size`
-        if not 0 < eta_max <= 1:
+        if eta_param == "bounded" and not 0 < eta_max <= 1:
             raise ValueError(
                 f"eta_max must be in (0, 1] (the DGD step must not expand along k), got {eta_max}"
             )
         self.eta_max, self.remat_chunks = eta_max, remat_chunks
+        self.paper_literal, self.normalize_values, self.eta_param = paper_literal, normalize_values, eta_param
+        self.max_grad_norm = max_grad_norm
         self.dtype = to_dtype(dtype)
         clip = dict(max_grad_norm=max_grad_norm)
         self.spec = ops.MemorySpec(structure, "l2", activation, self_target=True, **clip)
@@ -244,15 +294,19 @@ class SelfModifyingTitans(nnx.Module):
         """q, k, v and the rates of a block of tokens, read from the small memories' boundary states.
 
         Chunk layout: z [B, H, n, dh], beta [B, H, n]; boundaries maps a memory name to its weights.
+        The one place where v's normalisation and eta's form (`normalize_values`, `eta_param`) are
+        applied: the training forward, streaming / decoding (both through `_small_block`) and
+        `reference_forward` all call it.
         """
         read = lambda n: st.apply(self.spec, boundaries[n], z[n]) if n in boundaries else z[n]  # noqa: E731
         scalar = lambda u, r, b: jnp.einsum("bhnd,hd->bhn", u, r[...]) + b[...][:, None]  # noqa: E731
-        eta = self.eta_max * jax.nn.sigmoid(scalar(read("eta"), self.eta_readout, self.eta_bias))
+        eta = eta_rate(scalar(read("eta"), self.eta_readout, self.eta_bias), self.eta_param, self.eta_max)
         alpha = None
         if self.weight_decay:
             alpha = jax.nn.sigmoid(scalar(read("alpha"), self.alpha_readout, self.alpha_bias))
         rates = ops.Rates(lr=eta, retention=alpha, momentum=beta, dgd=eta if self.dgd else None)
-        return _unit(read("q")), _unit(read("k")), _unit(read("v")), rates
+        v = _unit(read("v")) if self.normalize_values else read("v")
+        return _unit(read("q")), _unit(read("k")), v, rates
 
     def output(self, x, y):
         """y [B, T, H, dh] -> the layer output [B, T, D]."""

@@ -1,0 +1,156 @@
+"""The switches between nl_jax's stabilised self-modifying update and the paper's literal form
+(docs/design.md, Decision 11): raw values (`normalize_values=False`), an unbounded inner learning
+rate (`eta_param="paper"`), and `paper_literal`, which sets both and turns inner gradient clipping
+off; each against the token-by-token reference, and the switch reaching a hope_tiny model."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from experiments import configs
+from nl_jax.memory.self_modifying import ETA_PARAMS, SelfModifyingTitans, eta_rate, reference_forward
+from nl_jax.models import build_model
+from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
+from tests.memory.test_self_modifying import D, TOL, _call, _layer, _like, _value_and_grads, _x
+
+
+def _rates_and_values(layer, x):
+    """q, k, v and the rates `generate` gives for x from the initial memories: [B, H, T, ...]."""
+    state = layer.init_state(x.shape[0])
+    z, beta, _ = layer.paths(x, state.conv)
+    blocks = jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), (z, beta))
+    return layer.generate({n: s.boundary for n, s in state.memories.items()}, *blocks)
+
+
+def _chunked_equals_reference(layer, x, seed):
+    cot = jax.random.normal(jax.random.key(seed + 5), x.shape)
+    y, _, g = _value_and_grads(lambda m, x: m(x), layer, x, cot)
+    y_ref, state_ref, g_ref = _value_and_grads(reference_forward, layer, x, cot)
+    assert rel_err(y, y_ref) < TOL, seed
+    assert max_grad_err(g, g_ref) < TOL and max_tree_rel_err(g, g_ref) < 1e-3, seed
+    _, state = _call(layer, x, layer.init_state(x.shape[0]))
+    assert max_tree_rel_err(state, state_ref) < TOL, seed
+    return y
+
+
+def test_raw_values_change_the_output_and_keep_chunked_equal_to_the_reference():
+    seed = fresh_seed()
+    base = _layer(seed, chunk_size=2, memory_chunk_size=8, read="per_token")
+    raw = _like(base, read="per_token", normalize_values=False)
+    assert raw.normalize_values is False and base.normalize_values is True
+    x = _x(seed, 16)
+    _, _, v_raw, _ = _rates_and_values(raw, x)
+    _, _, v_unit, _ = _rates_and_values(base, x)
+    norms = jnp.linalg.norm(v_raw, axis=-1)
+    assert float(jnp.abs(norms - 1).max()) > 1e-2, seed  # raw v is not unit
+    assert rel_err(v_unit, v_raw / jnp.sqrt(norms[..., None] ** 2 + 1e-6)) < 1e-5, seed
+    y_raw = _chunked_equals_reference(raw, x, seed)
+    assert rel_err(y_raw, _call(base, x)[0]) > 1e-4, seed
+
+
+def test_eta_rate_forms():
+    logits = jnp.array([-30.0, -1.0, 0.0, 2.0, 10.0, 100.0])
+    bounded = eta_rate(logits, "bounded", 0.5)
+    paper = eta_rate(logits, "paper", 0.5)
+    assert float(bounded.max()) <= 0.5 and float(bounded.min()) >= 0
+    assert jnp.allclose(bounded, 0.5 * jax.nn.sigmoid(logits))
+    assert float(paper[3]) == pytest.approx(2.126928, rel=1e-5)  # log(1 + e^2)
+    assert float(paper[2]) == pytest.approx(0.693147, rel=1e-5)  # log 2, the rate at eta's initial bias
+    assert bool(jnp.all(paper > 0)) and float(paper[-1]) == pytest.approx(100.0)  # unbounded above
+    with pytest.raises(ValueError, match=r"eta_param must be one of \('bounded', 'paper'\)"):
+        eta_rate(logits, "clipped", 0.3)
+
+
+def test_paper_eta_exceeds_one_where_bounded_stays_below_eta_max():
+    seed = fresh_seed()
+    bounded = _layer(seed, chunk_size=2, memory_chunk_size=8)
+    paper = _like(bounded, eta_param="paper")
+    x = _x(seed, 16)
+    for layer in (bounded, paper):  # a large read-out: eta's bias far up
+        layer.eta_bias[...] = jnp.full(layer.eta_bias.shape, 5.0)
+    eta_b = _rates_and_values(bounded, x)[3].lr
+    eta_p = _rates_and_values(paper, x)[3].lr
+    assert float(eta_b.max()) <= float(jnp.float32(bounded.eta_max)) and bounded.eta_max == 0.7, seed
+    assert float(eta_p.min()) > 1.0, seed  # softplus(~5) ~ 5
+
+
+def test_paper_eta_keeps_chunked_equal_to_the_reference():
+    seed = fresh_seed()
+    layer = _layer(seed, chunk_size=2, memory_chunk_size=8, eta_param="paper")
+    x = _x(seed, 16)
+    eta = _rates_and_values(layer, x)[3].lr
+    sig = layer.eta_max * jax.nn.sigmoid(jnp.log(jnp.expm1(eta)))  # the bounded rate of the same logit
+    assert rel_err(eta, sig) > 1e-2, seed  # the form differs
+    _chunked_equals_reference(layer, x, seed)
+
+
+def test_paper_literal_sets_all_three_and_wins_over_explicit_values():
+    default = SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0))
+    assert (default.normalize_values, default.eta_param, default.max_grad_norm) == (True, "bounded", 1.0)
+    assert default.spec.max_grad_norm == default.out_spec.max_grad_norm == 1.0
+    conflicting = dict(normalize_values=True, eta_param="bounded", max_grad_norm=1.0, eta_max=5.0)
+    for kw in ({}, conflicting):
+        layer = SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), paper_literal=True, **kw)
+        assert layer.paper_literal is True
+        assert layer.normalize_values is False and layer.eta_param == "paper", kw
+        assert layer.max_grad_norm == layer.spec.max_grad_norm == layer.out_spec.max_grad_norm == 0.0, kw
+    # with the paper's eta, eta_max is unused and not range-checked
+    SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), eta_param="paper", eta_max=5.0)
+    with pytest.raises(ValueError, match=r"eta_max must be in \(0, 1\]"):
+        SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), eta_max=5.0)
+
+
+def test_paper_literal_layer_equals_the_three_options_and_the_reference():
+    seed = fresh_seed()
+    literal = _layer(seed, chunk_size=2, memory_chunk_size=8, paper_literal=True)
+    by_hand = _like(literal, normalize_values=False, eta_param="paper")
+    default = _like(literal)
+    x = _x(seed, 16)
+    y = _chunked_equals_reference(literal, x, seed)
+    assert rel_err(_call(by_hand, x)[0], y) < 1e-6, seed
+    assert rel_err(_call(default, x)[0], y) > 1e-4, seed
+
+
+def test_unknown_eta_param_names_the_choices():
+    assert ETA_PARAMS == ("bounded", "paper")
+    with pytest.raises(ValueError, match=r"eta_param must be one of \('bounded', 'paper'\), got 'sigmoid'"):
+        SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), eta_param="sigmoid")
+
+
+def _tiny(paper_literal):
+    cfg = configs.load("hope_tiny").model
+    cfg.update(vocab_size=32, d_model=32, num_layers=1, scan_layers=False)
+    cfg.memory.update(num_heads=2, head_dim=8, chunk_size=2, memory_chunk_size=4)
+    cfg.cms.update(periods=(4, 8), hidden=(16, 16))
+    cfg.memory.paper_literal = paper_literal
+    return cfg
+
+
+def test_hope_tiny_with_paper_literal_runs_forward_and_gradient():
+    """configs.load("hope_tiny") with model.memory.paper_literal=True (what the command-line flag
+    --config.model.memory.paper_literal=True sets), shrunk: the flag reaches the layer, and the forward
+    and the gradient are finite and differ from the default model's."""
+    assert configs.load("hope_tiny").model.memory.paper_literal is False
+    seed = fresh_seed()
+    tokens = jax.random.randint(jax.random.key(seed), (2, 16), 0, 32)
+
+    def loss(model):
+        logits = model(tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+
+    out = {}
+    for flag in (True, False):
+        model = build_model(_tiny(flag), nnx.Rngs(seed))
+        mixers = [m for _, m in nnx.iter_graph(model) if isinstance(m, SelfModifyingTitans)]
+        assert len(mixers) == 1
+        assert (mixers[0].normalize_values, mixers[0].eta_param, mixers[0].max_grad_norm) == (
+            (False, "paper", 0.0) if flag else (True, "bounded", 1.0)
+        )
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        leaves = jax.tree.leaves(grads)
+        assert bool(jnp.isfinite(value)), seed
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), seed
+        assert sum(float(jnp.abs(g).sum()) for g in leaves) > 0, seed
+        out[flag] = value
+    assert abs(float(out[True]) - float(out[False])) > 1e-6, seed
