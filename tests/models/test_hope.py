@@ -155,8 +155,7 @@ def test_without_cms_flag_is_a_static_mlp_with_the_same_parameters():
 def test_ablation_flags_exist_on_the_named_configs():
     for name in ("hope_tiny", "hope_340m", "hope_760m", "hope_1_3b"):
         model = configs.load(name).model
-        # The paper's signal on the sized configs; the laptop config uses the layer-local one (README).
-        assert model.cms.signal == ("local" if name == "hope_tiny" else "ntp"), name
+        assert model.cms.signal == "ntp", name  # the paper's signal, the laptop default included
         assert model.cms.variant == "sequential"
         for field in ("dgd", "momentum", "weight_decay", "adaptive_k", "adaptive_v", "adaptive_q"):
             assert isinstance(model.memory[field], bool), (name, field)
