@@ -231,18 +231,7 @@ def transformer_workload(config, slice_: Slice) -> Workload:
         b = products * _BF16 * (s.seq_len * (k + n) + k * n)
         ops.append(Op(kind, s.seq_len, int(k), int(n), products, (fwd + 2 * bwd) * layers, b, in_scan=False))
     ops += _param_train("unembedding", rows, d, cfg.vocab_size // t, fwd, bwd, in_scan=False)
-    params = _transformer_params(cfg)
-    return Workload(
-        model=cfg.name,
-        mesh=dict(data=s.data // s.fsdp, fsdp=s.fsdp, tensor=t),
-        tokens_per_step=int(config.data.global_batch_size) * s.seq_len,
-        sequences=s.sequences,
-        microbatches=s.microbatches,
-        rows=rows,
-        ops=ops,
-        collectives=_layer_scan_collectives(params / layers, layers, s),
-        fixed_bytes=_fixed_bytes(params, s),
-    )
+    return _layer_scan_workload(config, s, rows, ops, _transformer_params(cfg), layers)
 
 
 def _transformer_params(cfg) -> float:
@@ -257,6 +246,24 @@ def _transformer_params(cfg) -> float:
 def _fixed_bytes(params: float, s: _Step) -> float:
     """float32 weights, two Adam moments and the gradient, split over fsdp x tensor."""
     return 4 * _F32 * params / (s.fsdp * s.tensor)
+
+
+def _layer_scan_workload(
+    config, s: _Step, rows: int, ops: list, params: float, layers: int, note: str = ""
+) -> Workload:
+    """A model whose layers run in one scan outside any segment scan (no sequential depth per token)."""
+    return Workload(
+        model=config.model.name,
+        mesh=dict(data=s.data // s.fsdp, fsdp=s.fsdp, tensor=s.tensor),
+        tokens_per_step=int(config.data.global_batch_size) * s.seq_len,
+        sequences=s.sequences,
+        microbatches=s.microbatches,
+        rows=rows,
+        ops=ops,
+        collectives=_layer_scan_collectives(params / layers, layers, s),
+        fixed_bytes=_fixed_bytes(params, s),
+        note=note,
+    )
 
 
 def _layer_scan_collectives(layer_params: float, layers: int, s: _Step) -> list:
@@ -290,18 +297,8 @@ def dense_workload(config, slice_: Slice, model_cls, param_count: int) -> Worklo
     ops = _param_train(
         "all matmuls", rows, d, n, layers * s.microbatches, layers * s.microbatches, in_scan=False
     )
-    return Workload(
-        model=cfg.name,
-        mesh=dict(data=s.data // s.fsdp, fsdp=s.fsdp, tensor=s.tensor),
-        tokens_per_step=int(config.data.global_batch_size) * s.seq_len,
-        sequences=s.sequences,
-        microbatches=s.microbatches,
-        rows=rows,
-        ops=ops,
-        collectives=_layer_scan_collectives(param_count / layers, layers, s),
-        fixed_bytes=_fixed_bytes(param_count, s),
-        note="dense matmuls of the analytic FLOPs; inner loops not itemised, so an upper bound",
-    )
+    note = "dense matmuls of the analytic FLOPs; inner loops not itemised, so an upper bound"
+    return _layer_scan_workload(config, s, rows, ops, param_count, layers, note=note)
 
 
 # ---------------------------------------------------------------- HOPE with the ntp signal
