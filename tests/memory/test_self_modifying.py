@@ -104,7 +104,9 @@ def test_streaming_any_split_and_decoding_equal_one_call():
         a += n
     assert rel_err(jnp.concatenate(ys, 1), y_full) < TOL, seed
     _, state_one = _call(layer, x, layer.init_state(2))
-    assert max_tree_rel_err(state, state_one) < TOL, seed
+    # The states sum 32 tokens of float32 updates in a different block order: seed 197347986 reached
+    # 1.4e-5 of a leaf's norm (a wrong split or a lost token costs 1e-2 and more).
+    assert max_tree_rel_err(state, state_one) < 5 * TOL, seed
     assert int(state.memory.step) == 0 and int(state.memories["k"].step) == 0
 
     small = _layer(seed, chunk_size=2, memory_chunk_size=4, read="boundary")
