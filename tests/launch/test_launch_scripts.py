@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -379,6 +380,15 @@ def test_remote_scripts_parse(env, script, args):
     assert proc.returncode == 0, proc.stderr
 
 
+def _wait_for_lines(log, line, count, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_text().count(line) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{log} did not show {line!r} {count} times within {timeout} s")
+
+
 def test_detached_run_on_a_fake_worker(env, tmp_path):
     """The remote part of run.sh, run here with HOME as a worker's home: it detaches the command,
     logs per host, and a re-run or --stop stops the previous run."""
@@ -401,12 +411,16 @@ def test_detached_run_on_a_fake_worker(env, tmp_path):
     )
     stop = remote_script(sh("run.sh", *V5P, "--stop", env=env).stdout)
     pidfile = home / "nl_logs" / "train.pid"
+    line = f"hello there from {home / 'nl_jax'}"
     pids = []
     try:
-        for _ in range(2):
+        for started in (1, 2):
             subprocess.run([BASH, "-c", start], env=worker_env, check=True, capture_output=True, timeout=30)
             pids.append(int(pidfile.read_text()))
             os.kill(pids[-1], 0)  # alive
+            # The command runs detached: on a loaded machine it may not have echoed yet, and stopping
+            # it before it does would lose the line this test counts.
+            _wait_for_lines(home / "nl_logs" / "latest.log", line, started)
         with pytest.raises(ProcessLookupError):
             os.kill(pids[0], 0)  # the re-run stopped the first one
         subprocess.run([BASH, "-c", stop], env=worker_env, check=True, capture_output=True, timeout=30)
@@ -414,7 +428,7 @@ def test_detached_run_on_a_fake_worker(env, tmp_path):
             os.kill(pids[1], 0)
         assert not pidfile.exists()
         log = (home / "nl_logs" / "latest.log").read_text()
-        assert log.count(f"hello there from {home / 'nl_jax'}") == 2, log
+        assert log.count(line) == 2, log
     finally:
         for pid in pids:
             try:
