@@ -14,7 +14,7 @@ they are. The paper's ablation rows (Table 6) are flags on `hope_*`:
 
 The paper's literal self-modifying update, without nl_jax's stabilisers (docs/design.md,
 Decision 11): --config.model.memory.paper_literal=True (or one at a time: normalize_values=False,
-eta_param=paper, max_grad_norm=0).
+eta_param=paper, max_grad_norm=0, memory_inputs=shared).
 """
 
 import ml_collections
@@ -63,8 +63,11 @@ def memory_config() -> ml_collections.ConfigDict:
             max_grad_norm=1.0,  # each token's inner gradient clipped to this norm (0: off, the paper's form)
             normalize_values=True,  # l2-normalise v like q and k (False: raw v, the paper's form)
             eta_param="bounded",  # bounded (eta_max * sigmoid) | paper (softplus, no cap; eta_max unused)
-            # True: the paper's literal form, overriding the three above (normalize_values=False,
-            # eta_param="paper", max_grad_norm=0); docs/design.md, Decision 11
+            # projected (each memory reads its own projection of x) | shared (one input for all, the
+            # paper's Eq. 83-88)
+            memory_inputs="projected",
+            # True: the paper's literal form, overriding the four above (normalize_values=False,
+            # eta_param="paper", max_grad_norm=0, memory_inputs="shared"); docs/design.md, Decision 11
             paper_literal=False,
             conv_width=4,  # causal depthwise conv on the q/k/v paths
             # jax.checkpoint every chunk of the memory scans: the backward recomputes a chunk instead of

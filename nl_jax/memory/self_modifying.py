@@ -5,7 +5,8 @@ Per head (H heads of width dh), B(t) being the state at the last chunk boundary 
     z_q, z_k, z_v = SiLU(conv(x W_q)), SiLU(conv(x W_k)), SiLU(conv(x W_v))      z_eta, z_alpha = x W_eta, x W_alpha
     k_t = l2(M_k,B(t)(z_k,t))      v_t = l2(M_v,B(t)(z_v,t))      q_t = l2(z_q,t)  (adaptive_q: l2(M_q,B(t)(z_q,t)))
     eta_t   = eta_max * sigmoid(<r_eta, M_eta,B(t)(z_eta,t)> + b_eta)             inner learning rate
-        (normalize_values=False: v_t = M_v,B(t)(z_v,t); eta_param="paper": eta_t = softplus(<...> + b_eta))
+        (normalize_values=False: v_t = M_v,B(t)(z_v,t); eta_param="paper": eta_t = softplus(<...> + b_eta);
+         memory_inputs="shared": z_q = z_k = z_v = z_eta = z_alpha = SiLU(conv(x W_in)))
     alpha_t = sigmoid(<r_alpha, M_alpha,B(t)(z_alpha,t)> + b_alpha)               retention (weight decay)
     beta_t  = sigmoid(x W_beta)                                                   momentum decay
     every memory M (k, v, q, eta, alpha and the output memory) learns from (k_t, v_hat_t), v_hat_t = M_B(t)(v_t):
@@ -31,9 +32,11 @@ the measurements that motivated them are under "stability" below):
   - eta is bounded, eta_max * sigmoid(.) (the paper's eta_t = M_eta(x_t) has no cap): `eta_param`,
     "bounded" (default) or "paper" = softplus(.) (the paper gives no output nonlinearity and a
     learning rate must be positive; eta_max is then unused);
-  - each token's inner gradient is clipped to `max_grad_norm` (default 1.0; 0: off, the paper's form).
-`paper_literal=True` selects the paper's form of all three (normalize_values=False, eta_param="paper",
-max_grad_norm=0) and overrides whatever is passed for them; from a config:
+  - each token's inner gradient is clipped to `max_grad_norm` (default 1.0; 0: off, the paper's form);
+  - each small memory reads its own projection of x (the paper's memories all read x_t):
+    `memory_inputs`, "projected" (default) or "shared" (one projection feeds every memory).
+`paper_literal=True` selects the paper's form of all four (normalize_values=False, eta_param="paper",
+max_grad_norm=0, memory_inputs="shared") and overrides whatever is passed for them; from a config:
 `--config.model.memory.paper_literal=True`.
 
 Decisions on what the paper leaves open:
@@ -88,13 +91,23 @@ from nl_jax.memory.ops import structures as st
 READ_MODES = ("boundary", "per_token")
 MEMORY_TARGETS = ("self", "value")
 ETA_PARAMS = ("bounded", "paper")  # eta = eta_max * sigmoid(.) | softplus(.) (see `eta_rate`)
+MEMORY_INPUTS = ("projected", "shared")  # each memory reads its own projection of x | one shared input
+
+
+def input_projections(
+    *, weight_decay: bool = True, memory_inputs: str = "projected", paper_literal: bool = False, **_
+) -> int:
+    """How many static [D] -> [H, dh] projections read x, from the layer's keyword arguments: q, k,
+    v, eta (, alpha) and the gate, or, with shared inputs, the one shared input and the gate."""
+    return 2 if paper_literal or memory_inputs == "shared" else 5 + weight_decay
 
 
 class SelfModifyingState(NamedTuple):
-    """Decode / streaming state: conv tails of q, k, v; the small memories (name -> MemoryState, all at
+    """Decode / streaming state: conv tails of q, k, v (`memory_inputs="shared"`: of the one shared
+    input); the small memories (name -> MemoryState, all at
     the same position in their `chunk_size` chunk); the output memory."""
 
-    conv: tuple[jax.Array, jax.Array, jax.Array]
+    conv: tuple[jax.Array, ...]
     memories: dict
     memory: ops.MemoryState
 
@@ -121,17 +134,22 @@ def eta_rate(logit, eta_param: str, eta_max: float):
 class MemoryInit(nnx.Module):
     """The meta-learned initial state of one multi-head memory: one Param per fast-weight matrix."""
 
-    def __init__(self, spec, heads, dim, hidden, *, identity, param_dtype, rngs):
+    def __init__(self, spec, heads, dim, hidden, *, identity, param_dtype, rngs, distinct=False):
+        """`distinct`: add a random part to the initial map, so that memories reading one shared input
+        start as different functions of it (otherwise k = v at the start and the self-generated
+        targets M(v) equal the reads M(k): a zero inner error)."""
         self.spec = spec
         names = ("heads", "memory_out", "memory_in")
         if spec.structure == "linear":
             eye = lambda key, shape, dtype: jnp.broadcast_to(jnp.eye(dim, dtype=dtype), shape)  # noqa: E731
             init = eye if identity else jax.nn.initializers.zeros
+            if distinct:
+                noise = jax.nn.initializers.normal(dim**-0.5)
+                init = lambda key, shape, dtype, base=init: base(key, shape, dtype) + noise(key, shape, dtype)  # noqa: E731
             self.init_w = logical_param(rngs, init, (heads, dim, dim), names, param_dtype)
         else:  # W1 = 0: the identity map; the first inner gradients reach W1 at once, W2 once W1 moves
-            self.init_w1 = logical_param(
-                rngs, jax.nn.initializers.zeros, (heads, dim, hidden), names, param_dtype
-            )
+            w1 = jax.nn.initializers.normal(hidden**-0.5) if distinct else jax.nn.initializers.zeros
+            self.init_w1 = logical_param(rngs, w1, (heads, dim, hidden), names, param_dtype)
             self.init_w2 = logical_param(
                 rngs, jax.nn.initializers.normal(dim**-0.5), (heads, hidden, dim), names, param_dtype
             )
@@ -164,11 +182,16 @@ class SelfModifyingTitans(nnx.Module):
       eta_param="bounded"     eta = eta_max * sigmoid(.), eta_max in (0, 1]; "paper": eta = softplus(.),
                               unbounded above (`eta_rate`), eta_max unused and not range-checked
       max_grad_norm=1.0       per-token inner gradient clipping (0: off, the paper's form)
+      memory_inputs="projected"  each small memory reads its own projection of x (q, k, v through a
+                              short conv and SiLU, eta and alpha linear); "shared": every memory reads
+                              one shared input SiLU(conv(x W_in)), as every memory of the paper's
+                              Eq. 83-88 reads x_t; the small memories then start from distinct random
+                              maps (`MemoryInit`, `distinct`)
       paper_literal=False     True: the paper's form, i.e. normalize_values=False, eta_param="paper",
-                              max_grad_norm=0. It overrides those three options: values passed for
-                              them alongside paper_literal=True are ignored (so a config that lists
-                              every key with its default can switch to the paper's form with this flag
-                              alone).
+                              max_grad_norm=0, memory_inputs="shared". It overrides those four
+                              options: values passed for them alongside paper_literal=True are ignored
+                              (so a config that lists every key with its default can switch to the
+                              paper's form with this flag alone).
     """
 
     def __init__(
@@ -193,6 +216,7 @@ class SelfModifyingTitans(nnx.Module):
         max_grad_norm: float = 1.0,
         normalize_values: bool = True,
         eta_param: str = "bounded",
+        memory_inputs: str = "projected",
         paper_literal: bool = False,
         conv_width: int = 4,
         remat_chunks: bool = False,
@@ -211,10 +235,12 @@ class SelfModifyingTitans(nnx.Module):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if hidden < 0:
             raise ValueError(f"hidden must be >= 0 (0 means head_dim), got {hidden}")
-        if paper_literal:  # overrides the three stabilisers (see the class docstring)
-            normalize_values, eta_param, max_grad_norm = False, "paper", 0.0
+        if paper_literal:  # overrides the four departures (see the class docstring)
+            normalize_values, eta_param, max_grad_norm, memory_inputs = False, "paper", 0.0, "shared"
         if eta_param not in ETA_PARAMS:
             raise ValueError(f"eta_param must be one of {ETA_PARAMS}, got {eta_param!r}")
+        if memory_inputs not in MEMORY_INPUTS:
+            raise ValueError(f"memory_inputs must be one of {MEMORY_INPUTS}, got {memory_inputs!r}")
         self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
         self.chunk_size, self.memory_chunk_size, self.read = int(chunk_size), int(memory_chunk_size), read
         self.dgd, self.momentum, self.weight_decay = dgd, momentum, weight_decay
@@ -232,7 +258,7 @@ class SelfModifyingTitans(nnx.Module):
             )
         self.eta_max, self.remat_chunks = eta_max, remat_chunks
         self.paper_literal, self.normalize_values, self.eta_param = paper_literal, normalize_values, eta_param
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm, self.memory_inputs = max_grad_norm, memory_inputs
         self.dtype = to_dtype(dtype)
         clip = dict(max_grad_norm=max_grad_norm)
         self.spec = ops.MemorySpec(structure, "l2", activation, self_target=True, **clip)
@@ -243,14 +269,18 @@ class SelfModifyingTitans(nnx.Module):
         h, dh = num_heads, head_dim
         lin = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         heads = lambda: Linear((d_model,), (h, dh), ("embed",), ("heads", "head_dim"), **lin)  # noqa: E731
-        self.q_proj, self.k_proj, self.v_proj, self.eta_proj = heads(), heads(), heads(), heads()
         conv = dict(width=conv_width, channel_name="heads", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_conv, self.k_conv, self.v_conv = (ShortConv(h * dh, **conv) for _ in range(3))
+        if memory_inputs == "shared":
+            self.in_proj, self.in_conv = heads(), ShortConv(h * dh, **conv)
+        else:
+            self.q_proj, self.k_proj, self.v_proj, self.eta_proj = heads(), heads(), heads(), heads()
+            self.q_conv, self.k_conv, self.v_conv = (ShortConv(h * dh, **conv) for _ in range(3))
         vec = lambda init, shape, names: logical_param(rngs, init, shape, names, param_dtype)  # noqa: E731
         self.eta_readout = vec(jax.nn.initializers.normal(init_std), (h, dh), ("heads", "head_dim"))
         self.eta_bias = vec(jax.nn.initializers.zeros, (h,), ("heads",))
         if weight_decay:
-            self.alpha_proj = heads()
+            if memory_inputs == "projected":
+                self.alpha_proj = heads()
             self.alpha_readout = vec(jax.nn.initializers.normal(init_std), (h, dh), ("heads", "head_dim"))
             self.alpha_bias = vec(jax.nn.initializers.constant(4.0), (h,), ("heads",))
         if momentum:
@@ -259,19 +289,36 @@ class SelfModifyingTitans(nnx.Module):
         self.out_proj = Linear((h, dh), (d_model,), ("heads", "head_dim"), ("embed",), **lin)
         self.out_norm = RMSNorm(dh, names=("head_dim",), param_dtype=param_dtype)
         mem = dict(param_dtype=param_dtype, rngs=rngs)
+        distinct = memory_inputs == "shared"
         for name in self.small:
-            setattr(self, f"memory_{name}", MemoryInit(self.spec, h, dh, hidden or dh, identity=True, **mem))
+            memory = MemoryInit(self.spec, h, dh, hidden or dh, identity=True, distinct=distinct, **mem)
+            setattr(self, f"memory_{name}", memory)
         self.memory_out = MemoryInit(self.out_spec, h, dh, hidden or dh, identity=False, **mem)
 
     # ---------------------------------------------------------------- pieces shared with the reference
 
+    def _convs(self) -> tuple:
+        return (self.in_conv,) if self.memory_inputs == "shared" else (self.q_conv, self.k_conv, self.v_conv)
+
     def init_state(self, batch_size: int) -> SelfModifyingState:
-        convs = tuple(c.init_state(batch_size) for c in (self.q_conv, self.k_conv, self.v_conv))
+        convs = tuple(c.init_state(batch_size) for c in self._convs())
         mems = {n: getattr(self, f"memory_{n}").state(batch_size, self.momentum) for n in self.small}
         return SelfModifyingState(convs, mems, self.memory_out.state(batch_size, self.momentum))
 
     def paths(self, x, conv_states):
         """The memory inputs before any memory: z [B, T, H, dh] per path, beta [B, T, H], conv tails."""
+        b, t, _ = x.shape
+        h, dh = self.num_heads, self.head_dim
+        if self.memory_inputs == "shared":
+            y, cs = self.in_conv.forward(self.in_proj(x).reshape(b, t, h * dh), conv_states[0])
+            shared = jax.nn.silu(y).reshape(b, t, h, dh).astype(jnp.float32)
+            z, convs = {name: shared for name in ("q", "k", "v", "eta", "alpha")[: 4 + self.weight_decay]}, (cs,)
+        else:
+            z, convs = self._projected_paths(x, conv_states)
+        beta = jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32)) if self.momentum else None
+        return z, beta, convs
+
+    def _projected_paths(self, x, conv_states):
         b, t, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         z, convs = {}, []
@@ -287,8 +334,7 @@ class SelfModifyingTitans(nnx.Module):
         z["eta"] = self.eta_proj(x).astype(jnp.float32)
         if self.weight_decay:
             z["alpha"] = self.alpha_proj(x).astype(jnp.float32)
-        beta = jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32)) if self.momentum else None
-        return z, beta, tuple(convs)
+        return z, tuple(convs)
 
     def generate(self, boundaries: dict, z: dict, beta):
         """q, k, v and the rates of a block of tokens, read from the small memories' boundary states.
@@ -419,13 +465,22 @@ class SelfModifyingTitans(nnx.Module):
 
     @staticmethod
     def projection_flops_per_token(
-        d_model: int, num_heads: int, head_dim: int, *, weight_decay: bool = True, momentum: bool = True, **_
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        weight_decay: bool = True,
+        momentum: bool = True,
+        memory_inputs: str = "projected",
+        paper_literal: bool = False,
+        **_,
     ) -> float:
-        """Forward FLOPs per token of the static projections (q, k, v, eta, gate, out, [alpha], [beta]):
-        the part of the layer whose backward has weight gradients; the rest (convolutions, memories)
-        is a function of the input alone."""
+        """Forward FLOPs per token of the static projections (q, k, v, eta, gate, out, [alpha], [beta];
+        shared inputs: in, gate, out, [beta]): the part of the layer whose backward has weight
+        gradients; the rest (convolutions, memories) is a function of the input alone."""
         d, h, dh = d_model, num_heads, head_dim
-        return float(2 * d * h * dh * (6 + weight_decay) + 2 * d * h * momentum)
+        inputs = input_projections(weight_decay=weight_decay, memory_inputs=memory_inputs, paper_literal=paper_literal)
+        return float(2 * d * h * dh * (inputs + 1) + 2 * d * h * momentum)
 
     @staticmethod
     def forward_flops_per_token(
@@ -447,6 +502,8 @@ class SelfModifyingTitans(nnx.Module):
         adaptive_q: bool = False,
         conv_width: int = 4,
         memory_target: str = "self",
+        memory_inputs: str = "projected",
+        paper_literal: bool = False,
         **_,
     ) -> float:
         """Analytic forward FLOPs per token of the training forward, inner updates included.
@@ -461,10 +518,12 @@ class SelfModifyingTitans(nnx.Module):
         mats = [(dh, dh)] if structure == "linear" else [(dh, hid), (hid, dh)]  # (out, in); input side last
         apply = h * sum(2 * o * i for o, i in mats)  # one memory read of one token, all heads
 
+        inputs = dict(memory_inputs=memory_inputs, paper_literal=paper_literal)
         proj = SelfModifyingTitans.projection_flops_per_token(
-            d, h, dh, weight_decay=weight_decay, momentum=momentum
+            d, h, dh, weight_decay=weight_decay, momentum=momentum, **inputs
         )
-        conv = 3 * 2 * conv_width * h * dh
+        shared = input_projections(**inputs) == 2
+        conv = (1 if shared else 3) * 2 * conv_width * h * dh
         readouts = 2 * h * dh * (1 + weight_decay)
         n_small = 1 + adaptive_k + adaptive_v + adaptive_q + weight_decay  # eta always
         generate = n_small * apply  # each small memory reads its input at the boundary

@@ -324,6 +324,12 @@ class _Fwd:
     passes: int = 1
 
 
+def _input_projections(mem) -> int:
+    from nl_jax.memory.self_modifying import input_projections  # noqa: PLC0415
+
+    return input_projections(**mem)
+
+
 def _memory_fwd(mem, s: _Step, segment: int) -> list:
     """The self-modifying layer's memories per segment and layer, at their chunk shapes (the terms
     of SelfModifyingTitans.forward_flops_per_token, one product per term)."""
@@ -432,7 +438,7 @@ def _hope_fwd(cfg, s: _Step, segment: int) -> list:
     else:
         m = cfg.memory
         hh, dh = m.get("num_heads", 8), m.get("head_dim", 128)
-        proj = 5 + m.get("weight_decay", True)  # q, k, v, eta, gate (, alpha)
+        proj = _input_projections(m)  # q, k, v, eta, gate (, alpha); shared inputs: in, gate
         ops += [param("mixer projections", d, hh * dh // t, proj, mixer=True)]
         if m.get("momentum", True):
             ops.append(param("mixer beta", d, max(1, hh // t), mixer=True))
@@ -507,7 +513,7 @@ def _hope_state_bytes(cfg, s: _Step, segment: int, segments: int, checkpoint: in
         mixer = (n_small + 1) * weights
         out_rows = min(m.get("memory_chunk_size", 64), segment)
         per_token += n_small * weights / min(m.get("chunk_size", 8), segment) + weights / out_rows
-        per_token += _BF16 * ((6 + m.get("weight_decay", True)) * h * dh + d / t)
+        per_token += _BF16 * ((_input_projections(m) + 1) * h * dh + d / t)
     per_token += _F32 * d * len(cfg.cms.hidden)  # residual stream into each CMS level
     if k > 1:
         kept = segments // k * (cms + accumulators + mixer) + k * (cms + mixer) + k * segment * per_token
@@ -572,7 +578,7 @@ def _hope_params(cfg) -> float:
     else:
         m = cfg.memory
         h, dh = m.get("num_heads", 8), m.get("head_dim", 128)
-        mixer = d * h * dh * (7 + m.get("weight_decay", True)) + 6 * h * dh * dh * 2
+        mixer = d * h * dh * (_input_projections(m) + 2) + 6 * h * dh * dh * 2
     return cfg.num_layers * (mixer + cms) + cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
 
 

@@ -1,7 +1,8 @@
 """The switches between nl_jax's stabilised self-modifying update and the paper's literal form
 (docs/design.md, Decision 11): raw values (`normalize_values=False`), an unbounded inner learning
-rate (`eta_param="paper"`), and `paper_literal`, which sets both and turns inner gradient clipping
-off; each against the token-by-token reference, and the switch reaching a hope_tiny model."""
+rate (`eta_param="paper"`), one input read by every memory (`memory_inputs="shared"`), and
+`paper_literal`, which sets all three and turns inner gradient clipping off; each against the
+token-by-token reference, and the switch reaching a hope_tiny model."""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,17 @@ import pytest
 from flax import nnx
 
 from experiments import configs
-from nl_jax.memory.self_modifying import ETA_PARAMS, SelfModifyingTitans, eta_rate, reference_forward
+from nl_jax.memory.self_modifying import (
+    ETA_PARAMS,
+    MEMORY_INPUTS,
+    SelfModifyingTitans,
+    eta_rate,
+    input_projections,
+    reference_forward,
+)
 from nl_jax.models import build_model
 from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
-from tests.memory.test_self_modifying import D, TOL, _call, _layer, _like, _value_and_grads, _x
+from tests.memory.test_self_modifying import D, TOL, _call, _layer, _like, _params, _value_and_grads, _x
 
 
 def _rates_and_values(layer, x):
@@ -89,15 +97,69 @@ def test_paper_eta_keeps_chunked_equal_to_the_reference():
     _chunked_equals_reference(layer, x, seed)
 
 
-def test_paper_literal_sets_all_three_and_wins_over_explicit_values():
+def test_shared_inputs_feed_every_memory_one_input_and_keep_chunked_equal_to_the_reference():
+    seed = fresh_seed()
+    shared = _layer(seed, chunk_size=2, memory_chunk_size=8, read="per_token", memory_inputs="shared")
+    projected = _like(shared, read="per_token")
+    names = set(_params(shared))
+    assert {n for n in names if n[0].endswith("_proj") or n[0].endswith("_conv")} >= {("in_proj", "kernel")}
+    assert not any(n[0] in ("q_proj", "k_proj", "v_proj", "eta_proj", "alpha_proj", "k_conv") for n in names)
+    x = _x(seed, 16)
+    z, _, convs = shared.paths(x, shared.init_state(2).conv)
+    assert len(convs) == 1 and set(z) == {"q", "k", "v", "eta", "alpha"}
+    for name in ("k", "v", "eta", "alpha"):  # one input: a projected layer fails here
+        assert float(jnp.abs(z[name] - z["q"]).max()) == 0.0, (seed, name)
+    z_proj, _, _ = projected.paths(x, projected.init_state(2).conv)
+    assert rel_err(z_proj["k"], z_proj["q"]) > 1e-2, seed
+    # distinct initial memories: k and v differ although both are read from the same input
+    _, k, v, _ = _rates_and_values(shared, x)
+    assert rel_err(k, v) > 1e-2, seed
+    y = _chunked_equals_reference(shared, x, seed)
+    assert rel_err(y, _call(projected, x)[0]) > 1e-4, seed
+
+
+def test_shared_inputs_stream_and_decode_like_one_call():
+    seed = fresh_seed()
+    layer = _layer(seed, chunk_size=2, memory_chunk_size=4, memory_inputs="shared")
+    x = _x(seed, 8)
+    y_full, _ = _call(layer, x)
+    state, ys = layer.init_state(2), []
+    for a, b in ((0, 3), (3, 4), (4, 5), (5, 8)):
+        y, state = _call(layer, x[:, a:b], state)
+        ys.append(y)
+    assert rel_err(jnp.concatenate(ys, 1), y_full) < TOL, seed
+    assert len(state.conv) == 1
+
+
+def test_input_projections_count_what_the_layer_builds():
+    for kw in (
+        {},
+        dict(weight_decay=False),
+        dict(memory_inputs="shared"),
+        dict(memory_inputs="shared", weight_decay=False),
+        dict(paper_literal=True),
+    ):
+        layer = SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), **kw)
+        built = {p[0] for p in _params(layer) if p[0].endswith("_proj") and p[0] not in ("out_proj", "beta_proj")}
+        assert len(built) == input_projections(**kw), (kw, built)
+    assert MEMORY_INPUTS == ("projected", "shared")
+    with pytest.raises(ValueError, match=r"memory_inputs must be one of \('projected', 'shared'\), got 'x'"):
+        SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), memory_inputs="x")
+
+
+def test_paper_literal_sets_all_four_and_wins_over_explicit_values():
     default = SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0))
     assert (default.normalize_values, default.eta_param, default.max_grad_norm) == (True, "bounded", 1.0)
+    assert default.memory_inputs == "projected"
     assert default.spec.max_grad_norm == default.out_spec.max_grad_norm == 1.0
-    conflicting = dict(normalize_values=True, eta_param="bounded", max_grad_norm=1.0, eta_max=5.0)
+    conflicting = dict(
+        normalize_values=True, eta_param="bounded", max_grad_norm=1.0, eta_max=5.0, memory_inputs="projected"
+    )
     for kw in ({}, conflicting):
         layer = SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), paper_literal=True, **kw)
         assert layer.paper_literal is True
         assert layer.normalize_values is False and layer.eta_param == "paper", kw
+        assert layer.memory_inputs == "shared", kw
         assert layer.max_grad_norm == layer.spec.max_grad_norm == layer.out_spec.max_grad_norm == 0.0, kw
     # with the paper's eta, eta_max is unused and not range-checked
     SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), eta_param="paper", eta_max=5.0)
@@ -105,11 +167,11 @@ def test_paper_literal_sets_all_three_and_wins_over_explicit_values():
         SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), eta_max=5.0)
 
 
-def test_paper_literal_layer_equals_the_three_options_and_the_reference():
+def test_paper_literal_layer_equals_the_four_options_and_the_reference():
     seed = fresh_seed()
     literal = _layer(seed, chunk_size=2, memory_chunk_size=8, paper_literal=True)
     literal.eta_bias.value = literal.eta_bias.value - 3.0  # as in the test above
-    by_hand = _like(literal, normalize_values=False, eta_param="paper")
+    by_hand = _like(literal, normalize_values=False, eta_param="paper", memory_inputs="shared")
     default = _like(literal)
     x = _x(seed, 16)
     y = _chunked_equals_reference(literal, x, seed)
@@ -149,8 +211,9 @@ def test_hope_tiny_with_paper_literal_runs_forward_and_gradient():
         model = build_model(_tiny(flag), nnx.Rngs(seed))
         mixers = [m for _, m in nnx.iter_graph(model) if isinstance(m, SelfModifyingTitans)]
         assert len(mixers) == 1
-        assert (mixers[0].normalize_values, mixers[0].eta_param, mixers[0].max_grad_norm) == (
-            (False, "paper", 0.0) if flag else (True, "bounded", 1.0)
+        layer = mixers[0]
+        assert (layer.normalize_values, layer.eta_param, layer.max_grad_norm, layer.memory_inputs) == (
+            (False, "paper", 0.0, "shared") if flag else (True, "bounded", 1.0, "projected")
         )
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
         leaves = jax.tree.leaves(grads)
