@@ -104,7 +104,15 @@ def main(argv):
     _init_distributed()
     from nl_jax.train import run
 
-    summary = run(_CONFIG.value, workdir, config_name=name)
+    config = _CONFIG.value
+    if "init" in config:  # a model initialised from a pretrained checkpoint
+        from nl_jax.interop import stacking
+
+        try:
+            config = stacking.prepare_run(config, workdir)
+        except (ValueError, FileNotFoundError) as e:
+            raise cli.CommandError(str(e)) from None
+    summary = run(config, workdir, config_name=name)
     if summary.get("preempted"):
         sys.exit(cli.PREEMPTED)  # as a scheduler expects from a preempted job
 

@@ -71,6 +71,9 @@ def optim_config() -> ml_collections.ConfigDict:
             eps=1e-8,  # adamw epsilon
             weight_decay=0.1,  # decoupled (lr * wd * W) on matrices only, for every optimizer
             clip_norm=1.0,  # clip the global gradient norm to this (0: off)
+            # a regular expression over parameter paths ("blocks/layers/cms/levels/0/mlp/up/kernel"):
+            # only matching parameters train, the others are frozen; "" trains every parameter
+            trainable="",
         )
     )
 

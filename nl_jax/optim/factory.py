@@ -82,9 +82,14 @@ def decoupled_weight_decay(weight_decay: float, schedule, mask) -> optax.Gradien
             raise ValueError("decoupled_weight_decay needs the params")
         lr = schedule(state.count) if callable(schedule) else schedule
         m = mask(params) if callable(mask) else mask
-        updates = jax.tree.map(
-            lambda u, p, on: u - (lr * weight_decay * p).astype(u.dtype) if on else u, updates, params, m
-        )
+
+        def decay(u, p, on):
+            if isinstance(u, optax.MaskedNode) or not on:  # MaskedNode: frozen by optim.trainable
+                return u
+            return u - (lr * weight_decay * p).astype(u.dtype)
+
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+        updates = jax.tree.map(decay, updates, params, m, is_leaf=masked)
         return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init, update)
@@ -128,4 +133,32 @@ def make_optimizer(optim_cfg, total_steps: int, param_names=None):
     if optim_cfg.weight_decay:
         mask = (lambda p: decay_mask(p, param_names)) if param_names is not None else decay_mask
         parts.append(decoupled_weight_decay(optim_cfg.weight_decay, schedule, mask))
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    if optim_cfg.get("trainable"):
+        if param_names is None:
+            raise ValueError("optim.trainable needs param_names (a pytree like the params)")
+        labels = trainable_labels(optim_cfg.trainable, param_names)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
+
+
+def trainable_labels(pattern: str, params):
+    """`optim.trainable`: a regular expression searched in each parameter's path ("blocks/layers/cms/
+    levels/0/mlp/up/kernel"); parameters it does not match are frozen (zero update, no optimizer
+    state, no weight decay). Returns the labels of `optax.multi_transform` as a pytree like
+    `params` (a tree, not a function of the params, so that optax can map the optimizer state's
+    shardings to the params')."""
+    import re
+
+    regex = re.compile(pattern)
+    is_leaf = lambda x: isinstance(x, tuple) and all(isinstance(n, str) for n in x)  # noqa: E731  logical names
+    paths = jax.tree_util.tree_map_with_path(
+        lambda path, _: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), params, is_leaf=is_leaf
+    )
+    labels = jax.tree.map(lambda p: "train" if regex.search(p) else "frozen", paths)
+    if "train" not in jax.tree.leaves(labels):
+        raise ValueError(
+            f"optim.trainable={pattern!r} matches no parameter path (they look like "
+            f"{jax.tree.leaves(paths)[0]!r}): fix the pattern, or set it to '' to train every parameter"
+        )
+    return labels

@@ -111,7 +111,8 @@ def opt_state_shardings(tx, abstract_params, param_shardings, mesh: Mesh):
         param_shardings,
         abstract_params,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+        # MaskedNode: where `optim.trainable` froze a parameter, its optimizer state holds none
+        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, optax.MaskedNode)),
     )
 
 

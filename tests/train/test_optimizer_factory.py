@@ -82,6 +82,28 @@ def test_adamw_equals_optax_adamw_with_the_same_mask():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p1, p2)
 
 
+def test_trainable_freezes_what_the_pattern_does_not_match():
+    """optim.trainable="^w": "w" trains exactly as AdamW alone would (decay included), "scale" and
+    "o" get zero updates and hold no optimizer state."""
+    cfg = base.optim_config()
+    cfg.update(schedule="constant", warmup_steps=0, lr=1e-2, clip_norm=0.0, weight_decay=0.1)
+    full, _ = make_optimizer(cfg, 10, NAMES)
+    cfg.trainable = "^w"
+    tx, _ = make_optimizer(cfg, 10, NAMES)
+    p = _params()
+    state, ref_state = tx.init(p), full.init(p)
+    assert sum(x.size for x in jax.tree.leaves(state)) < sum(x.size for x in jax.tree.leaves(ref_state))
+    for i in range(2):
+        g = jax.tree.map(lambda x: jnp.sin(x * (i + 1)), p)
+        u, state = tx.update(g, state, p)
+        u_ref, ref_state = full.update(g, ref_state, p)
+        assert float(jnp.abs(u["scale"]).max()) == 0.0 and float(jnp.abs(u["o"]).max()) == 0.0
+        np.testing.assert_allclose(u["w"], u_ref["w"], rtol=1e-6, atol=1e-8)  # op order may differ, not the math
+    with pytest.raises(ValueError, match=r"optim.trainable='/cms/' matches no parameter path \(they look like 'o'\)"):
+        cfg.trainable = "/cms/"
+        make_optimizer(cfg, 10, NAMES)
+
+
 def test_clipping_bounds_the_update():
     cfg = base.optim_config()
     cfg.update(
