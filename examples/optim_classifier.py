@@ -61,6 +61,14 @@ def optimizers(total_steps: int) -> dict[str, optax.GradientTransformation]:
         "m3 (ema)": optim.m3(cosine(1e-4), period=10),
         "m3 (accumulate)": optim.m3(cosine(1e-3), period=10, eps=1e-2, form="accumulate"),
         "adam_memory": optim.adam_memory(cosine(3e-2)),
+        "delta_momentum (literal)": optim.delta_momentum(cosine(0.2), decay=0.9, beta=1.0, form="literal"),
+        "deep_momentum (grad key)": optim.deep_momentum(cosine(0.2), decay=0.9, key="gradient"),
+        "muon (anchored NS)": optim.muon(cosine(0.05), beta=0.95, ns_coeffs="anchored"),
+        "delta_gd": optim.delta_gd(cosine(0.5), decay=0.1),
+        "feature_momentum": optim.feature_momentum(cosine(0.2), decay=0.9),
+        "generalized_gd": optim.generalized_gd(cosine(0.5), weights=(0.75, 0.25)),
+        "generalized_momentum": optim.generalized_gd(cosine(0.2), weights=(0.75, 0.25), form="momentum"),
+        "adagrad_memory": optim.adagrad_memory(cosine(3e-2)),
     }
 
 

@@ -24,6 +24,27 @@ step with retention ``decay`` per outer step: ``theta <- decay theta - lr_theta 
 memory's initial read-out is zero, as for momentum. Stacked / N-D parameters use
 :mod:`nl_jax.optim.matrix` (one MLP per batch element); vectors and scalars use the linear path only
 (plain momentum).
+
+The gradient as the key (``key='gradient'``, Eq. 50 read literally: ``m(u_i)`` with ``u_i = g_i``).
+``<m g^T, I>`` has a second, dual reading: the memory is a map ``m: R^{n_in} -> R^{n_out}`` (the shape
+of the layer itself), its keys are the gradient's columns ``G[:, c]`` (the gradient of output unit
+``c``'s incoming weights, i.e. the rows of the paper's ``d_out x d_in`` gradient) and their values the
+one-hot ``e_c`` (the ``I`` / ``1`` of Eq. 33 and 50). The MLP now sees the gradient as its input::
+
+    m_theta(Z) = Z M + phi(Z A) B / sqrt(n_in)        Z = G^T: (n_out, n_in), one key per row
+    'dot': L(theta) = -<m_theta(G^T), I>             'l2': L(theta) = 1/2 ||m_theta(G^T) - I||^2
+
+with the same parameters, initialisation, retention and step sizes as above. The weight update is the
+memory read out on the basis of the input space, ``U = m_theta(I) = M + phi(A) B / sqrt(n_in)`` (the
+memory as a matrix; for a linear memory, the memory itself, as in Eq. 33). Vectors and scalars use a
+linear memory on their ``n x 1`` column (key ``g^T``, value 1). With a linear memory (``memory=None``
+or ``mlp_lr=0``) both readings give momentum under ``'dot'`` (``M <- decay M + inner_lr G``), and the
+gradient-key ``'l2'`` memory is literal delta momentum (Eq. 49: ``M <- (decay I - inner_lr G G^T) M
++ inner_lr G``, tests/optim/test_delta_deep.py).
+
+Muon (Eq. 52: a linear memory with a Newton-Schulz output nonlinearity) is the linear memory of
+either reading under ``'dot'``, followed by :func:`~nl_jax.optim.scale_by_newton_schulz`: the two
+readings differ only once the memory is an MLP.
 """
 
 from __future__ import annotations
@@ -73,6 +94,28 @@ def readout(m, a, b, activation):
     return m + activation(a) @ b / jnp.sqrt(jnp.asarray(a.shape[-2], a.dtype))
 
 
+def _gradient_key_step(g, m, a, b, decay, inner_lr, mlp_lr, activation, objective):
+    """One step of the gradient-keyed memory on ``(batch, n_in, n_out)`` matrices (``a=None``: linear).
+
+    Returns the new ``(M, A, B)``; ``A, B`` are ``None`` for a linear memory.
+    """
+    z = jnp.swapaxes(g, -1, -2)  # keys: one gradient column per output unit
+    eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+    scale = jnp.sqrt(jnp.asarray(g.shape[-2], g.dtype))
+
+    def memory_fn(m_, a_, b_):
+        out = z @ m_
+        return out if a_ is None else out + activation(z @ a_) @ b_ / scale
+
+    out, vjp = jax.vjp(memory_fn, m, a, b)
+    s = eye if objective == "dot" else eye - out  # = -dL/d(memory output)
+    gm, ga, gb = vjp(jnp.broadcast_to(s, out.shape))
+    new_m = decay * m + inner_lr * gm
+    if a is None:
+        return new_m, None, None
+    return new_m, decay * a + mlp_lr * ga, decay * b + mlp_lr * gb
+
+
 def scale_by_deep_momentum(
     decay=0.9,
     inner_lr=1.0,
@@ -81,12 +124,15 @@ def scale_by_deep_momentum(
     mu_dtype=None,
     *,
     objective: Literal["dot", "l2"] = "dot",
+    key: Literal["coordinate", "gradient"] = "coordinate",
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
     """DMGD (Eq. 50): momentum = residual MLP memory trained online on the gradients.
 
-    See the module docstring for the memory and how a matrix gradient is fed. ``memory=None`` is the
-    linear memory ``U = M``.
+    See the module docstring for the memory and how a matrix gradient is fed: ``key='coordinate'``
+    (default) keys the memory by one-hot input coordinates with the gradient's rows as values;
+    ``key='gradient'`` is Eq. 50 read literally, the gradient's columns as keys and one-hot values.
+    ``memory=None`` is the linear memory ``U = M``.
 
     Reduces to ``optax.trace(decay)`` (so the alias to ``optax.sgd(lr, momentum=decay)``) exactly with
     ``memory=None, objective='dot', inner_lr=1``; with an MLP memory and ``mlp_lr=0`` it is the same
@@ -94,6 +140,8 @@ def scale_by_deep_momentum(
     """
     if objective not in ("dot", "l2"):
         raise ValueError(f"objective must be 'dot' or 'l2', got {objective!r}")
+    if key not in ("coordinate", "gradient"):
+        raise ValueError(f"key must be 'coordinate' or 'gradient', got {key!r}")
 
     def init_fn(params):
         mu = optax.tree.zeros_like(params, dtype=mu_dtype)
@@ -120,8 +168,34 @@ def scale_by_deep_momentum(
             w_out.append(jnp.zeros(s[1], dtype))
         return DeepMomentumState(mu=mu, w_in=treedef.unflatten(w_in), w_out=treedef.unflatten(w_out))
 
+    def gradient_key(d, g, m, a, b):
+        view = matrix.matrix_view(g.shape, d)  # d=None: the leaf as one n x 1 column
+        f32 = jnp.promote_types(m.dtype, jnp.float32)
+        gm, mm = view.to_matrix(g).astype(f32), view.to_matrix(m).astype(f32)
+        if memory is None or d is None:
+            new_m, _, _ = _gradient_key_step(gm, mm, None, None, decay, inner_lr, mlp_lr, None, objective)
+            new_m = view.from_matrix(new_m).astype(m.dtype)
+            return new_m, a, b, new_m.astype(g.dtype)
+        a_view = matrix.matrix_view(a.shape, d)
+        b_view = matrix.matrix_view(b.shape, d)
+        am, bm = a_view.to_matrix(a).astype(f32), b_view.to_matrix(b).astype(f32)
+        new_m, new_a, new_b = _gradient_key_step(
+            gm, mm, am, bm, decay, inner_lr, mlp_lr, memory.activation, objective
+        )
+        u = readout(new_m, new_a, new_b, memory.activation)
+        return (
+            view.from_matrix(new_m).astype(m.dtype),
+            a_view.from_matrix(new_a).astype(a.dtype),
+            b_view.from_matrix(new_b).astype(b.dtype),
+            view.from_matrix(u).astype(g.dtype),
+        )
+
     def update_fn(updates, state, params=None):
         del params
+        if key == "gradient":
+            dims_list = matrix.leaf_dims(dims, updates)
+            trees = (updates, state.mu, state.w_in, state.w_out)
+            return _unpack(matrix.map_leaves_multi(gradient_key, 4, dims_list, *trees))
         dims_list = (
             matrix.leaf_dims(dims, updates) if memory is not None else [None] * len(jax.tree.leaves(updates))
         )
@@ -152,9 +226,10 @@ def scale_by_deep_momentum(
                 view.from_matrix(u).astype(g.dtype),
             )
 
-        mu, w_in, w_out, out = matrix.map_leaves_multi(
-            one, 4, dims_list, updates, state.mu, state.w_in, state.w_out
-        )
+        return _unpack(matrix.map_leaves_multi(one, 4, dims_list, updates, state.mu, state.w_in, state.w_out))
+
+    def _unpack(trees):
+        mu, w_in, w_out, out = trees
         return out, DeepMomentumState(mu=mu, w_in=w_in, w_out=w_out)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -169,14 +244,17 @@ def deep_momentum(
     mu_dtype=None,
     *,
     objective: Literal["dot", "l2"] = "dot",
+    key: Literal["coordinate", "gradient"] = "coordinate",
     dims: matrix.DimsSpec = None,
 ) -> optax.GradientTransformation:
     """DMGD SGD (Eq. 50): ``theta <- decay theta - lr_theta grad L(theta; G)``, ``W -= lr U(theta)``.
 
     Reduces to ``optax.sgd(learning_rate, momentum=decay)`` exactly with ``memory=None`` (linear
-    memory), ``objective='dot'``, ``inner_lr=1``.
+    memory), ``objective='dot'``, ``inner_lr=1``, in either ``key`` reading.
     """
     return optax.chain(
-        scale_by_deep_momentum(decay, inner_lr, mlp_lr, memory, mu_dtype, objective=objective, dims=dims),
+        scale_by_deep_momentum(
+            decay, inner_lr, mlp_lr, memory, mu_dtype, objective=objective, key=key, dims=dims
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -3,9 +3,10 @@
     tx, schedule = make_optimizer(cfg.optim, total_steps, param_names=names)
 
 `optim.name` is "adamw" (optax) or any chained alias of `nl_jax.optim` (m3, muon, deep_momentum,
-delta_momentum, momentum_memory, preconditioned_momentum, adam_memory); `optim.kwargs` holds that
-alias's extra arguments. Weight decay is applied the same way for every optimizer (decoupled,
-`W <- W - lr * wd * W`, on matrices only), so switching optimizers changes nothing else.
+delta_momentum, momentum_memory, preconditioned_momentum, adam_memory, delta_gd, feature_momentum,
+generalized_gd, adagrad_memory); `optim.kwargs` holds that alias's extra arguments. Weight decay
+is applied the same way for every optimizer (decoupled, `W <- W - lr * wd * W`, on matrices only),
+so switching optimizers changes nothing else.
 
 `param_names` (optional) is a pytree like the params holding each parameter's logical axis names
 (e.g. ('layers', 'embed', 'mlp')). It decides the decay mask (norm scales and vectors are not
@@ -32,6 +33,10 @@ OPTIMIZERS = (
     "momentum_memory",
     "preconditioned_momentum",
     "adam_memory",
+    "delta_gd",
+    "feature_momentum",
+    "generalized_gd",
+    "adagrad_memory",
 )
 BATCH_AXES = ("layers", "levels")  # stacked copies: each slice is its own matrix
 

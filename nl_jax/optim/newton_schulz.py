@@ -1,6 +1,6 @@
 """Newton-Schulz output nonlinearity (Eq. 52 of the paper) and Muon, its linear-momentum special case.
 
-Paper 2.6: ``W_{i+1} = W_i + sigma(m_{i+1}(u_i))``; with ``sigma`` = Newton-Schulz orthogonalisation
+Eq. 52: ``W_{i+1} = W_i + sigma(m_{i+1}(u_i))``; with ``sigma`` = Newton-Schulz orthogonalisation
 and ``m`` the linear momentum memory of Eq. 33, this is Muon (Eq. 42): ``W += NS_k(m)``,
 ``m = alpha m - eta g``.
 """
@@ -17,8 +17,10 @@ from nl_jax.optim import matrix
 from nl_jax.optim.momentum import scale_by_momentum_memory
 
 QUINTIC = (3.4445, -4.7750, 2.0315)  # Muon's coefficients (Jordan et al.)
-CUBIC = (1.5, -0.5, 0.0)  # X <- X (3I - X^T X) / 2: the NL derivation (Eq. 43-44)
+CUBIC = (1.5, -0.5, 0.0)  # X <- X (3I - X^T X) / 2: the textbook cubic iteration
+ANCHORED_ZETA = 0.25  # step of the "anchored" preset (Eq. 44); stable for zeta < 0.4 (see below)
 _PRESETS = {"quintic": QUINTIC, "cubic": CUBIC}
+_NAMES = sorted(_PRESETS) + ["anchored"]
 
 Coeffs = Union[str, Sequence[float]]
 
@@ -26,7 +28,7 @@ Coeffs = Union[str, Sequence[float]]
 def _coeffs(ns_coeffs: Coeffs) -> tuple[float, float, float]:
     if isinstance(ns_coeffs, str):
         if ns_coeffs not in _PRESETS:
-            raise ValueError(f"unknown ns_coeffs preset {ns_coeffs!r}; choose from {sorted(_PRESETS)}")
+            raise ValueError(f"unknown ns_coeffs preset {ns_coeffs!r}; choose from {_NAMES}")
         return _PRESETS[ns_coeffs]
     c = tuple(ns_coeffs)
     if len(c) != 3:
@@ -40,7 +42,16 @@ def newton_schulz(x: jax.Array, ns_steps=5, ns_coeffs: Coeffs = "quintic", eps=1
     ``X <- X / (||X||_F + eps)``, then ``ns_steps`` times ``X <- a X + (b A + c A A) X`` with
     ``A = X X^T`` (the wide orientation is used: ``x`` is transposed when ``m > n``). Computed in
     float32 and cast back. ``ns_steps`` may be a traced integer (``optax.inject_hyperparams``).
+
+    ``ns_coeffs='anchored'`` is the iteration the paper derives (Eq. 43-44): one gradient step of size
+    ``zeta`` on ``||O^T O - I||_F^2`` plus closeness to the (normalised) input ``g``,
+    ``O <- O - zeta (O - g + 2 O (O^T O - I))`` from ``O_0 = g`` (:func:`anchored_newton_schulz`,
+    ``zeta = ANCHORED_ZETA``). The anchor ``g`` stays in every step, so it is not the textbook cubic
+    (``'cubic'``): a singular value ``s`` of ``g`` goes to the root ``o`` of ``2 o^3 - o = s``
+    (``o = 1`` for ``s = 1``, ``1/sqrt(2)`` as ``s -> 0``), not to 1.
     """
+    if isinstance(ns_coeffs, str) and ns_coeffs == "anchored":
+        return anchored_newton_schulz(x, ns_steps, ANCHORED_ZETA, eps)
     a, b, c = _coeffs(ns_coeffs)
     dtype = x.dtype
     x = x.astype(jnp.promote_types(dtype, jnp.float32))
@@ -63,6 +74,37 @@ def newton_schulz(x: jax.Array, ns_steps=5, ns_coeffs: Coeffs = "quintic", eps=1
     if transposed:
         x = jnp.swapaxes(x, -1, -2)
     return x.astype(dtype)
+
+
+def anchored_newton_schulz(x: jax.Array, ns_steps=5, zeta=ANCHORED_ZETA, eps=1e-7) -> jax.Array:
+    """Eq. 44 on a batch of matrices: ``O <- O - zeta (O - g + 2 O (O^T O - I))``, ``O_0 = g``.
+
+    ``g = x / (||x||_F + eps)`` (per matrix, as in :func:`newton_schulz`), computed in the wide
+    orientation (``O (O^T O) = (O O^T) O``). Its fixed points have singular values ``o`` with
+    ``2 o^3 - o = s``; the step is a contraction there for ``zeta < 0.4`` (at ``o = 1`` the
+    derivative is ``1 - 5 zeta``). ``ns_steps`` may be traced.
+    """
+    dtype = x.dtype
+    x = x.astype(jnp.promote_types(dtype, jnp.float32))
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = jnp.swapaxes(x, -1, -2)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+    g = x / (norm + eps)
+
+    def step(_, o):
+        cube = (o @ jnp.swapaxes(o, -1, -2)) @ o
+        return o - zeta * (o - g + 2.0 * (cube - o))
+
+    if isinstance(ns_steps, int):
+        o = g
+        for i in range(ns_steps):
+            o = step(i, o)
+    else:
+        o = jax.lax.fori_loop(0, ns_steps, step, g)
+    if transposed:
+        o = jnp.swapaxes(o, -1, -2)
+    return o.astype(dtype)
 
 
 def orthogonalize(

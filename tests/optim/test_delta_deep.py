@@ -125,3 +125,106 @@ def test_deep_momentum_custom_dims_and_state_sizes():
     _, s2 = tx.update(g2, tx.init(params))
     changed = np.any(np.asarray(s2[0].w_out["w"]) != np.asarray(state[0].w_out["w"]), axis=(0, 2))
     assert changed.tolist() == [i == 4 for i in range(10)]
+
+
+def delta_literal_reference(gs, alpha, beta):
+    """Eq. 49 in the paper's layout (m, g: d_out x d_in): m <- m (alpha I - beta g^T g) + g.
+
+    Our leaves are (n_in, n_out) = the paper's transpose, so g_paper = G^T; vectors are n x 1 columns.
+    """
+    m = np.zeros_like(gs[0])
+    out = []
+    for g in gs:
+        mats = g.reshape(-1, g.shape[-2], g.shape[-1]) if g.ndim >= 2 else g.reshape(1, -1, 1)
+        ms = m.reshape(mats.shape)
+        new = []
+        for gi, mi in zip(mats, ms):
+            gp, mp = gi.T, mi.T  # paper layout
+            mp = mp @ (alpha * np.eye(gp.shape[1]) - beta * gp.T @ gp) + gp
+            new.append(mp.T)
+        m = np.stack(new).reshape(g.shape)
+        out.append(m)
+    return out
+
+
+def test_delta_momentum_literal_is_eq49():
+    # Gradients scaled so that the raw Gram is a contraction and ||G||_F != 1 (where the forms differ).
+    grads = [jax.tree.map(lambda x: 0.3 * x, g) for g in draws(4, 4)]
+    outs, _ = run_transform(optim.scale_by_delta_momentum(decay=0.9, beta=1.0, form="literal"), grads)
+    normalized, _ = run_transform(optim.scale_by_delta_momentum(decay=0.9, beta=1.0), grads)
+    for k in SHAPES:
+        ref = delta_literal_reference([g[k] for g in grads], 0.9, 1.0)
+        for o, r in zip(outs, ref):
+            np.testing.assert_allclose(o[k], r, rtol=1e-5, atol=1e-6)
+    # The normalised projector is a different rule here (it would fail the reference above).
+    assert not np.allclose(np.asarray(outs[-1]["w"]), np.asarray(normalized[-1]["w"]), atol=1e-3)
+
+
+def test_delta_momentum_forms_agree_for_unit_norm_gradients():
+    grads = draws(5, 3)
+    unit = [jax.tree.map(lambda x: x / np.sqrt(np.sum(x * x)), g) for g in grads]
+    lit, _ = run_transform(optim.scale_by_delta_momentum(decay=0.9, beta=0.7, form="literal"), unit)
+    nrm, _ = run_transform(optim.scale_by_delta_momentum(decay=0.9, beta=0.7), unit)
+    for a, b in zip(lit, nrm):
+        for k in ("w", "b", "s"):  # not "stack": its layers are not unit-norm one by one
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def gradient_key_reference(gs, a0, b0, decay, inner_lr, mlp_lr, objective):
+    """Eq. 50 with the gradient as key: f(Z) = Z M + tanh(Z A) B / sqrt(n_in), Z = G^T, value I.
+
+    One inner GD step on -tr f(Z) (dot) or 1/2 ||f(Z) - I||^2 (l2), hand-derived gradients; the update
+    is f at the identity keys, M + tanh(A) B / sqrt(n_in).
+    """
+    m, a, b = np.zeros_like(gs[0]), a0.copy(), b0.copy()
+    sq = np.sqrt(np.float32(a.shape[0]))
+    out = []
+    for g in gs:
+        z = g.T
+        h = np.tanh(z @ a)
+        f = z @ m + h @ b / sq
+        s = np.eye(g.shape[1]) if objective == "dot" else np.eye(g.shape[1]) - f
+        gm = z.T @ s
+        gb = h.T @ s / sq
+        ga = z.T @ ((s @ b.T / sq) * (1 - h**2))
+        m, a, b = decay * m + inner_lr * gm, decay * a + mlp_lr * ga, decay * b + mlp_lr * gb
+        out.append(m + np.tanh(a) @ b / sq)
+    return out
+
+
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_deep_momentum_gradient_key_matches_reference(objective):
+    grads = [jax.tree.map(lambda x: 0.5 * x, g) for g in draws(6, 4)]
+    kw = dict(decay=0.8, inner_lr=0.7, mlp_lr=0.5, memory=optim.MomentumMLP(hidden=3), objective=objective)
+    outs, state0 = run_transform(optim.scale_by_deep_momentum(key="gradient", **kw), grads)
+    coordinate, _ = run_transform(optim.scale_by_deep_momentum(**kw), grads)
+    for k in ("w", "stack"):
+        a0 = np.asarray(state0.w_in[k]).reshape((-1,) + state0.w_in[k].shape[-2:])
+        b0 = np.asarray(state0.w_out[k]).reshape((-1,) + state0.w_out[k].shape[-2:])
+        gs = [g[k].reshape((-1,) + g[k].shape[-2:]) for g in grads]
+        for layer in range(a0.shape[0]):
+            layer_grads = [g[layer] for g in gs]
+            ref = gradient_key_reference(layer_grads, a0[layer], b0[layer], 0.8, 0.7, 0.5, objective)
+            for o, r in zip(outs, ref):
+                got = np.asarray(o[k]).reshape(gs[0].shape)[layer]
+                np.testing.assert_allclose(got, r, rtol=1e-4, atol=1e-5)
+    # The one-hot-key reading is another memory: it would fail the reference above.
+    assert not np.allclose(np.asarray(outs[-1]["w"]), np.asarray(coordinate[-1]["w"]), atol=1e-3)
+    # vectors / scalars: linear memory on the n x 1 column, key g^T, value 1.
+    m = np.zeros(5, np.float32)
+    for o, g in zip(outs, grads):
+        s = 1.0 if objective == "dot" else 1.0 - np.dot(g["b"], m)
+        m = 0.8 * m + 0.7 * g["b"] * s
+        np.testing.assert_allclose(o["b"], m, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_keyed_linear_l2_memory_is_literal_delta_momentum():
+    """Linear memory, l2 objective, gradient keys: M <- decay M - G (G^T M - I) = Eq. 49 (beta=1)."""
+    grads = [jax.tree.map(lambda x: 0.3 * x, g) for g in draws(7, 4)]
+    deep, _ = run_transform(
+        optim.scale_by_deep_momentum(decay=0.9, memory=None, objective="l2", key="gradient"), grads
+    )
+    delta, _ = run_transform(optim.scale_by_delta_momentum(decay=0.9, beta=1.0, form="literal"), grads)
+    for a, b in zip(deep, delta):
+        for k in SHAPES:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)

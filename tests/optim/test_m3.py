@@ -102,3 +102,41 @@ def test_mu_dtype_applies_to_the_momenta_only():
     assert {x.dtype for x in jax.tree.leaves((state.nu, state.grad_sum, state.slow_out))} == {
         jnp.dtype(jnp.float32)
     }
+
+
+def test_m3_without_slow_memory_is_adam_normalised_muon():
+    """alpha = 0, form='ema': u = NS(M1_hat) / (sqrt(V_hat) + eps), M1/V Adam's debiased moments
+    (NS per matrix, identity on vectors); written from the equations, not from Algorithm 1's loop."""
+    rng = np.random.default_rng(9)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()} for _ in range(7)]
+    b1, b2, eps, lr = 0.9, 0.99, 1e-3, 0.01
+    tx = optim.m3(lr, b1=b1, b2=b2, alpha=0.0, eps=eps, period=2)
+    p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(p)
+    update = jax.jit(tx.update)
+    w = {k: v.astype(np.float64) for k, v in params.items()}
+    m1 = {k: np.zeros_like(v) for k, v in w.items()}
+    v = {k: np.zeros_like(x) for k, x in w.items()}
+    for t, g in enumerate(grads, start=1):
+        u, state = update(g, state, p)
+        p = optax.apply_updates(p, u)
+        for k in w:
+            m1[k] = b1 * m1[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            m_hat, v_hat = m1[k] / (1 - b1**t), v[k] / (1 - b2**t)
+            if m_hat.ndim == 1:
+                o = m_hat
+            else:
+                o = np.stack([_reference_ns(x) for x in m_hat.reshape((-1,) + m_hat.shape[-2:])])
+                o = o.reshape(m_hat.shape)
+            w[k] = w[k] - lr * o / (np.sqrt(v_hat) + eps)
+        for k in w:
+            np.testing.assert_allclose(p[k], w[k], rtol=1e-5, atol=1e-5)
+    # The slow memory is live (period 2, 7 steps): alpha = 1 is a different trajectory.
+    with_slow = optim.m3(lr, b1=b1, b2=b2, alpha=1.0, eps=eps, period=2)
+    q, s2 = jax.tree.map(jnp.asarray, params), with_slow.init(p)
+    for g in grads:
+        u, s2 = with_slow.update(g, s2, q)
+        q = optax.apply_updates(q, u)
+    assert not np.allclose(np.asarray(q["w"]), np.asarray(p["w"]), atol=1e-3)

@@ -163,3 +163,41 @@ def test_muon_matches_optax_contrib_muon():
 def test_adam_memory_rejects_a_ridge_it_would_ignore():
     with pytest.raises(ValueError, match="ridge applies to value='identity'"):
         optim.scale_by_adam_memory(ridge=0.1)
+
+
+def test_deep_momentum_gradient_key_linear_memory_is_sgd_momentum():
+    ours = trajectory(optim.deep_momentum(0.1, decay=0.9, memory=None, key="gradient"))
+    assert_same(ours, trajectory(optax.sgd(0.1, momentum=0.9)))
+
+
+def test_delta_momentum_literal_beta0_is_sgd_momentum():
+    assert_same(
+        trajectory(optim.delta_momentum(0.1, decay=0.9, beta=0.0, form="literal")),
+        trajectory(optax.sgd(0.1, momentum=0.9)),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_delta_gd_without_decay_is_sgd():
+    assert_same(trajectory(optim.delta_gd(0.1, decay=0.0)), trajectory(optax.sgd(0.1)))
+
+
+def test_feature_momentum_identity_map_is_sgd_momentum():
+    ours = trajectory(optim.feature_momentum(0.1, decay=0.9, coeffs=(1.0,)))
+    assert_same(ours, trajectory(optax.sgd(0.1, momentum=0.9)))
+
+
+def test_generalized_gd_window_one_is_sgd():
+    assert_same(trajectory(optim.generalized_gd(0.1, weights=(1.0,))), trajectory(optax.sgd(0.1)))
+
+
+def test_generalized_momentum_window_one_is_sgd_momentum():
+    ours = trajectory(optim.generalized_gd(0.1, weights=(1.0,), decay=0.9, form="momentum"))
+    assert_same(ours, trajectory(optax.sgd(0.1, momentum=0.9)))
+
+
+def test_adagrad_memory_on_vectors_is_adagrad():
+    params = {"b": PARAMS["b"], "s": PARAMS["s"]}
+    ours = trajectory(optim.adagrad_memory(0.1, b1=0.0), params=params)
+    assert_same(ours, trajectory(optax.adagrad(0.1), params=params))
