@@ -353,7 +353,7 @@ class _Run:
         rows = metrics_lib.read_jsonl(self.writer.jsonl_path) if self.primary else []
         png = None
         if self.primary:
-            png = metrics_lib.plot_loss_curve(rows, os.path.join(self.local, "loss_curve.png"), f"{name}")
+            png = metrics_lib.plot_loss_curve(rows, os.path.join(self.local, "loss_curve.png"), name)
         evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == "eval"] or self.eval_history
         trains = [r for r in rows if r.get("split") == "train"]
         if "://" in self.workdir:
