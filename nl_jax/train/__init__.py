@@ -5,9 +5,9 @@ summary = run(config, workdir="runs/transformer_tiny", config_name="transformer_
 """
 
 from nl_jax.train.checkpoint import Checkpointer, restore_params
-from nl_jax.train.loop import Hook, NonFiniteLossError, check_config, run
+from nl_jax.train.loop import Hook, check_config, run
 from nl_jax.train.state import ModelFn, abstract_train_state, init_train_state, state_shardings_for
-from nl_jax.train.step import make_eval_step, make_train_step, token_nll
+from nl_jax.train.step import NonFiniteLossError, make_eval_step, make_train_step, token_nll
 
 __all__ = [
     "Checkpointer",

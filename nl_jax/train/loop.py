@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from etils import epath
 
 from nl_jax import metrics as metrics_lib
@@ -36,9 +35,9 @@ from nl_jax.parallel.mesh import make_mesh
 from nl_jax.parallel.rules import assert_params_sufficiently_sharded, sharding_table
 from nl_jax.train import banner as banner_lib
 from nl_jax.train.checkpoint import Checkpointer, checkpoint_files
+from nl_jax.train.metrics_buffer import MetricsBuffer
 from nl_jax.train.program import EVAL_BATCH_KEYS, TRAIN_BATCH_KEYS, build_train_program
 from nl_jax.train.state import init_train_state, train_state_from_params
-from nl_jax.train.step import NonFiniteLossError
 
 
 @dataclasses.dataclass
@@ -148,245 +147,241 @@ def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = 
     check_config(config)
     if "://" not in workdir:
         workdir = os.path.abspath(workdir)  # orbax needs absolute paths
-    tcfg, ecfg = config.train, config.eval
-    primary = jax.process_index() == 0
     local = _local_dir(workdir)
-
     mesh = make_mesh(config.mesh, devices)  # ValueError if the parallelism sizes do not match the devices
     data = data_from_config(config.data, vocab_size=config.model.vocab_size)
-    total = int(tcfg.steps)
-    gbs, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
-
     # Model, optimizer, shardings, shapes of one step (ValueError on a batch the model rejects).
     program = build_train_program(config, mesh)
-    model, tx, shardings = program.model, program.tx, program.shardings
-    abstract, batch_sharding = program.abstract_state, program.batch_sharding
-    jit_train, jit_eval = program.jit_train, program.jit_eval
-
     with jax.set_mesh(mesh):
+        training = _Run(config, workdir, local, config_name, mesh, data, program)
+        try:
+            training.loop(hooks)
+        finally:
+            training.close()
+        return training.summary(wall0)
 
-        def to_global(batch: dict, keys: Sequence[str]) -> dict:
-            return {k: jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in keys}
 
-        def evaluate(params) -> dict:
-            sums = None
-            for batch in data.eval_iterator(ecfg.max_batches if ecfg.max_batches > 0 else None):
-                out = jit_eval(params, to_global(batch, EVAL_BATCH_KEYS))
-                sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-            if sums is None:
-                raise ValueError("the validation split is empty: nothing to evaluate")
-            sums = jax.device_get(sums)
-            loss = float(sums["nll_sum"] / max(sums["weight_sum"], 1.0))
-            return {
-                "loss": loss,
-                "perplexity": math.exp(min(loss, 50.0)),
-                "tokens": float(sums["weight_sum"]),
-            }
+class _Run:
+    """One call of `run` inside its mesh: set up (restore or init, banner, writers), `loop` over the
+    steps, `close` the writers, `summary`. The attributes are the state the steps share."""
 
-        ckpt = Checkpointer(workdir, config.checkpoint, config.model.to_dict())
-        train_iter = data.train_iterator()
-        restored = ckpt.restore_latest(abstract, train_iter)
+    def __init__(self, config, workdir: str, local: str, config_name: str, mesh, data, program):
+        self.config, self.workdir, self.local, self.config_name = config, workdir, local, config_name
+        self.tcfg, self.ecfg = config.train, config.eval
+        self.primary = jax.process_index() == 0
+        self.data, self.program = data, program
+        self.total = int(config.train.steps)
+        self.tokens_per_step = int(config.data.global_batch_size) * int(config.data.seq_len)
+
+        self.ckpt = Checkpointer(workdir, config.checkpoint, config.model.to_dict())
+        self.train_iter = data.train_iterator()
+        restored = self.ckpt.restore_latest(program.abstract_state, self.train_iter)
         if restored is not None:
-            state, start, meta = restored
-            if "opt_state" not in state:  # parameters alone (an imported model): start training them
-                state = train_state_from_params(state["params"], tx, shardings)
+            self.state, self.start, meta = restored
+            if "opt_state" not in self.state:  # parameters alone (an imported model): start training them
+                self.state = train_state_from_params(self.state["params"], program.tx, program.shardings)
         else:
-            state, start, meta = init_train_state(model, tx, shardings, tcfg.seed), 0, {}
+            self.state = init_train_state(program.model, program.tx, program.shardings, self.tcfg.seed)
+            self.start, meta = 0, {}
+        self.step = self.start
 
-        # Banner and one-time facts.
-        param_count = model.param_count()
-        train_flops, flops_source = metrics_lib.train_flops_per_token(
-            model.cls, config.model, seq_len, param_count
+        model = program.model
+        self.param_count = model.param_count()
+        self.train_flops, flops_source = metrics_lib.train_flops_per_token(
+            model.cls, config.model, int(config.data.seq_len), self.param_count
         )
         device = jax.devices()[0]
-        peak = metrics_lib.peak_flops_per_device(device.device_kind, tcfg.get("peak_flops_per_device", 0.0))
+        self.peak = metrics_lib.peak_flops_per_device(
+            device.device_kind, self.tcfg.get("peak_flops_per_device", 0.0)
+        )
         # Fake CPU devices share one process's cores: the CPU peak is per process.
-        peak_units = jax.process_count() if device.platform == "cpu" else jax.device_count()
-        tokens_per_step = gbs * seq_len
-        table = sharding_table(model.template, mesh)
-        try:
-            excess = assert_params_sufficiently_sharded(
-                model.template, mesh, config.mesh.get("sharding_tolerance", 0.02)
-            )
-            del excess
-        except AssertionError as e:
-            logging.warning("sharding check: %s", e)
-        if primary:
-            print(
-                banner_lib.banner(
-                    config_name=config_name or config.model.name,
-                    workdir=workdir,
-                    mesh=mesh,
-                    param_count=param_count,
-                    flops_per_token=train_flops,
-                    flops_source=flops_source,
-                    peak=peak,
-                    tokens_per_step=tokens_per_step,
-                    total_steps=total,
-                    table=table,
-                ),
-                flush=True,
-            )
-            with open(os.path.join(local, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
-            if start:
-                print(f"resumed from checkpoint step {start}/{total} in {ckpt.directory}", flush=True)
+        self.peak_units = jax.process_count() if device.platform == "cpu" else jax.device_count()
+        self._banner(mesh, flops_source)
 
         # Rows past the restored step are redone by this run: they leave metrics.jsonl, so it holds
         # one row per logged step, as an uninterrupted run's does.
-        writer = metrics_lib.MetricWriter(
+        self.writer = metrics_lib.MetricWriter(
             local,
-            enabled=primary,
-            resume_step=start,
-            wandb_project=tcfg.get("wandb_project", ""),
+            enabled=self.primary,
+            resume_step=self.start,
+            wandb_project=self.tcfg.get("wandb_project", ""),
             run_config=config.to_dict(),
             run_name=config_name or os.path.basename(workdir.rstrip("/")),
         )
-        preemption = _Preemption(ckpt)
-        profiler = metrics_lib.ProfilerWindow(
-            os.path.join(local, "profile"), tcfg.profile_start_step, tcfg.profile_steps, enabled=primary
+        self.preemption = _Preemption(self.ckpt)
+        self.profiler = metrics_lib.ProfilerWindow(
+            os.path.join(local, "profile"),
+            self.tcfg.profile_start_step,
+            self.tcfg.profile_steps,
+            enabled=self.primary,
         )
-        throughput = metrics_lib.Throughput(total, tokens_per_step)
-        block_each_step = jax.process_count() > 1 and device.platform == "cpu"  # avoids a gloo hang
-        summary = {"config": config_name, "workdir": workdir, "params": param_count, "start_step": start}
-        eval_history: list[tuple[int, float]] = []
-        # Train metrics since the last logged row; saved in checkpoints, so that a run resumed between
-        # two log steps averages the same steps into its next row as an uninterrupted run.
-        window: list[dict] = list(meta.get("log_window", []))
-        pending = None
-        last_row: dict = {}
-        last_loss = None
-        preempted = False
+        self.throughput = metrics_lib.Throughput(self.total, self.tokens_per_step)
+        self.block_each_step = jax.process_count() > 1 and device.platform == "cpu"  # avoids a gloo hang
+        self.metrics = MetricsBuffer(self.ckpt, meta.get("log_window", []))
+        self.eval_history: list[tuple[int, float]] = []
+        self.last_row: dict = {}
+        self.preempted = False
 
-        def log_eval(step: int, write: bool = True) -> dict:
-            res = evaluate(state["params"])
-            eval_history.append((step, res["loss"]))
-            if write:
-                writer.write(step, "eval", res)
-            if primary:
-                print(f"eval  step {step}: loss {res['loss']:.4f}  ppl {res['perplexity']:.2f}", flush=True)
-            return res
-
-        def consume(p) -> None:
-            nonlocal last_loss
-            step_done, m = p
-            m = jax.device_get(m)
-            if not bool(m["finite"]):
-                ckpt.wait()
-                good = ckpt.last_good_step()
-                loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-                what = (
-                    f"non-finite loss or gradient (loss {loss}, grad norm {gnorm})"
-                    if not (math.isfinite(loss) and math.isfinite(gnorm))
-                    else f"non-finite parameters or optimizer state after the update (loss {loss}, "
-                    f"grad norm {gnorm}, lr {float(m['lr'])})"
-                )
-                raise NonFiniteLossError(
-                    f"{what} at step {step_done}; stopped without saving that state. Last good checkpoint: "
-                    f"{'step ' + str(good) if good is not None else 'none'} in {ckpt.directory}. "
-                    "Try a lower optim.lr, a longer optim.warmup_steps or optim.clip_norm."
-                )
-            last_loss = float(m["loss"])
-            window.append({k: float(v) for k, v in m.items() if k != "finite"})
-
-        def save(step: int) -> None:
-            extra = {"config_name": config_name, "log_window": [dict(w) for w in window]}
-            if ckpt.save(step, state, train_iter, extra) and primary:
-                print(f"checkpoint step {step} -> {ckpt.directory}", flush=True)
-            _sync_up(local, workdir)
-
+    def _banner(self, mesh, flops_source: str) -> None:
+        """The banner and config.json (process 0); a warning for weights sharded too little."""
+        model, config = self.program.model, self.config
+        table = sharding_table(model.template, mesh)
         try:
-            if start == 0 and ecfg.every > 0:
-                log_eval(0)
-            step = start
-            while step < total:
-                batch = to_global(next(train_iter), TRAIN_BATCH_KEYS)
-                with profiler.step(step):
-                    state, m = jit_train(state, batch)
-                if block_each_step:
-                    jax.block_until_ready(state)
-                step += 1
-                if pending is not None:
-                    consume(pending)
-                pending = (step, m)
-                if not throughput.started:  # the first step includes compilation: start the clock after it
-                    consume(pending)
-                    pending = None
-                    throughput.start(step)
-                is_last = step == total
-                if step % tcfg.log_every == 0 or is_last:
-                    if pending is not None:
-                        consume(pending)
-                        pending = None
-                    if window:
-                        row = {k: float(np.mean([w[k] for w in window])) for k in ("loss", "grad_norm")}
-                        row["lr"] = window[-1]["lr"]
-                        row.update(throughput.report(step))
-                        row["tokens"] = float(step * tokens_per_step)
-                        if "tokens_per_s" in row:
-                            row["mfu"] = metrics_lib.mfu(row["tokens_per_s"], train_flops, peak_units, peak)
-                        window.clear()
-                        writer.write(step, "train", {k: v for k, v in row.items() if v is not None})
-                        last_row = row
-                        if primary:
-                            print(metrics_lib.progress_line(step, total, row), flush=True)
-                if (ecfg.every > 0 and step % ecfg.every == 0) or is_last:
-                    if pending is not None:
-                        consume(pending)
-                        pending = None
-                    log_eval(step)
-                for hook in hooks:
-                    if step % hook.every == 0:
-                        hook.fn(step, state, last_row)
-                preempted = preemption.reached(step)
-                ckpt_every = config.checkpoint.every
-                if (ckpt_every > 0 and step % ckpt_every == 0) or is_last or preempted:
-                    if pending is not None:
-                        consume(pending)
-                        pending = None
-                    save(step)
-                if preempted:
-                    if primary:
-                        print(f"preempted: saved step {step}; run the same command to resume", flush=True)
-                    break
-            if pending is not None:
-                consume(pending)
-            if start >= total and not eval_history:
-                log_eval(total, write=False)  # a finished run: report its final validation loss again
-        finally:
-            profiler.finish()
-            preemption.close()
-            ckpt.close()
-            writer.close()
-
-        rows = metrics_lib.read_jsonl(writer.jsonl_path) if primary else []
-        png = None
-        if primary:
-            png = metrics_lib.plot_loss_curve(
-                rows, os.path.join(local, "loss_curve.png"), f"{config_name or config.model.name}"
+            assert_params_sufficiently_sharded(
+                model.template, mesh, config.mesh.get("sharding_tolerance", 0.02)
             )
-        evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == "eval"] or eval_history
-        trains = [r for r in rows if r.get("split") == "train"]
-        summary.update(
-            final_step=int(step) if total > start else total,
-            total_steps=total,
-            preempted=preempted,
-            final_train_loss=last_loss,
-            initial_eval_loss=evals[0][1] if evals else None,
-            final_eval_loss=eval_history[-1][1] if eval_history else None,
-            best_eval_loss=min(v for _, v in evals) if evals else None,
-            tokens_per_s=trains[-1].get("tokens_per_s") if trains else None,
-            mfu=trains[-1].get("mfu") if trains else None,
-            train_flops_per_token=train_flops,
-            checkpoints=[int(s) for s in checkpoint_files(workdir)]
-            if "://" not in workdir
-            else ckpt.all_steps(),
-            loss_curve=png,
-            wall_time_s=round(time.time() - wall0, 2),
+        except AssertionError as e:
+            logging.warning("sharding check: %s", e)
+        if not self.primary:
+            return
+        print(
+            banner_lib.banner(
+                config_name=self.config_name or config.model.name,
+                workdir=self.workdir,
+                mesh=mesh,
+                param_count=self.param_count,
+                flops_per_token=self.train_flops,
+                flops_source=flops_source,
+                peak=self.peak,
+                tokens_per_step=self.tokens_per_step,
+                total_steps=self.total,
+                table=table,
+            ),
+            flush=True,
         )
-        if primary:
-            with open(os.path.join(local, "summary.json"), "w") as f:
+        with open(os.path.join(self.local, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        if self.start:
+            print(
+                f"resumed from checkpoint step {self.start}/{self.total} in {self.ckpt.directory}", flush=True
+            )
+
+    def _to_global(self, batch: dict, keys: Sequence[str]) -> dict:
+        sharding = self.program.batch_sharding
+        return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys}
+
+    def _evaluate(self) -> dict:
+        max_batches = self.ecfg.max_batches if self.ecfg.max_batches > 0 else None
+        sums = None
+        for batch in self.data.eval_iterator(max_batches):
+            out = self.program.jit_eval(self.state["params"], self._to_global(batch, EVAL_BATCH_KEYS))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        if sums is None:
+            raise ValueError("the validation split is empty: nothing to evaluate")
+        sums = jax.device_get(sums)
+        loss = float(sums["nll_sum"] / max(sums["weight_sum"], 1.0))
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(sums["weight_sum"])}
+
+    def _log_eval(self, step: int, write: bool = True) -> None:
+        res = self._evaluate()
+        self.eval_history.append((step, res["loss"]))
+        if write:
+            self.writer.write(step, "eval", res)
+        if self.primary:
+            print(f"eval  step {step}: loss {res['loss']:.4f}  ppl {res['perplexity']:.2f}", flush=True)
+
+    def _log_train(self, step: int) -> None:
+        row = self.metrics.take_row()
+        if row is None:
+            return
+        row.update(self.throughput.report(step))
+        row["tokens"] = float(step * self.tokens_per_step)
+        if "tokens_per_s" in row:
+            row["mfu"] = metrics_lib.mfu(row["tokens_per_s"], self.train_flops, self.peak_units, self.peak)
+        self.writer.write(step, "train", {k: v for k, v in row.items() if v is not None})
+        self.last_row = row
+        if self.primary:
+            print(metrics_lib.progress_line(step, self.total, row), flush=True)
+
+    def _save(self, step: int) -> None:
+        extra = {"config_name": self.config_name, "log_window": self.metrics.saved_window()}
+        if self.ckpt.save(step, self.state, self.train_iter, extra) and self.primary:
+            print(f"checkpoint step {step} -> {self.ckpt.directory}", flush=True)
+        _sync_up(self.local, self.workdir)
+
+    def _train_step(self) -> None:
+        batch = self._to_global(next(self.train_iter), TRAIN_BATCH_KEYS)
+        with self.profiler.step(self.step):
+            self.state, m = self.program.jit_train(self.state, batch)
+        if self.block_each_step:
+            jax.block_until_ready(self.state)
+        self.step += 1
+        self.metrics.push(self.step, m)
+        if not self.throughput.started:  # the first step includes compilation: start the clock after it
+            self.metrics.flush()
+            self.throughput.start(self.step)
+
+    def loop(self, hooks: Sequence[Hook]) -> None:
+        """The steps from the restored one to `train.steps`, or to a preemption."""
+        tcfg, ecfg, ckpt_every = self.tcfg, self.ecfg, self.config.checkpoint.every
+        if self.start == 0 and ecfg.every > 0:
+            self._log_eval(0)
+        while self.step < self.total:
+            self._train_step()
+            step = self.step
+            is_last = step == self.total
+            if step % tcfg.log_every == 0 or is_last:
+                self.metrics.flush()
+                self._log_train(step)
+            if (ecfg.every > 0 and step % ecfg.every == 0) or is_last:
+                self.metrics.flush()
+                self._log_eval(step)
+            for hook in hooks:
+                if step % hook.every == 0:
+                    hook.fn(step, self.state, self.last_row)
+            self.preempted = self.preemption.reached(step)
+            if (ckpt_every > 0 and step % ckpt_every == 0) or is_last or self.preempted:
+                self.metrics.flush()
+                self._save(step)
+            if self.preempted:
+                if self.primary:
+                    print(f"preempted: saved step {step}; run the same command to resume", flush=True)
+                break
+        self.metrics.flush()
+        if self.start >= self.total and not self.eval_history:
+            self._log_eval(self.total, write=False)  # a finished run: report its final validation loss again
+
+    def close(self) -> None:
+        self.profiler.finish()
+        self.preemption.close()
+        self.ckpt.close()
+        self.writer.close()
+
+    def summary(self, wall0: float) -> dict:
+        """The summary dict; process 0 also writes summary.json and the loss-curve PNG and prints it."""
+        name = self.config_name or self.config.model.name
+        rows = metrics_lib.read_jsonl(self.writer.jsonl_path) if self.primary else []
+        png = None
+        if self.primary:
+            png = metrics_lib.plot_loss_curve(rows, os.path.join(self.local, "loss_curve.png"), name)
+        evals = [(r["step"], r["loss"]) for r in rows if r.get("split") == "eval"] or self.eval_history
+        trains = [r for r in rows if r.get("split") == "train"]
+        if "://" in self.workdir:
+            checkpoints = self.ckpt.all_steps()
+        else:
+            checkpoints = [int(s) for s in checkpoint_files(self.workdir)]
+        summary = {
+            "config": self.config_name,
+            "workdir": self.workdir,
+            "params": self.param_count,
+            "start_step": self.start,
+            "final_step": int(self.step) if self.total > self.start else self.total,
+            "total_steps": self.total,
+            "preempted": self.preempted,
+            "final_train_loss": self.metrics.last_loss,
+            "initial_eval_loss": evals[0][1] if evals else None,
+            "final_eval_loss": self.eval_history[-1][1] if self.eval_history else None,
+            "best_eval_loss": min(v for _, v in evals) if evals else None,
+            "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None,
+            "mfu": trains[-1].get("mfu") if trains else None,
+            "train_flops_per_token": self.train_flops,
+            "checkpoints": checkpoints,
+            "loss_curve": png,
+            "wall_time_s": round(time.time() - wall0, 2),
+        }
+        if self.primary:
+            with open(os.path.join(self.local, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
             print(metrics_lib.format_summary(summary), flush=True)
-            _sync_up(local, workdir)
+            _sync_up(self.local, self.workdir)
         return summary

@@ -68,6 +68,7 @@ def test_bad_config(overrides, error, match):
         next(d.train_iterator())
 
 
+@pytest.mark.e2e
 def test_train_tokenizer_command_and_use(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(400)))

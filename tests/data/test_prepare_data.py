@@ -88,6 +88,7 @@ def test_empty_input_names_path(tmp_path):
         prepare_data.prepare(str(empty), str(tmp_path / "out"))
 
 
+@pytest.mark.e2e
 def test_command_line(tmp_path):
     src = tmp_path / "book.txt"
     src.write_text("\n\n".join(f"Paragraph {i}. " * (1 + i % 5) for i in range(300)))

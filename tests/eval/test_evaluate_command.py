@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from experiments.configs import base
@@ -70,6 +71,7 @@ def test_restore_onto_an_eight_device_mesh(tmp_path):
     )
 
 
+@pytest.mark.e2e
 def test_evaluate_command_end_to_end(tmp_path):
     config = _config(tmp_path)
     workdir, _ = _write_run(tmp_path, config)

@@ -215,12 +215,14 @@ CASES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_error_line_with_its_exit_code(files, case):
     module, args, code, expected = CASES[case]
     _assert_one_error_line(_command(module, *[a.format(d=files) for a in args]), code, *expected)
 
 
+@pytest.mark.e2e
 def test_every_task_skipped_is_a_warning_each_and_an_error(files):
     """TFDS named but holding none of the datasets: each task says why it is skipped, and a run
     that evaluated nothing fails."""
@@ -231,6 +233,7 @@ def test_every_task_skipped_is_a_warning_each_and_an_error(files):
     assert len(skipped) == 8 and "skipped commonsense/piqa" in skipped
 
 
+@pytest.mark.e2e
 def test_train_tokenizer_says_it_wrote_fewer_pieces_than_asked(files):
     (files / "small.txt").write_text("def f(x):\n    return x + 1\n\nprint(f(2))\n" * 20)
     proc = _command(
@@ -242,6 +245,7 @@ def test_train_tokenizer_says_it_wrote_fewer_pieces_than_asked(files):
     assert pieces < 1000 and "fewer than --vocab_size=100000" in line and f"vocab_size >= {pieces}" in line
 
 
+@pytest.mark.e2e
 def test_the_traceback_comes_with_an_env_flag_or_verbosity(files):
     args = [*TINY, "--workdir=/sys/nl_jax_run"]
     for env, extra in (({"NL_JAX_TRACEBACK": "1"}, []), ({}, ["--verbosity=1"])):

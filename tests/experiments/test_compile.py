@@ -190,6 +190,7 @@ def test_hope_projection_reads_the_segment_scan_from_the_hlo(hope_v5e):
     assert "collectives   per segment:" in text and "compiled HLO" in text
 
 
+@pytest.mark.e2e
 def test_analytic_projection_names_the_transformer_of_the_same_size():
     proc = subprocess.run(
         [

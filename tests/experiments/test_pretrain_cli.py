@@ -20,6 +20,7 @@ def _pretrain(*args, timeout=120):
     )
 
 
+@pytest.mark.e2e
 def test_unknown_config_name_lists_close_matches(tmp_path):
     proc = _pretrain("--config=transfomer_tiny", f"--workdir={tmp_path}")
     assert proc.returncode != 0
@@ -29,6 +30,7 @@ def test_unknown_config_name_lists_close_matches(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
+@pytest.mark.e2e
 def test_config_errors_are_one_line_not_a_traceback(tmp_path):
     proc = _pretrain(
         "--config=transformer_tiny", f"--workdir={tmp_path}", "--config.mesh.ici_tensor_parallelism=3"

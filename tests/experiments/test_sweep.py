@@ -10,10 +10,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from experiments import configs
 from nl_jax.sweep import grid, make_plan, results, run_local, state
 from nl_jax.train.checkpoint import checkpoint_files
 from tests.train import tiny
+
+pytestmark = pytest.mark.e2e
 
 # tests/train/tiny.py's model with one layer, batches of 4 and evaluation at the end only.
 BASE = {k: v for k, v in tiny.OVERRIDES.items() if k != "optim.lr"}  # the grid sweeps the lr

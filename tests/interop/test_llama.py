@@ -125,6 +125,7 @@ def _convert(*args):
     )
 
 
+@pytest.mark.e2e
 def test_convert_imports_a_run_that_trains_and_exports_the_same_tensors(tmp_path):
     hf_model = _hf_model(**SHAPES["gqa_untied"])
     hf_model.save_pretrained(tmp_path / "hf")

@@ -13,6 +13,8 @@ from nl_jax.train import run
 from nl_jax.train.checkpoint import checkpoint_files
 from tests.train.tiny import ROOT, cli_args, pretrain_env, tiny_config
 
+pytestmark = pytest.mark.e2e
+
 SHORT = dict(train__steps=6, eval__every=3, checkpoint__every=3)
 
 

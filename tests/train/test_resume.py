@@ -13,6 +13,8 @@ from nl_jax.metrics import read_jsonl
 from nl_jax.train.checkpoint import checkpoint_files
 from tests.train.tiny import run_cli, start_cli
 
+pytestmark = pytest.mark.e2e
+
 # Long enough that the kills land mid-run; checkpoints every 10 steps, rows every 5, eval every 20.
 LONG = dict(train__steps=60, checkpoint__every=10, eval__every=20, train__log_every=5)
 TIMING = {"time", "tokens_per_s", "step_time_s", "eta_s", "mfu"}
