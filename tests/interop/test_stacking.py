@@ -83,6 +83,7 @@ def _pretrain(*args):
     )
 
 
+@pytest.mark.e2e
 def test_pretrain_continues_the_llama_training_only_the_levels(pretrained, tmp_path):
     directory = pretrained[0]
     wd = tmp_path / "run"
