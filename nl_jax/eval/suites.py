@@ -10,6 +10,10 @@
                the lengths against memory and what the model can decode before any prompt is built.
   continual    test-time memorization over the validation stream, and class-incremental
                classification when `<data_dir>/continual/{train,test}.jsonl` exist.
+  lm_eval      named lm-evaluation-harness tasks (`lm_eval:piqa,hellaswag`) through
+               `nl_jax.eval.harness`, with the task data read from the local Hugging Face datasets
+               cache only; a task the harness does not know, or whose data is not local, is a
+               `warning: skipped` line. Not part of "all" (it needs task names).
 
 Each returns its results dict; keys starting with "_" say what was skipped.
 """
@@ -34,6 +38,7 @@ from nl_jax.eval import multiple_choice as mc
 from nl_jax.eval import perplexity as ppl
 
 SUITES = ("lm", "commonsense", "niah", "continual")
+LM_EVAL = "lm_eval"  # named harness tasks: "lm_eval:task,task"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +63,8 @@ class SuiteOptions:
     ci_stages: int = 5
     ci_shots: int = 4
     ci_test_per_class: int = 20
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include: str = ""  # a directory of extra harness task YAMLs (lm_eval's include_path)
 
 
 def skip(suite: str, task: str, why: str) -> None:
@@ -258,4 +265,48 @@ def run_continual(runner, tokenizer, config, context_len: int, options: SuiteOpt
     else:
         out["_skipped_class_incremental"] = "no <data_dir>/continual/{train,test}.jsonl"
         skip("continual", "class_incremental", out["_skipped_class_incremental"])
+    return out
+
+
+def run_lm_eval(runner, tokenizer, context_len: int, options: SuiteOptions) -> dict:
+    """The named lm-evaluation-harness tasks, one at a time, each a results dict of its metrics
+    ("acc", "acc_norm", ...: floats). Task data is read from the local Hugging Face cache only
+    (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE default to 1 here: evaluation never downloads)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from nl_jax.eval import harness
+
+    lm = harness.make_lm(runner, tokenizer, max_len=context_len)  # ImportError says how to install it
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=options.lm_eval_include or None)
+    out, skipped = {}, {}
+    for task in options.lm_eval_tasks:
+        if task not in manager.all_tasks:
+            skipped[task] = "lm-evaluation-harness has no task of this name" + (
+                f" (nor {options.lm_eval_include})" if options.lm_eval_include else ""
+            )
+            skip(LM_EVAL, task, skipped[task])
+            continue
+        t0 = time.time()
+        try:
+            res = lm_eval.simple_evaluate(
+                model=lm, tasks=[task], task_manager=manager, limit=options.limit or None, log_samples=False
+            )
+        except Exception as e:  # the harness raises what `datasets` raises for data it cannot reach
+            first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            skipped[task] = f"its data is not in the local Hugging Face cache ({first})"
+            skip(LM_EVAL, task, skipped[task])
+            continue
+        for name, metrics in res["results"].items():  # a group task reports its subtasks too
+            out[name] = {
+                key.split(",")[0]: float(v)
+                for key, v in metrics.items()
+                if isinstance(v, (int, float)) and not key.startswith("sample_len")
+            }
+        out[task]["seconds"] = time.time() - t0
+        logging.info("lm_eval %s: %s", task, out[task])
+    if skipped:
+        out["_skipped"] = skipped
     return out

@@ -102,6 +102,8 @@ def evaluate_workdir(
             results["niah"] = suites.run_niah(runner, tokenizer, haystack, out_dir, options)
         elif suite == "continual":
             results["continual"] = suites.run_continual(runner, tokenizer, config, context_len, options)
+        elif suite == suites.LM_EVAL:
+            results[suites.LM_EVAL] = suites.run_lm_eval(runner, tokenizer, context_len, options)
         print(f"  {suite}: {time.time() - t0:.1f}s", flush=True)
     if not any(k for suite in suite_names for k in results[suite] if not k.startswith("_")):
         raise ValueError(
