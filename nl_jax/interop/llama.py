@@ -277,14 +277,9 @@ def write_weights(w: LlamaWeights, directory: str) -> str:
 # ---- nl_jax `transformer` parameters <-> LlamaWeights ----
 
 
-def transformer_params(w: LlamaWeights) -> dict:
-    """The pure parameter dict of nl_jax's `transformer` (`ModelFn.apply` takes it)."""
-    layers = {
-        "attn": {name: {"kernel": getattr(w, name)} for name in ("q", "k", "v", "o")},
-        "attn_norm": {"scale": w.attn_norm},
-        "mlp": {name: {"kernel": getattr(w, name)} for name in ("gate", "up", "down")},
-        "mlp_norm": {"scale": w.mlp_norm},
-    }
+def lm_params(w: LlamaWeights, layers: dict) -> dict:
+    """The pure parameter dict of an nl_jax language model: the Llama's embedding, final norm and
+    output around `layers`, the stacked per-layer parameters of the model's own blocks."""
     params = {
         "blocks": {"layers": layers},
         "embed": {"embedding": w.embed},
@@ -293,6 +288,17 @@ def transformer_params(w: LlamaWeights) -> dict:
     if w.unembed is not None:
         params["unembed"] = {"kernel": w.unembed}
     return params
+
+
+def transformer_params(w: LlamaWeights) -> dict:
+    """The pure parameter dict of nl_jax's `transformer` (`ModelFn.apply` takes it)."""
+    layers = {
+        "attn": {name: {"kernel": getattr(w, name)} for name in ("q", "k", "v", "o")},
+        "attn_norm": {"scale": w.attn_norm},
+        "mlp": {name: {"kernel": getattr(w, name)} for name in ("gate", "up", "down")},
+        "mlp_norm": {"scale": w.mlp_norm},
+    }
+    return lm_params(w, layers)
 
 
 def transformer_weights(params: dict) -> LlamaWeights:

@@ -58,14 +58,7 @@ def hope_attention_params(w: llama.LlamaWeights, levels: int, level_init: str = 
         "mixer_norm": {"scale": w.attn_norm},
         "cms": cms,
     }
-    params = {
-        "blocks": {"layers": layers},
-        "embed": {"embedding": w.embed},
-        "final_norm": {"scale": w.final_norm},
-    }
-    if w.unembed is not None:
-        params["unembed"] = {"kernel": w.unembed}
-    return params
+    return llama.lm_params(w, layers)
 
 
 def prepare_run(config, workdir: str):

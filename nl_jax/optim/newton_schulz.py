@@ -53,27 +53,36 @@ def newton_schulz(x: jax.Array, ns_steps=5, ns_coeffs: Coeffs = "quintic", eps=1
     if isinstance(ns_coeffs, str) and ns_coeffs == "anchored":
         return anchored_newton_schulz(x, ns_steps, ANCHORED_ZETA, eps)
     a, b, c = _coeffs(ns_coeffs)
-    dtype = x.dtype
-    x = x.astype(jnp.promote_types(dtype, jnp.float32))
-    transposed = x.shape[-2] > x.shape[-1]
-    if transposed:
-        x = jnp.swapaxes(x, -1, -2)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
-    x = x / (norm + eps)
 
     def step(_, x):
         gram = x @ jnp.swapaxes(x, -1, -2)
         poly = b * gram + c * gram @ gram
         return a * x + poly @ x
 
-    if isinstance(ns_steps, int):
-        for i in range(ns_steps):
-            x = step(i, x)
-    else:
-        x = jax.lax.fori_loop(0, ns_steps, step, x)
+    return _iterate_normalized(x, ns_steps, eps, lambda g: step)
+
+
+def _iterate_normalized(x: jax.Array, ns_steps, eps, make_step) -> jax.Array:
+    """Runs `make_step(g)` `ns_steps` times from g = x / (||x||_F + eps), in float32 (at least) and
+    in the wide orientation (rows <= columns, so the Gram matrices are the small ones); `ns_steps`
+    may be traced (a fori_loop) or a Python int (unrolled)."""
+    dtype = x.dtype
+    x = x.astype(jnp.promote_types(dtype, jnp.float32))
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = jnp.swapaxes(x, -1, -2)
-    return x.astype(dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+    g = x / (norm + eps)
+    step = make_step(g)
+    if isinstance(ns_steps, int):
+        o = g
+        for i in range(ns_steps):
+            o = step(i, o)
+    else:
+        o = jax.lax.fori_loop(0, ns_steps, step, g)
+    if transposed:
+        o = jnp.swapaxes(o, -1, -2)
+    return o.astype(dtype)
 
 
 def anchored_newton_schulz(x: jax.Array, ns_steps=5, zeta=ANCHORED_ZETA, eps=1e-7) -> jax.Array:
@@ -84,27 +93,15 @@ def anchored_newton_schulz(x: jax.Array, ns_steps=5, zeta=ANCHORED_ZETA, eps=1e-
     ``2 o^3 - o = s``; the step is a contraction there for ``zeta < 0.4`` (at ``o = 1`` the
     derivative is ``1 - 5 zeta``). ``ns_steps`` may be traced.
     """
-    dtype = x.dtype
-    x = x.astype(jnp.promote_types(dtype, jnp.float32))
-    transposed = x.shape[-2] > x.shape[-1]
-    if transposed:
-        x = jnp.swapaxes(x, -1, -2)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
-    g = x / (norm + eps)
 
-    def step(_, o):
-        cube = (o @ jnp.swapaxes(o, -1, -2)) @ o
-        return o - zeta * (o - g + 2.0 * (cube - o))
+    def make_step(g):
+        def step(_, o):
+            cube = (o @ jnp.swapaxes(o, -1, -2)) @ o
+            return o - zeta * (o - g + 2.0 * (cube - o))
 
-    if isinstance(ns_steps, int):
-        o = g
-        for i in range(ns_steps):
-            o = step(i, o)
-    else:
-        o = jax.lax.fori_loop(0, ns_steps, step, g)
-    if transposed:
-        o = jnp.swapaxes(o, -1, -2)
-    return o.astype(dtype)
+        return step
+
+    return _iterate_normalized(x, ns_steps, eps, make_step)
 
 
 def orthogonalize(
