@@ -61,7 +61,7 @@ def memory_config() -> ml_collections.ConfigDict:
             adaptive_q=False,  # q static by default (paper Eq. 83-85); True = adaptive q
             eta_max=0.1,  # eta = eta_max * sigmoid(.), in (0, 1] (eta_param="bounded" only)
             max_grad_norm=1.0,  # each token's inner gradient clipped to this norm (0: off, the paper's form)
-            normalize_values=True,  # l2-normalise v like q and k (False: raw v, the paper's form)
+            normalize_values=False,  # raw v, the paper's form (True: l2-normalise v like q and k)
             eta_param="bounded",  # bounded (eta_max * sigmoid) | paper (softplus, no cap; eta_max unused)
             # projected (each memory reads its own projection of x) | shared (one input for all, the
             # paper's Eq. 83-88)

@@ -42,9 +42,9 @@ def _chunked_equals_reference(layer, x, seed):
     return y
 
 
-def test_raw_values_change_the_output_and_keep_chunked_equal_to_the_reference():
+def test_normalised_values_change_the_output_and_keep_chunked_equal_to_the_reference():
     seed = fresh_seed()
-    base = _layer(seed, chunk_size=2, memory_chunk_size=8, read="per_token")
+    base = _layer(seed, chunk_size=2, memory_chunk_size=8, read="per_token", normalize_values=True)
     raw = _like(base, read="per_token", normalize_values=False)
     assert raw.normalize_values is False and base.normalize_values is True
     x = _x(seed, 16)
@@ -54,7 +54,8 @@ def test_raw_values_change_the_output_and_keep_chunked_equal_to_the_reference():
     assert float(jnp.abs(norms - 1).max()) > 1e-2, seed  # raw v is not unit
     assert rel_err(v_unit, v_raw / jnp.sqrt(norms[..., None] ** 2 + 1e-6)) < 1e-5, seed
     y_raw = _chunked_equals_reference(raw, x, seed)
-    assert rel_err(y_raw, _call(base, x)[0]) > 1e-4, seed
+    y_unit = _chunked_equals_reference(base, x, seed)
+    assert rel_err(y_raw, y_unit) > 1e-4, seed
 
 
 def test_eta_rate_forms():
@@ -149,7 +150,7 @@ def test_input_projections_count_what_the_layer_builds():
 
 def test_paper_literal_sets_all_four_and_wins_over_explicit_values():
     default = SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0))
-    assert (default.normalize_values, default.eta_param, default.max_grad_norm) == (True, "bounded", 1.0)
+    assert (default.normalize_values, default.eta_param, default.max_grad_norm) == (False, "bounded", 1.0)
     assert default.memory_inputs == "projected"
     assert default.spec.max_grad_norm == default.out_spec.max_grad_norm == 1.0
     conflicting = dict(
@@ -213,7 +214,7 @@ def test_hope_tiny_with_paper_literal_runs_forward_and_gradient():
         assert len(mixers) == 1
         layer = mixers[0]
         assert (layer.normalize_values, layer.eta_param, layer.max_grad_norm, layer.memory_inputs) == (
-            (False, "paper", 0.0, "shared") if flag else (True, "bounded", 1.0, "projected")
+            (False, "paper", 0.0, "shared") if flag else (False, "bounded", 1.0, "projected")
         )
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
         leaves = jax.tree.leaves(grads)
