@@ -55,11 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nl_jax.layers import Attention, Embed, RMSNorm, Unembed, to_dtype
+from nl_jax.layers import Attention, Embed, RMSNorm, Unembed, attention_dims, to_dtype
 from nl_jax.memory.cms import CMSSchedule, ContinuumMemory
 from nl_jax.models.registry import register
 from nl_jax.models.stack import Stack
-from nl_jax.models.transformer import attention_dims
 from nl_jax.parallel.rules import constrain, constrain_batch
 
 _RESIDUAL = ("batch", "length", "activation_embed")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.layers.attention import Attention, KVCache
+from nl_jax.layers.attention import Attention, KVCache, attention_dims
 from nl_jax.layers.embed import Embed
 from nl_jax.layers.linear import to_dtype
 from nl_jax.layers.mamba import Mamba, MambaState, mamba_flops_per_token
@@ -32,7 +32,6 @@ from nl_jax.layers.mlp import SwiGLU
 from nl_jax.layers.norms import RMSNorm
 from nl_jax.models.registry import register
 from nl_jax.models.stack import Stack
-from nl_jax.models.transformer import attention_dims
 from nl_jax.parallel.rules import constrain
 
 _RESIDUAL = ("batch", "length", "activation_embed")

@@ -44,6 +44,7 @@ from nl_jax.layers import (
     SwiGLU,
     Unembed,
     apply_rope,
+    attention_dims,
     attention_mask,
     dot_product_attention,
     logical_param,
@@ -53,7 +54,6 @@ from nl_jax.memory import ops
 from nl_jax.memory.titans import NeuralMemory, NeuralMemoryState
 from nl_jax.models.registry import register
 from nl_jax.models.stack import Stack
-from nl_jax.models.transformer import attention_dims
 from nl_jax.parallel.rules import constrain
 
 VARIANTS = ("lmm", "mac", "mag", "mal")

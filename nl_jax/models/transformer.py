@@ -9,26 +9,12 @@ scan_layers, remat_policy, init_std.
 import jax
 from flax import nnx
 
-from nl_jax.layers import Attention, Embed, RMSNorm, SwiGLU, Unembed, to_dtype
+from nl_jax.layers import Attention, Embed, RMSNorm, SwiGLU, Unembed, attention_dims, to_dtype
 from nl_jax.models.registry import register
 from nl_jax.models.stack import Stack
 from nl_jax.parallel.rules import constrain
 
 _RESIDUAL = ("batch", "length", "activation_embed")
-
-
-def attention_dims(cfg) -> tuple[int, int, int]:
-    """(num_heads, num_kv_heads, head_dim) with the 0 = default conventions resolved."""
-    heads = cfg.num_heads
-    kv = cfg.get("num_kv_heads", 0) or heads
-    head_dim = cfg.get("head_dim", 0)
-    if not head_dim:
-        if cfg.d_model % heads:
-            raise ValueError(
-                f"d_model={cfg.d_model} is not divisible by num_heads={heads}; set head_dim explicitly"
-            )
-        head_dim = cfg.d_model // heads
-    return heads, kv, head_dim
 
 
 class TransformerBlock(nnx.Module):
