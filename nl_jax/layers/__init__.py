@@ -4,7 +4,14 @@ Every parameter carries logical axis names (`out_sharding` metadata, e.g. ('embe
 `nl_jax.parallel.rules` maps to mesh axes; none of these modules needs a mesh to be built.
 """
 
-from nl_jax.layers.attention import Attention, KVCache, attention_mask, dot_product_attention, local_attention
+from nl_jax.layers.attention import (
+    Attention,
+    KVCache,
+    attention_dims,
+    attention_mask,
+    dot_product_attention,
+    local_attention,
+)
 from nl_jax.layers.conv import ShortConv
 from nl_jax.layers.embed import Embed, Unembed
 from nl_jax.layers.linear import Linear, logical_param, to_dtype
@@ -15,6 +22,7 @@ from nl_jax.layers.rotary import apply_rope
 __all__ = [
     "Attention",
     "KVCache",
+    "attention_dims",
     "dot_product_attention",
     "attention_mask",
     "local_attention",

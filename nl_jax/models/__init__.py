@@ -1,15 +1,21 @@
-"""Models: a registry by name, the scan-over-layers stack, Transformer++ and (later) HOPE et al."""
+"""Models: a registry by name, the language-model shell and its interface, the scan-over-layers stack,
+and the models built on them (Transformer++, HOPE, Titans, TTT, Samba, RetNet, (Gated) DeltaNet)."""
 
+from nl_jax.models.interface import CausalModel, StatefulModel
+from nl_jax.models.lm import CausalLM
 from nl_jax.models.registry import build_model, count_params, get_model_class, register, registered_models
 from nl_jax.models.stack import REMAT_POLICIES, Stack, get_remat_policy
 
 __all__ = [
     "build_model",
+    "CausalLM",
+    "CausalModel",
     "count_params",
     "get_model_class",
     "register",
     "registered_models",
     "REMAT_POLICIES",
     "Stack",
+    "StatefulModel",
     "get_remat_policy",
 ]

@@ -55,14 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nl_jax.layers import Attention, Embed, RMSNorm, Unembed, to_dtype
+from nl_jax.layers import Attention, RMSNorm, attention_dims, to_dtype
 from nl_jax.memory.cms import CMSSchedule, ContinuumMemory
+from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
-from nl_jax.models.stack import Stack
-from nl_jax.models.transformer import attention_dims
-from nl_jax.parallel.rules import constrain, constrain_batch
-
-_RESIDUAL = ("batch", "length", "activation_embed")
+from nl_jax.parallel.rules import constrain
 
 
 def _cms_kwargs(cfg) -> dict:
@@ -140,16 +137,16 @@ class HopeBlock(nnx.Module):
         if state is None:  # training forward of the static / local CMS: whole sequence at once
             a = self.mixer(u) if self.attention else self.mixer(u)[0]
             y, _ = self.cms(x + a)
-            return constrain(y, _RESIDUAL), None
+            return constrain(y, RESIDUAL), None
         mixer, cms = state
         a, mixer = self.mixer.extend(u, mixer) if self.attention else self.mixer(u, mixer, aligned=aligned)
         y, cms = self.cms(x + a, cms)
-        return constrain(y, _RESIDUAL), (mixer, cms)
+        return constrain(y, RESIDUAL), (mixer, cms)
 
 
-class _Hope(nnx.Module):
+class _Hope(CausalLM):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.vocab_size = cfg.vocab_size
+        super().__init__(cfg, lambda r: HopeBlock(cfg, rngs=r), rngs=rngs)
         self.signal = cfg.cms.signal
         self.schedule = CMSSchedule(tuple(int(p) for p in cfg.cms.periods), tuple(cfg.cms.inner_lr))
         self.segment = min(self.schedule.periods)
@@ -159,38 +156,8 @@ class _Hope(nnx.Module):
                 f"cms.checkpoint_segments must be >= 0 (0: automatic), got {self.checkpoint_segments}"
             )
         self.remat_policy = cfg.remat_policy
-        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        emb = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, **emb)
-        self.blocks = Stack(
-            lambda r: HopeBlock(cfg, rngs=r),
-            cfg.num_layers,
-            scan_layers=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            rngs=rngs,
-        )
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-        self.unembed = None if cfg.tie_embeddings else Unembed(cfg.d_model, cfg.vocab_size, **emb)
 
     # ---------------------------------------------------------------- pieces
-    def _logits(self, h):
-        h = self.final_norm(h)
-        return self.embed.attend(h) if self.unembed is None else self.unembed(h)
-
-    def _layer_states(self, batch_size: int, max_len: int | None):
-        """Every layer's initial state from its own parameters (meta-learned inits), stacked on L."""
-        graphdef, params, rest = nnx.split(self.blocks.layers, nnx.Param, ...)
-        states = jax.vmap(lambda p, r: nnx.merge(graphdef, p, r).init_state(batch_size, max_len))(
-            params, rest
-        )
-        return constrain_batch(states, axis=1)  # [L, B, ...]: each sequence's state with its tokens
-
-    def _run(self, tokens, states, aligned: bool = False):
-        """tokens [B, T] through the stack from `states` -> (logits, new states)."""
-        h = constrain(self.embed(tokens), _RESIDUAL)
-        h, states = self.blocks(h, states, aligned=aligned)
-        return self._logits(h), states
-
     @property
     def segments_aligned(self) -> bool:
         """Whether segments that start at multiples of the segment length stay on the mixer's chunk
@@ -306,9 +273,7 @@ class _Hope(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]; fast state reset per sequence."""
         if self.signal != "ntp":
-            h = constrain(self.embed(tokens), _RESIDUAL)
-            h, _ = self.blocks(h)
-            return self._logits(h)
+            return super().__call__(tokens)
         return self.forward_ntp(tokens)[0]
 
     def forward_ntp(self, tokens: jax.Array, states=None):
@@ -324,7 +289,7 @@ class _Hope(nnx.Module):
         tokens_p, targets, mask = jnp.pad(tokens, pad), jnp.pad(targets, pad), jnp.pad(mask, pad)
         k, aligned = 1, False
         if states is None:  # a fresh sequence: chunks start at multiples of k * S (checkpointing)
-            states = self._layer_states(b, n * s)
+            states = self.blocks.init_state(b, n * s)
             k, aligned = self.segments_per_checkpoint(n), self.segments_aligned
         to_segments = lambda a: jnp.moveaxis(a.reshape(b, n, s), 1, 0)  # noqa: E731
         xs = tuple(map(to_segments, (tokens_p, targets, mask)))
@@ -342,7 +307,7 @@ class _Hope(nnx.Module):
     def init_decode_state(self, batch_size: int, max_len: int | None = None):
         """Stacked per-layer states (plus, for the ntp signal, the segment buffer and the states at
         the segment's start). hope_attention needs max_len unless its attention is sliding-window."""
-        states = self._layer_states(batch_size, max_len)
+        states = super().init_decode_state(batch_size, max_len)
         if self.signal != "ntp":
             return states
         mixer, cms = states
@@ -357,8 +322,7 @@ class _Hope(nnx.Module):
     def decode_step(self, tokens: jax.Array, state):
         """tokens int32 [B] -> (logits float32 [B, V], new state); step by step == the forward."""
         if self.signal != "ntp":
-            logits, state = self._run(tokens[:, None], state)
-            return logits[:, 0], state
+            return super().decode_step(tokens, state)
         pos, buffer = state["pos"], state["buffer"]
         s = self.segment
         complete = jnp.logical_and(pos > 0, pos % s == 0)  # `tokens` is the last target of a full segment

@@ -34,27 +34,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.layers import (
-    Embed,
-    Linear,
-    RMSNorm,
-    ShortConv,
-    SwiGLU,
-    Unembed,
-    apply_rope,
-    logical_param,
-    to_dtype,
-)
+from nl_jax.layers import Linear, RMSNorm, ShortConv, SwiGLU, apply_rope, logical_param, to_dtype
 from nl_jax.memory import ops
 from nl_jax.memory.ops import presets
-from nl_jax.models.stack import Stack
+from nl_jax.models.lm import RESIDUAL, FormsLM
 from nl_jax.parallel.rules import constrain
 
 MECHANISMS = ("retention", "delta", "gated_delta")
 FORMS = ("chunked", "naive", "recurrent")
 QK_NORMS = ("l2", "none")
 
-_RESIDUAL = ("batch", "length", "activation_embed")
 _HEADS = ("batch", "length", "activation_heads", None)
 # Gate values that leave the state untouched: padded tokens of a chunked call use them, so the final
 # state is exact whatever the length.
@@ -303,14 +292,15 @@ class LinearBlock(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, **kw)
 
-    def init_state(self, batch_size: int) -> MixerState:
+    def init_state(self, batch_size: int, max_len: int | None = None) -> MixerState:
+        del max_len  # constant size
         return self.attn.init_state(batch_size)
 
     def __call__(self, x, state=None, form: str = "chunked"):
         a, state = self.attn(self.attn_norm(x), state, form=form)
         h = x + a
         y = h + self.mlp(self.mlp_norm(h))
-        return constrain(y, _RESIDUAL), state
+        return constrain(y, RESIDUAL), state
 
 
 def memory_flops_per_token(s: MixerSettings, seq_len: int) -> float:
@@ -331,57 +321,15 @@ def memory_flops_per_token(s: MixerSettings, seq_len: int) -> float:
     return s.num_heads * per_chunk / c
 
 
-class LinearLM(nnx.Module):
-    """Embedding, `num_layers` LinearBlocks (Stack: scan_layers, remat_policy), final norm, logits.
-
-    Subclasses set MECHANISM and register themselves.
-    """
+class LinearLM(FormsLM):
+    """The shell around `num_layers` LinearBlocks. Subclasses set MECHANISM and register themselves."""
 
     MECHANISM = "retention"
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.vocab_size = cfg.vocab_size
-        self.settings = mixer_settings(cfg, self.MECHANISM)
-        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        kw = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, **kw)
-        settings = self.settings
-        self.blocks = Stack(
-            lambda r: LinearBlock(cfg, settings, rngs=r),
-            cfg.num_layers,
-            scan_layers=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            rngs=rngs,
-        )
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-        self.unembed = None if cfg.tie_embeddings else Unembed(cfg.d_model, cfg.vocab_size, **kw)
-
-    def _logits(self, h):
-        h = self.final_norm(h)
-        return self.embed.attend(h) if self.unembed is None else self.unembed(h)
-
-    def __call__(self, tokens: jax.Array, form: str = "chunked") -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]. `form` picks the memory form
-        (`chunked` for training, `naive` / `recurrent` as references)."""
-        h = constrain(self.embed(tokens), _RESIDUAL)
-        h, _ = self.blocks(h, form=form)
-        return self._logits(h)
-
-    def init_decode_state(self, batch_size: int, max_len: int | None = None):
-        """Stacked per-layer MixerStates (constant size: max_len is accepted and ignored)."""
-        del max_len
-        return self.blocks.init_state(batch_size)
-
-    def prefill(self, tokens: jax.Array, state, form: str = "chunked"):
-        """Continue from `state` over tokens [B, T]: (logits [B, T, V], new state)."""
-        h = constrain(self.embed(tokens), _RESIDUAL)
-        h, state = self.blocks(h, state, form=form)
-        return self._logits(h), state
-
-    def decode_step(self, tokens: jax.Array, state):
-        """tokens int32 [B] -> (logits float32 [B, V], new state)."""
-        logits, state = self.prefill(tokens[:, None], state, form="recurrent")
-        return logits[:, 0], state
+        settings = mixer_settings(cfg, self.MECHANISM)
+        super().__init__(cfg, lambda r: LinearBlock(cfg, settings, rngs=r), rngs=rngs)
+        self.settings = settings
 
     @classmethod
     def forward_flops_per_token(cls, model_cfg, seq_len: int) -> float:

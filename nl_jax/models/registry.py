@@ -1,19 +1,19 @@
 """Model registry: `model_cfg.name` -> model class, plus parameter counting without allocation.
 
-Shared model interface (every registered model):
+Every registered model is built on the language-model shell (`nl_jax.models.lm.CausalLM`) and meets
+the protocols of `nl_jax.models.interface`:
 
     model = build_model(model_cfg, nnx.Rngs(seed))
-    logits = model(tokens)          # tokens int32 [B, T] -> logits float32 [B, T, V]; causal
+    logits = model(tokens)                               # int32 [B, T] -> float32 [B, T, V]; causal
+    state = model.init_decode_state(batch_size, max_len) # max_len sizes attention caches
+    logits, state = model.decode_step(tokens, state)     # int32 [B] -> float32 [B, V]
 
-Models that decode (recurrent ones, and attention with a KV cache) also provide:
-
-    state = model.init_decode_state(batch_size)          # attention models also take max_len
-    logits, state = model.decode_step(tokens, state)     # tokens int32 [B] -> float32 [B, V]
-
-so that feeding a sequence token by token through decode_step gives the same logits as the
-full forward. A model class is registered with `@register("name")` and is constructed as
-`cls(model_cfg, rngs=rngs)`. Every module of the `nl_jax.models` package is imported on the first
-lookup, so a new model file registers itself by existing.
+so that feeding a sequence token by token through decode_step gives the same logits as the full
+forward. Models with a multi-token stateful path (`StatefulModel`) also offer
+`forward_with_state(tokens [B, T], state) -> (logits [B, T, V], state)`, equal to T decode steps.
+A model class is registered with `@register("name")` and is constructed as `cls(model_cfg,
+rngs=rngs)`. Every module of the `nl_jax.models` package is imported on the first lookup, so a new
+model file registers itself by existing.
 
 A model class may also provide `forward_flops_per_token(model_cfg, seq_len) -> float`, the analytic
 forward FLOPs per token including inner (fast-weight) loops, which the trainer uses for MFU.

@@ -24,18 +24,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.layers.attention import Attention, KVCache
-from nl_jax.layers.embed import Embed
+from nl_jax.layers.attention import Attention, KVCache, attention_dims
 from nl_jax.layers.linear import to_dtype
 from nl_jax.layers.mamba import Mamba, MambaState, mamba_flops_per_token
 from nl_jax.layers.mlp import SwiGLU
 from nl_jax.layers.norms import RMSNorm
+from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
-from nl_jax.models.stack import Stack
-from nl_jax.models.transformer import attention_dims
 from nl_jax.parallel.rules import constrain
-
-_RESIDUAL = ("batch", "length", "activation_embed")
 
 
 def _groups(cfg) -> int:
@@ -103,49 +99,18 @@ class SambaGroup(nnx.Module):
             h = h + a
             state = SambaState(mamba_state, cache)
         y = h + self.mlp2(self.mlp2_norm(h))
-        return constrain(y, _RESIDUAL), state
+        return constrain(y, RESIDUAL), state
 
 
 @register("samba")
-class Samba(nnx.Module):
+class Samba(CausalLM):
+    """The shell around num_layers / 2 SambaGroups. Decoding carries, per group, a zero-initialised
+    Mamba conv/SSM state and a KV cache of the window (or of max_len if shorter)."""
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        self.embed = Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            init_std=cfg.init_std,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.blocks = Stack(
-            lambda r: SambaGroup(cfg, rngs=r),
-            _groups(cfg),
-            scan_layers=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            rngs=rngs,
-        )
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-
-    def _logits(self, h):
-        return self.embed.attend(self.final_norm(h))  # tied embeddings, as microsoft/Samba
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]."""
-        h = constrain(self.embed(tokens), _RESIDUAL)
-        h, _ = self.blocks(h)
-        return self._logits(h)
-
-    def init_decode_state(self, batch_size: int, max_len: int | None = None):
-        """Per group: zero Mamba conv/SSM state and an empty KV cache (the window, or max_len if
-        shorter)."""
-        return self.blocks.init_state(batch_size, max_len)
-
-    def decode_step(self, tokens: jax.Array, state):
-        """tokens int32 [B] -> (logits float32 [B, V], new state)."""
-        h = self.embed(tokens[:, None])
-        h, state = self.blocks(h, state)
-        return self._logits(h)[:, 0], state
+        # tied embeddings, as microsoft/Samba
+        block = lambda r: SambaGroup(cfg, rngs=r)  # noqa: E731
+        super().__init__(cfg, block, num_layers=_groups(cfg), tie_embeddings=True, rngs=rngs)
 
     @staticmethod
     def forward_flops_per_token(cfg, seq_len: int) -> float:

@@ -6,7 +6,8 @@ Block interface (what a block class must provide):
         state is None for a training forward (return None); otherwise it is this layer's
         recurrent / decode state (a KV cache, a memory's fast weights, conv tails ...).
         x may be any pytree (the scan carry) as long as y has the same structure.
-    block.init_state(*args) -> state            (only for models that decode)
+    block.init_state(batch_size, max_len=None) -> state    (only for models that decode; max_len
+        sizes attention caches, recurrent blocks ignore it)
 
 Parameters are created once, stacked along a leading 'layers' axis (nnx.split_rngs + nnx.vmap,
 the axis name inserted into each Param's logical names), and the same stacked layout is used
@@ -24,6 +25,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from nl_jax.parallel.rules import constrain_batch
 
 _POLICIES = {
     "none": None,  # no rematerialisation: keep every activation for the backward pass
@@ -67,17 +70,20 @@ class Stack(nnx.Module):
         self.layers = make(rngs)
 
     def _slice(self, i: int):
+        """Layer i as a module of its own (to inspect one layer)."""
         graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
-        take = lambda a: a[i]
+        take = lambda a: a[i]  # noqa: E731
         return nnx.merge(graphdef, jax.tree.map(take, params), jax.tree.map(take, rest))
 
     def init_state(self, *args, **kwargs):
-        """Per-layer states from block.init_state(*args), stacked along a leading axis L.
+        """Per-layer states from block.init_state(*args, **kwargs), stacked along a leading axis L.
 
-        Each layer builds its own: a state may start from that layer's parameters (a memory's
-        meta-learned initial weights)."""
-        states = [self._slice(i).init_state(*args, **kwargs) for i in range(self.num_layers)]
-        return jax.tree.map(lambda *a: jnp.stack(a), *states)
+        Each layer builds its own (vmap over the stacked parameters): a state may start from that
+        layer's parameters (a memory's meta-learned initial weights). The states are laid out with
+        the batch (axis 1), not like the parameters they may be broadcast from."""
+        graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
+        one = lambda p, r: nnx.merge(graphdef, p, r).init_state(*args, **kwargs)  # noqa: E731
+        return constrain_batch(jax.vmap(one)(params, rest), axis=1)
 
     def __call__(self, x: jax.Array, states=None, **kwargs):
         """Applies the L blocks in order; kwargs are passed to every block (static values only).

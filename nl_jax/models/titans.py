@@ -37,13 +37,12 @@ from flax import nnx
 
 from nl_jax.layers import (
     Attention,
-    Embed,
     KVCache,
     Linear,
     RMSNorm,
     SwiGLU,
-    Unembed,
     apply_rope,
+    attention_dims,
     attention_mask,
     dot_product_attention,
     logical_param,
@@ -51,13 +50,11 @@ from nl_jax.layers import (
 )
 from nl_jax.memory import ops
 from nl_jax.memory.titans import NeuralMemory, NeuralMemoryState
+from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
-from nl_jax.models.stack import Stack
-from nl_jax.models.transformer import attention_dims
 from nl_jax.parallel.rules import constrain
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
-_RESIDUAL = ("batch", "length", "activation_embed")
 
 
 def check_variant(cfg) -> str:
@@ -234,7 +231,7 @@ class _MLPOut(nnx.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, **_kw(cfg, rngs))
 
     def __call__(self, h):
-        return constrain(h + self.mlp(self.mlp_norm(h)), _RESIDUAL)
+        return constrain(h + self.mlp(self.mlp_norm(h)), RESIDUAL)
 
 
 class _Gate(nnx.Module):
@@ -376,48 +373,14 @@ _BLOCKS = {"lmm": LMMBlock, "mac": MACBlock, "mag": MAGBlock, "mal": MALBlock}
 
 
 @register("titans")
-class Titans(nnx.Module):
-    """Titans LMM / MAC / MAG / MAL language model (`model.titans.variant`)."""
+class Titans(CausalLM):
+    """Titans LMM / MAC / MAG / MAL language model (`model.titans.variant`). Decoding MAG / MAL with
+    full attention (sliding_window=0) needs max_len; each layer's memory starts from its own
+    meta-learned initial weights."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         block = _BLOCKS[check_variant(cfg)]
-        self.vocab_size = cfg.vocab_size
-        kw = _kw(cfg, rngs)
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, **kw)
-        self.blocks = Stack(
-            lambda r: block(cfg, rngs=r),
-            cfg.num_layers,
-            scan_layers=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            rngs=rngs,
-        )
-        self.final_norm = _norm(cfg)
-        self.unembed = None if cfg.tie_embeddings else Unembed(cfg.d_model, cfg.vocab_size, **kw)
-
-    def _logits(self, h):
-        h = self.final_norm(h)
-        return self.embed.attend(h) if self.unembed is None else self.unembed(h)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]."""
-        h = constrain(self.embed(tokens), _RESIDUAL)
-        h, _ = self.blocks(h)
-        return self._logits(h)
-
-    def init_decode_state(self, batch_size: int, max_len: int | None = None):
-        """Stacked per-layer states; MAG / MAL with full attention (sliding_window=0) need max_len.
-
-        Built layer by layer (vmap over the stacked parameters): each layer's memory starts from its
-        own meta-learned initial weights.
-        """
-        graphdef, params, rest = nnx.split(self.blocks.layers, nnx.Param, ...)
-        one = lambda p, r: nnx.merge(graphdef, p, r).init_state(batch_size, max_len)  # noqa: E731
-        return jax.vmap(one)(params, rest)
-
-    def decode_step(self, tokens: jax.Array, state):
-        """tokens int32 [B] -> (logits float32 [B, V], new state)."""
-        h, state = self.blocks(self.embed(tokens[:, None]), state)
-        return self._logits(h)[:, 0], state
+        super().__init__(cfg, lambda r: block(cfg, rngs=r), rngs=rngs)
 
     @staticmethod
     def forward_flops_per_token(cfg, seq_len: int) -> float:

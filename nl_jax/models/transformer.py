@@ -6,29 +6,12 @@ rope_theta, sliding_window (0: full attention), tie_embeddings, norm_eps, dtype,
 scan_layers, remat_policy, init_std.
 """
 
-import jax
 from flax import nnx
 
-from nl_jax.layers import Attention, Embed, RMSNorm, SwiGLU, Unembed, to_dtype
+from nl_jax.layers import Attention, RMSNorm, SwiGLU, attention_dims, to_dtype
+from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
-from nl_jax.models.stack import Stack
 from nl_jax.parallel.rules import constrain
-
-_RESIDUAL = ("batch", "length", "activation_embed")
-
-
-def attention_dims(cfg) -> tuple[int, int, int]:
-    """(num_heads, num_kv_heads, head_dim) with the 0 = default conventions resolved."""
-    heads = cfg.num_heads
-    kv = cfg.get("num_kv_heads", 0) or heads
-    head_dim = cfg.get("head_dim", 0)
-    if not head_dim:
-        if cfg.d_model % heads:
-            raise ValueError(
-                f"d_model={cfg.d_model} is not divisible by num_heads={heads}; set head_dim explicitly"
-            )
-        head_dim = cfg.d_model // heads
-    return heads, kv, head_dim
 
 
 class TransformerBlock(nnx.Module):
@@ -62,59 +45,10 @@ class TransformerBlock(nnx.Module):
             a, state = self.attn.decode(self.attn_norm(x), state)
             h = x + a
         y = h + self.mlp(self.mlp_norm(h))
-        return constrain(y, _RESIDUAL), state
+        return constrain(y, RESIDUAL), state
 
 
 @register("transformer")
-class Transformer(nnx.Module):
+class Transformer(CausalLM):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.vocab_size = cfg.vocab_size
-        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        self.embed = Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            init_std=cfg.init_std,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.blocks = Stack(
-            lambda r: TransformerBlock(cfg, rngs=r),
-            cfg.num_layers,
-            scan_layers=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            rngs=rngs,
-        )
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-        self.unembed = (
-            None
-            if cfg.tie_embeddings
-            else Unembed(
-                cfg.d_model,
-                cfg.vocab_size,
-                init_std=cfg.init_std,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
-        )
-
-    def _logits(self, h):
-        h = self.final_norm(h)
-        return self.embed.attend(h) if self.unembed is None else self.unembed(h)
-
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]."""
-        h = constrain(self.embed(tokens), _RESIDUAL)
-        h, _ = self.blocks(h)
-        return self._logits(h)
-
-    def init_decode_state(self, batch_size: int, max_len: int | None = None):
-        """Stacked per-layer KV caches; max_len is required unless attention is sliding-window."""
-        return self.blocks.init_state(batch_size, max_len)
-
-    def decode_step(self, tokens: jax.Array, state):
-        """tokens int32 [B] -> (logits float32 [B, V], new state)."""
-        h = self.embed(tokens[:, None])
-        h, state = self.blocks(h, state)
-        return self._logits(h)[:, 0], state
+        super().__init__(cfg, lambda r: TransformerBlock(cfg, rngs=r), rngs=rngs)

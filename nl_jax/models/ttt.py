@@ -57,18 +57,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nl_jax.layers.conv import ShortConv
-from nl_jax.layers.embed import Embed
 from nl_jax.layers.linear import Linear, logical_param, to_dtype
 from nl_jax.layers.mlp import SwiGLU
 from nl_jax.layers.norms import RMSNorm
 from nl_jax.layers.rotary import apply_rope
 from nl_jax.memory import ops
 from nl_jax.memory.ops import presets
+from nl_jax.models.lm import RESIDUAL, FormsLM
 from nl_jax.models.registry import register
-from nl_jax.models.stack import Stack
 from nl_jax.parallel.rules import constrain
 
-_RESIDUAL = ("batch", "length", "activation_embed")
 TTT_LAYERS = ("linear", "mlp")
 FORMS = ("chunked", "naive", "recurrent")
 
@@ -271,7 +269,8 @@ class TTTBlock(nnx.Module):
             rngs=rngs,
         )
 
-    def init_state(self, batch_size: int) -> TTTBlockState:
+    def init_state(self, batch_size: int, max_len: int | None = None) -> TTTBlockState:
+        del max_len  # constant size
         return TTTBlockState(self.conv.init_state(batch_size), self.ttt.init_state(batch_size))
 
     def __call__(self, x, state: TTTBlockState | None = None, form: str = "chunked"):
@@ -280,60 +279,18 @@ class TTTBlock(nnx.Module):
         a, inner = self.ttt(self.ttt_norm(h), None if state is None else state.ttt, form=form)
         h = h + a
         y = h + self.mlp(self.mlp_norm(h))
-        return constrain(y, _RESIDUAL), (None if state is None else TTTBlockState(pre, inner))
+        return constrain(y, RESIDUAL), (None if state is None else TTTBlockState(pre, inner))
 
 
 @register("ttt")
-class TTT(nnx.Module):
+class TTT(FormsLM):
+    """The shell around `num_layers` TTTBlocks. The chunked form of the training forward needs T a
+    multiple of mini_batch_size; `forward_with_state` takes any T from any position (the dual form
+    through `ops.memory_stream`)."""
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        self.embed = Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            init_std=cfg.init_std,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-        )
-        self.blocks = Stack(
-            lambda r: TTTBlock(cfg, rngs=r),
-            cfg.num_layers,
-            scan_layers=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            rngs=rngs,
-        )
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
-
-    def __call__(self, tokens: jax.Array, *, form: str = "chunked") -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, V]. `form="naive"` runs the token-by-token
-        reference of the inner loop (for tests); T must be a multiple of mini_batch_size."""
-        h = constrain(self.embed(tokens), _RESIDUAL)
-        h, _ = self.blocks(h, form=form)
-        return self.embed.attend(self.final_norm(h))  # tied embeddings, as in ttt-lm-jax
-
-    def init_decode_state(self, batch_size: int, max_len: int | None = None):
-        """Stacked per-layer states (conv tails, fast weights); constant size, max_len is unused."""
-        del max_len
-        # Per layer, not Stack.init_state: the initial fast weights are each layer's own Params.
-        graphdef, params, rest = nnx.split(self.blocks.layers, nnx.Param, ...)
-        return jax.vmap(lambda p, r: nnx.merge(graphdef, p, r).init_state(batch_size))(params, rest)
-
-    def prefill(self, tokens: jax.Array, state, form: str = "chunked"):
-        """Continue from `state` over tokens [B, T], any T from any position: (logits [B, T, V], state).
-        `chunked` runs the dual form (`ops.memory_stream`), `recurrent` / `naive` the references."""
-        h = constrain(self.embed(tokens), _RESIDUAL)
-        h, state = self.blocks(h, state, form=form)
-        return self.embed.attend(self.final_norm(h)), state
-
-    def forward_with_state(self, tokens: jax.Array, state):
-        """The multi-token stateful path of the evaluation runner (nl_jax.eval.runner)."""
-        return self.prefill(tokens, state)
-
-    def decode_step(self, tokens: jax.Array, state):
-        """tokens int32 [B] -> (logits float32 [B, V], new state)."""
-        logits, state = self.prefill(tokens[:, None], state, form="recurrent")
-        return logits[:, 0], state
+        # tied embeddings, as in ttt-lm-jax
+        super().__init__(cfg, lambda r: TTTBlock(cfg, rngs=r), tie_embeddings=True, rngs=rngs)
 
     @staticmethod
     def forward_flops_per_token(cfg, seq_len: int) -> float:

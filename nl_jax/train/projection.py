@@ -209,7 +209,7 @@ def _param_train(kind, m, k, n, runs_fwd, runs_bwd, *, in_scan, extra_dx=0.0):
 def transformer_workload(config, slice_: Slice) -> Workload:
     """Transformer++ (attention + SwiGLU): the layer scan once per microbatch, rows = tokens per
     device per microbatch."""
-    from nl_jax.models.transformer import attention_dims  # noqa: PLC0415 (models import jax)
+    from nl_jax.layers.attention import attention_dims  # noqa: PLC0415 (layers import jax)
 
     cfg, s = config.model, _step(config, slice_)
     heads, kv, hd = attention_dims(cfg)
@@ -235,7 +235,7 @@ def transformer_workload(config, slice_: Slice) -> Workload:
 
 
 def _transformer_params(cfg) -> float:
-    from nl_jax.models.transformer import attention_dims  # noqa: PLC0415
+    from nl_jax.layers.attention import attention_dims  # noqa: PLC0415
 
     heads, kv, hd = attention_dims(cfg)
     d = cfg.d_model
@@ -422,7 +422,7 @@ def _hope_fwd(cfg, s: _Step, segment: int) -> list:
     )
     ops = []
     if cfg.name == "hope_attention":
-        from nl_jax.models.transformer import attention_dims  # noqa: PLC0415
+        from nl_jax.layers.attention import attention_dims  # noqa: PLC0415
 
         heads, kv, hd = attention_dims(cfg)
         ops += [
@@ -497,7 +497,7 @@ def _hope_state_bytes(cfg, s: _Step, segment: int, segments: int, checkpoint: in
     accumulators = cms * (3 if cfg.cms.variant == "nested" else 1)
     per_token = _F32 * cfg.vocab_size / t / layers  # the segment's softmax, spread over the layers
     if cfg.name == "hope_attention":
-        from nl_jax.models.transformer import attention_dims  # noqa: PLC0415
+        from nl_jax.layers.attention import attention_dims  # noqa: PLC0415
 
         heads, kv, hd = attention_dims(cfg)
         mixer = 2 * s.seq_len * kv * hd * _BF16 / t
@@ -571,7 +571,7 @@ def _hope_params(cfg) -> float:
     d = cfg.d_model
     cms = sum(3 * d * h for h in cfg.cms.hidden)
     if cfg.name == "hope_attention":
-        from nl_jax.models.transformer import attention_dims  # noqa: PLC0415
+        from nl_jax.layers.attention import attention_dims  # noqa: PLC0415
 
         heads, kv, hd = attention_dims(cfg)
         mixer = d * hd * (2 * heads + 2 * kv)

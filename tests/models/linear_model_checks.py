@@ -47,7 +47,7 @@ class Bench:
             return optax.softmax_cross_entropy_with_integer_labels(logits, self.targets).mean()
 
         self.loss_and_grad = jit(jax.value_and_grad(loss), static_argnames="form")
-        self.prefill = jit(lambda t, s: self.model.prefill(t, s))
+        self.prefill = jit(lambda t, s: self.model.forward_with_state(t, s))
         self.step = jit(lambda t, s: self.model.decode_step(t, s))
 
 

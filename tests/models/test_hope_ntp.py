@@ -71,7 +71,7 @@ def _ce(logits, tokens):
 def brute_force(model, tokens):
     """Segment weights W_p and final weights from explicit gradients of the next-token loss."""
     s, n = model.segment, T // model.segment
-    w = ContinuumMemory.fast_weights(model._layer_states(tokens.shape[0], T)[1])  # per level, [L, B, ...]
+    w = ContinuumMemory.fast_weights(model.blocks.init_state(tokens.shape[0], T)[1])  # per level, [L, B, ...]
 
     @jax.jit
     def grad_p(stacked, p):
@@ -146,7 +146,7 @@ def test_ntp_signal_equals_the_brute_force_reference(name):
 
     def loss_ref(p):
         m = nnx.merge(graphdef, p, copy=True)
-        w0 = ContinuumMemory.fast_weights(m._layer_states(tokens.shape[0], T)[1])
+        w0 = ContinuumMemory.fast_weights(m.blocks.init_state(tokens.shape[0], T)[1])
         sw = jax.tree.map(lambda a, d: a[None] + d, w0, deltas)
         return _ce(reference_logits(m, tokens, sw), tokens).mean()
 

@@ -38,7 +38,9 @@ class Bench:
 
         self.loss_and_grad = checks.jit(jax.value_and_grad(loss), static_argnames="form")
         self.forward = checks.jit(lambda t: self.model(t))
-        self.prefill = checks.jit(lambda t, s, form: self.model.prefill(t, s, form), static_argnames="form")
+        self.prefill = checks.jit(
+            lambda t, s, form: self.model.forward_with_state(t, s, form), static_argnames="form"
+        )
         self.step = checks.jit(lambda t, s: self.model.decode_step(t, s))
 
 
