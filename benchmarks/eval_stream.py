@@ -21,6 +21,7 @@ from flax import nnx  # noqa: E402
 from experiments import configs  # noqa: E402
 from nl_jax.eval.runner import ModelRunner  # noqa: E402
 from nl_jax.models import build_model  # noqa: E402
+from nl_jax.models.interface import StatefulModel  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "hope_tiny", "a config name whose model has forward_with_state")
@@ -33,7 +34,7 @@ def main(argv):
     del argv
     cfg = configs.load(FLAGS.config).model
     model = build_model(cfg, nnx.Rngs(0))
-    if not hasattr(model, "forward_with_state"):
+    if not isinstance(model, StatefulModel):
         raise app.UsageError(f"{cfg.name} has no forward_with_state: nothing to compare")
     tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (FLAGS.batch, FLAGS.length), np.int32)
     runners = {}

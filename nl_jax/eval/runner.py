@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nl_jax.models.interface import CausalModel, StatefulModel
 from nl_jax.parallel.rules import state_shardings
 
 BATCH_AXES = ("data", "fsdp")
@@ -70,8 +71,8 @@ class ModelRunner:
         if mesh is not None:
             state = jax.device_put(state, state_shardings(state, mesh))
         self.state = state
-        self.can_decode = hasattr(model, "decode_step") and hasattr(model, "init_decode_state")
-        self.has_stateful_forward = hasattr(model, "forward_with_state")
+        self.can_decode = isinstance(model, CausalModel)
+        self.has_stateful_forward = isinstance(model, StatefulModel)
         self._takes_max_len = self.can_decode and _accepts_max_len(model.init_decode_state)
         self._batch_axes_cache: dict = {}
         # Scores come back replicated, so every host can read them (multi-host meshes).
