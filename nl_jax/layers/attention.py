@@ -16,18 +16,22 @@ from nl_jax.layers.linear import Linear, to_dtype
 from nl_jax.layers.rotary import apply_rope
 
 
+def head_dim_of(cfg) -> int:
+    """A model config's per-head width: `head_dim`, or d_model // num_heads when it is 0."""
+    head_dim = cfg.get("head_dim", 0)
+    if not head_dim:
+        if cfg.d_model % cfg.num_heads:
+            raise ValueError(
+                f"d_model={cfg.d_model} is not divisible by num_heads={cfg.num_heads}; set head_dim explicitly"
+            )
+        head_dim = cfg.d_model // cfg.num_heads
+    return head_dim
+
+
 def attention_dims(cfg) -> tuple[int, int, int]:
     """(num_heads, num_kv_heads, head_dim) of a model config, with the 0 = default conventions resolved."""
     heads = cfg.num_heads
-    kv = cfg.get("num_kv_heads", 0) or heads
-    head_dim = cfg.get("head_dim", 0)
-    if not head_dim:
-        if cfg.d_model % heads:
-            raise ValueError(
-                f"d_model={cfg.d_model} is not divisible by num_heads={heads}; set head_dim explicitly"
-            )
-        head_dim = cfg.d_model // heads
-    return heads, kv, head_dim
+    return heads, cfg.get("num_kv_heads", 0) or heads, head_dim_of(cfg)
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int = 0) -> jax.Array:

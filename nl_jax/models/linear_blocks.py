@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nl_jax.layers import Linear, RMSNorm, ShortConv, SwiGLU, apply_rope, logical_param, to_dtype
+from nl_jax.layers.attention import head_dim_of
 from nl_jax.memory import ops
 from nl_jax.memory.ops import presets
 from nl_jax.models.lm import RESIDUAL, FormsLM
@@ -79,13 +80,7 @@ class MixerSettings:
 def mixer_settings(cfg, mechanism: str) -> MixerSettings:
     """MixerSettings from a `model` config section, with the 0 = default conventions resolved."""
     heads = cfg.num_heads
-    head_dim = cfg.get("head_dim", 0)
-    if not head_dim:
-        if cfg.d_model % heads:
-            raise ValueError(
-                f"d_model={cfg.d_model} is not divisible by num_heads={heads}; set head_dim explicitly"
-            )
-        head_dim = cfg.d_model // heads
+    head_dim = head_dim_of(cfg)
     value_dim = head_dim * cfg.expand_v
     if value_dim != int(value_dim):
         raise ValueError(f"head_dim * expand_v must be an integer, got {head_dim} * {cfg.expand_v}")
