@@ -52,7 +52,8 @@ def restore_model(workdir: str, config, mesh=None, step: int | None = None) -> t
     """(model with the checkpoint's parameters, step) from the newest (or the given) checkpoint in
     `workdir`; parameters are sharded over `mesh` (default: the config's mesh on all devices)."""
     import orbax.checkpoint as ocp
-    from etils import epath
+
+    from nl_jax.train.checkpoint import checkpoints_dir
 
     steps = checkpoint_steps(workdir)
     if not steps:
@@ -75,7 +76,7 @@ def restore_model(workdir: str, config, mesh=None, step: int | None = None) -> t
     )
     item = {"params": target}
     manager = ocp.CheckpointManager(
-        epath.Path(workdir) / "checkpoints",
+        checkpoints_dir(workdir),
         item_names=("state", "data", "meta"),
         options=ocp.CheckpointManagerOptions(create=False, read_only=True),
     )

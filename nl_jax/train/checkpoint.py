@@ -192,6 +192,12 @@ def checkpoint_files(workdir: str) -> list[str]:
     return sorted((n for n in os.listdir(d) if n.isdigit()), key=int)
 
 
+def checkpoints_dir(workdir: str):
+    """`<workdir>/checkpoints` as orbax needs it: absolute (a relative local workdir is resolved
+    against the current directory; gs:// and other URLs are kept as they are)."""
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir)) / "checkpoints"
+
+
 def _restore_params(manager, step: int, abstract_params):
     """The `state.params` of checkpoint `step` alone (orbax partial restore), laid out as the
     shardings of `abstract_params` (ShapeDtypeStructs) say."""
@@ -218,7 +224,7 @@ def restore_params(workdir: str, model_cfg, mesh, step: int | None = None):
         model.abstract_params(),
         model.param_shardings(mesh),
     )
-    manager = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=ITEMS)
+    manager = ocp.CheckpointManager(checkpoints_dir(workdir), item_names=ITEMS)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ValueError(f"no checkpoint in {workdir}/checkpoints")

@@ -71,6 +71,18 @@ def test_restore_onto_an_eight_device_mesh(tmp_path):
     )
 
 
+def test_restore_from_a_relative_workdir(tmp_path, monkeypatch):
+    """A workdir given relative to the current directory (as `--workdir=runs/NAME` is) restores:
+    orbax itself accepts only absolute paths."""
+    config = _config(tmp_path)
+    workdir, model = _write_run(tmp_path, config)
+    monkeypatch.chdir(tmp_path)
+    restored, step = restore.restore_model(os.path.relpath(workdir), config)
+    assert step == 3
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 259, size=(1, 8)), jnp.int32)
+    np.testing.assert_allclose(restored(tokens), model(tokens), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.e2e
 def test_evaluate_command_end_to_end(tmp_path):
     config = _config(tmp_path)
