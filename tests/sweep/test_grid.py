@@ -4,6 +4,7 @@ import pytest
 from absl import flags
 
 from experiments import configs
+from nl_jax.optim.factory import OPTIMIZERS
 from nl_jax.sweep import grid, make_plan, named
 
 
@@ -114,7 +115,8 @@ def test_chunk_sizes_and_optimizers(hope, transformer):
     with pytest.raises(ValueError, match="sweep 'chunk_sizes' sets model.memory.chunk_size"):
         named.named_axes("chunk_sizes", transformer)
     (opts,) = named.named_axes("optimizers", transformer)
-    assert [o.label for o in opts][:2] == ["adamw", "m3"] and len(opts) == 8
+    assert [o.label for o in opts] == list(OPTIMIZERS) and [o.label for o in opts][:2] == ["adamw", "m3"]
+    assert len(opts) == 12  # AdamW and the eleven deep optimizers of nl_jax.optim
 
 
 def test_point_commands_parse_back_to_the_point_config(hope):
