@@ -33,7 +33,6 @@ from nl_jax.optim.delta_gd import scale_by_delta_gd
 from nl_jax.optim.delta_momentum import DeltaMomentumState
 from nl_jax.optim.delta_momentum import delta_momentum
 from nl_jax.optim.delta_momentum import scale_by_delta_momentum
-from nl_jax.optim.feature_momentum import FeatureMomentumState
 from nl_jax.optim.feature_momentum import feature_momentum
 from nl_jax.optim.feature_momentum import scale_by_feature_momentum
 from nl_jax.optim.generalized import GeneralizedGDState
@@ -63,7 +62,6 @@ __all__ = [
     "DeepMomentumState",
     "DeltaGDState",
     "DeltaMomentumState",
-    "FeatureMomentumState",
     "GeneralizedGDState",
     "M3State",
     "MatrixDims",

@@ -48,10 +48,11 @@ def _key_shape(shape, d: matrix.MatrixDims):
     return matrix.with_axes_resized(shape, red, n_out)
 
 
-def inverse_sqrt(h: jax.Array, eps) -> jax.Array:
-    """``(h^{1/2} + eps I)^{-1}`` for a batch of symmetric PSD matrices (eigenvalues clipped at 0)."""
+def inverse_sqrt(h: jax.Array) -> jax.Array:
+    """``h^{-1/2}`` for a batch of symmetric positive definite matrices (eigenvalues clipped at 0;
+    the caller adds ``eps I`` first)."""
     evals, evecs = jnp.linalg.eigh(h)
-    scale = 1.0 / (jnp.sqrt(jnp.maximum(evals, 0.0)) + eps)
+    scale = 1.0 / jnp.sqrt(jnp.maximum(evals, 0.0))
     return (evecs * scale[..., None, :]) @ jnp.swapaxes(evecs, -1, -2)
 
 
@@ -109,7 +110,7 @@ def scale_by_adagrad_memory(
             h_view = matrix.matrix_view(h.shape, d)
             gm, mm = view.to_matrix(g).astype(f32), view.to_matrix(new_m)
             hm = b2 * h_view.to_matrix(h).astype(f32) + jnp.swapaxes(gm, -1, -2) @ gm
-            u = mm @ inverse_sqrt(hm + eps * jnp.eye(hm.shape[-1], dtype=f32), 0.0)
+            u = mm @ inverse_sqrt(hm + eps * jnp.eye(hm.shape[-1], dtype=f32))
             # + 0 * M~: the eigh factor is replicated and would leave u's output axis replicated;
             # the term ties u to the momentum's (the parameter's) sharding. Exact: u + 0 == u.
             u = u + 0.0 * mm

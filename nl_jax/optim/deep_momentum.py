@@ -116,6 +116,11 @@ def _gradient_key_step(g, m, a, b, decay, inner_lr, mlp_lr, activation, objectiv
     return new_m, decay * a + mlp_lr * ga, decay * b + mlp_lr * gb
 
 
+def _from_matrices(views, values, likes) -> tuple:
+    """Each matrix of `values` back in its leaf's layout (`views`) and dtype (`likes`)."""
+    return tuple(v.from_matrix(x).astype(like.dtype) for v, x, like in zip(views, values, likes))
+
+
 def scale_by_deep_momentum(
     decay=0.9,
     inner_lr=1.0,
@@ -183,12 +188,7 @@ def scale_by_deep_momentum(
             gm, mm, am, bm, decay, inner_lr, mlp_lr, memory.activation, objective
         )
         u = readout(new_m, new_a, new_b, memory.activation)
-        return (
-            view.from_matrix(new_m).astype(m.dtype),
-            a_view.from_matrix(new_a).astype(a.dtype),
-            b_view.from_matrix(new_b).astype(b.dtype),
-            view.from_matrix(u).astype(g.dtype),
-        )
+        return _from_matrices((view, a_view, b_view, view), (new_m, new_a, new_b, u), (m, a, b, g))
 
     def update_fn(updates, state, params=None):
         del params
@@ -219,12 +219,7 @@ def scale_by_deep_momentum(
             new_a = decay * am + mlp_lr * ga
             new_b = decay * bm + mlp_lr * gb
             u = readout(new_m, new_a, new_b, memory.activation)
-            return (
-                view.from_matrix(new_m).astype(m.dtype),
-                a_view.from_matrix(new_a).astype(a.dtype),
-                b_view.from_matrix(new_b).astype(b.dtype),
-                view.from_matrix(u).astype(g.dtype),
-            )
+            return _from_matrices((view, a_view, b_view, view), (new_m, new_a, new_b, u), (m, a, b, g))
 
         return _unpack(matrix.map_leaves_multi(one, 4, dims_list, updates, state.mu, state.w_in, state.w_out))
 

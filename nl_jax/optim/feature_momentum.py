@@ -10,19 +10,12 @@ stresses its large entries. The polynomial is not scale-free: the cubic term mat
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import optax
 
-from nl_jax.optim.momentum import MomentumMemoryState, resolve_preconditioner, scale_by_momentum_memory
-
-
-class FeatureMomentumState(NamedTuple):
-    """State of :func:`scale_by_feature_momentum`."""
-
-    mu: optax.Updates
-    preconditioner: optax.OptState
+from nl_jax.optim.momentum import resolve_preconditioner, scale_by_preconditioned_momentum
 
 
 def polynomial(x: jax.Array, coeffs: Sequence[float]) -> jax.Array:
@@ -55,19 +48,11 @@ def scale_by_feature_momentum(
     ``inner_lr=1`` and ``P`` the identity.
     """
     coeffs = tuple(float(c) for c in coeffs)
-    precond = resolve_preconditioner(preconditioner)
-    memory = scale_by_momentum_memory(decay, inner_lr, False, mu_dtype)
-
-    def init_fn(params):
-        return FeatureMomentumState(mu=memory.init(params).mu, preconditioner=precond.init(params))
-
-    def update_fn(updates, state, params=None):
-        features = jax.tree.map(lambda g: polynomial(g, coeffs), updates)
-        pg, pstate = precond.update(features, state.preconditioner, params)
-        out, mstate = memory.update(pg, MomentumMemoryState(state.mu), params)
-        return out, FeatureMomentumState(mu=mstate.mu, preconditioner=pstate)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    features = optax.stateless_with_tree_map(lambda g, _: polynomial(g, coeffs))
+    # Preconditioned momentum whose P first takes the features: the state is its
+    # PreconditionedMomentumState, the preconditioner part holding (features, P)'s states.
+    precond = optax.chain(features, resolve_preconditioner(preconditioner))
+    return scale_by_preconditioned_momentum(decay, inner_lr, precond, mu_dtype)
 
 
 def feature_momentum(
