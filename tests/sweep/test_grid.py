@@ -109,7 +109,7 @@ def test_chunk_sizes_and_optimizers(hope, transformer):
     chunks, memory_chunks = named.named_axes("chunk_sizes", hope)
     for axis in (chunks, memory_chunks):
         assert all(hope.data.seq_len % v == 0 for o in axis for _, v in o.overrides)
-    assert [dict(o.overrides)["model.memory.chunk_size"] for o in chunks] == [4, 8, 16, 32]
+    assert [dict(o.overrides)["model.memory.chunk_size"] for o in chunks] == [8, 16, 32, 64]
     (titans,) = named.named_axes("chunk_sizes", configs.load("titans_tiny"))
     assert [o.label for o in titans] == ["chunk=4", "chunk=8", "chunk=16", "chunk=32"]
     with pytest.raises(ValueError, match="sweep 'chunk_sizes' sets model.memory.chunk_size"):
