@@ -137,7 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model_config()  # the model architecture (registry name + its fields)
     config.mesh = mesh_config()  # device mesh layout
     config.optim = optim_config()  # optimizer and learning-rate schedule
-    config.data = default_data_config()  # corpus, tokenizer, seq_len, global batch (nl_jax/data/config.py)
+    config.data = default_data_config()  # corpus, tokenizer, windows, documents (nl_jax/data/config.py)
     config.train = train_config()  # steps, accumulation, logging, profiling
     config.eval = eval_config()  # held-out evaluation
     config.checkpoint = checkpoint_config()  # orbax checkpoints and resume

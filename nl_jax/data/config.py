@@ -59,6 +59,11 @@ def default_data_config() -> ml_collections.ConfigDict:
             num_workers=0,  # grain worker processes (0: threads in the trainer process)
             prefetch=8,  # batches prefetched per iterator
             eval_max_batches=0,  # 0: the whole validation split
+            # Documents packed into one row: ignore (attention and recurrent states run across them,
+            # GPT-style) | mask (attention within a document) | reset (mask, and every recurrent /
+            # fast-weight state restarts at a document's first token); which models support which:
+            # README, Data section.
+            document_boundaries="ignore",
             # Weighted sources: entries like dict(source="array_record", path=DIR, weight=0.7), each a
             # weight and source fields (the others are this section's); (): the single source above.
             mixture=(),

@@ -7,9 +7,12 @@ token of the stream except the first is a target exactly once (nothing lost, not
 The tail that does not fill a window is dropped for training and padded for evaluation.
 
 Each window carries its segment ids (`segment_ids`): the index of the document each token belongs
-to, counted from 0 at the window's first token, an EOS belonging to the document it ends. The models
-do not read them yet: attention and memories still run across EOS inside a window, as in GPT-style
-packing, and HOPE's fast state resets per training sequence (docs/design.md, Decision 8), not per document.
+to, counted from 0 at the window's first token, an EOS belonging to the document it ends. What the
+models do with them is `data.document_boundaries` (nl_jax/models/registry.py): "ignore" (the default)
+lets attention and memories run across EOS inside a window, as in GPT-style packing; "mask" keeps
+attention within a document; "reset" also restarts recurrent state at each document's first token.
+The train and eval steps hand the model the segment ids of the inputs, `segment_ids[:, :-1]`. HOPE
+takes only "ignore": its fast state restarts per training sequence (docs/design.md, Decision 8).
 """
 
 from __future__ import annotations

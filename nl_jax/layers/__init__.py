@@ -11,6 +11,7 @@ from nl_jax.layers.attention import (
     attention_mask,
     dot_product_attention,
     local_attention,
+    segment_mask,
 )
 from nl_jax.layers.conv import ShortConv
 from nl_jax.layers.embed import Embed, Unembed
@@ -26,6 +27,7 @@ __all__ = [
     "dot_product_attention",
     "attention_mask",
     "local_attention",
+    "segment_mask",
     "ShortConv",
     "Embed",
     "Unembed",

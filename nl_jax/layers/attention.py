@@ -4,6 +4,8 @@ Sliding window W means each query sees itself and the W-1 tokens before it (W ke
 One einsum implementation with an explicit boolean mask serves training and decoding, so the
 decode path is the training path applied to a cache (checked against each other in the tests).
 Long sliding-window sequences take a blocked path (local_attention) tested against it.
+Optional segment ids (the document of each token of a packed row, nl_jax/data/packing.py) hide
+keys of other documents from a query, on both paths.
 """
 
 from typing import NamedTuple
@@ -46,6 +48,11 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int = 0) -> jax.A
     return mask
 
 
+def segment_mask(q_segments: jax.Array, k_segments: jax.Array) -> jax.Array:
+    """bool [B, Tq, Tk]: key j visible to query i only within the same document (equal segment ids)."""
+    return q_segments[:, :, None] == k_segments[:, None, :]
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q [B, T, H, D], k / v [B, S, KVH, D] with H % KVH == 0 (GQA), mask bool [T, S] or [B, T, S].
 
@@ -63,9 +70,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
-def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int) -> jax.Array:
+def local_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, window: int, segment_ids: jax.Array | None = None
+) -> jax.Array:
     """Sliding-window causal attention in O(T * 2W) instead of O(T^2): same result as
-    dot_product_attention with attention_mask(pos, pos, window).
+    dot_product_attention with attention_mask(pos, pos, window) (and segment_mask when
+    `segment_ids` [B, T] are given).
 
     The sequence is cut into blocks of W queries; a block's keys are itself and the block before,
     which covers every window that ends inside it. Shapes as in dot_product_attention.
@@ -75,19 +85,25 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int) -> ja
     pad = n * window - t  # padded keys sit after every real query, so the mask hides them
 
     def blocks(x):
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        return x.reshape(b, n, window, x.shape[2], d)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape((b, n, window) + x.shape[2:])
 
-    qb, kb, vb = blocks(q), blocks(k), blocks(v)
-    prev = lambda x: jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]
-    kb = jnp.concatenate([prev(kb), kb], axis=2)  # [B, n, 2W, KVH, D]
-    vb = jnp.concatenate([prev(vb), vb], axis=2)
+    def with_previous(x):
+        """[B, n, W, ...] -> [B, n, 2W, ...]: each block's keys after those of the block before."""
+        prev = jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
+        return jnp.concatenate([prev, x], axis=2)
+
+    qb, kb, vb = blocks(q), with_previous(blocks(k)), with_previous(blocks(v))  # kb, vb [B, n, 2W, KVH, D]
     q_pos = jnp.arange(window)[None] + window * jnp.arange(n)[:, None]  # [n, W]
     k_pos = jnp.arange(-window, window)[None] + window * jnp.arange(n)[:, None]  # [n, 2W]
     mask = jax.vmap(attention_mask, in_axes=(0, 0, None))(q_pos, k_pos, window)  # [n, W, 2W]
+    mask = jnp.broadcast_to(mask, (b,) + mask.shape)
+    if segment_ids is not None:
+        seg = blocks(segment_ids)  # [B, n, W]; keys before the row (block -1) are hidden by position
+        mask &= jax.vmap(segment_mask, in_axes=1, out_axes=1)(seg, with_previous(seg))
     # Fold blocks into the batch: each block is an independent small attention.
     fold = lambda x: x.reshape((b * n,) + x.shape[2:])
-    out = dot_product_attention(fold(qb), fold(kb), fold(vb), jnp.tile(mask, (b, 1, 1)))
+    out = dot_product_attention(fold(qb), fold(kb), fold(vb), fold(mask))
     return out.reshape(b, n * window, h, d)[:, :t]
 
 
@@ -135,13 +151,19 @@ class Attention(nnx.Module):
         k = apply_rope(self.k(x), positions, self.rope_theta)
         return q, k, self.v(x)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Training / prefill over a whole sequence: x [B, T, d_model] -> [B, T, d_model]."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Training / prefill over a whole sequence: x [B, T, d_model] -> [B, T, d_model].
+
+        `segment_ids` int32 [B, T] (optional): queries see only keys of their own document."""
         pos = jnp.arange(x.shape[1])
         q, k, v = self._qkv(x, pos)
         if self.sliding_window and x.shape[1] > 2 * self.sliding_window:
-            return self.o(local_attention(q, k, v, self.sliding_window))  # O(T W), not O(T^2)
-        return self.o(dot_product_attention(q, k, v, attention_mask(pos, pos, self.sliding_window)))
+            # O(T W), not O(T^2)
+            return self.o(local_attention(q, k, v, self.sliding_window, segment_ids))
+        mask = attention_mask(pos, pos, self.sliding_window)
+        if segment_ids is not None:
+            mask = mask & segment_mask(segment_ids, segment_ids)
+        return self.o(dot_product_attention(q, k, v, mask))
 
     def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """Empty cache. Full attention needs max_len (the longest stream to decode); a sliding window

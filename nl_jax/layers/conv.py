@@ -2,7 +2,9 @@
 
 y_t = sum_{i<W} w[i] * x_{t-W+1+i}: w[W-1] multiplies the current token, earlier taps look back.
 The decode state is the last W-1 inputs, so streaming token by token (or chunk by chunk) equals
-the full convolution over the whole sequence.
+the full convolution over the whole sequence. With segment ids (the document of each token of a
+packed row) a tap never reads a token of another document: each document is convolved as if it
+started the row.
 """
 
 import jax
@@ -10,6 +12,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nl_jax.layers.linear import logical_param, to_dtype
+
+
+def same_document(segment_ids: jax.Array, lag: int) -> jax.Array:
+    """bool [B, T]: token t - lag belongs to token t's document; tokens before the row (the state)
+    count as the same document."""
+    before = jnp.pad(segment_ids, ((0, 0), (lag, 0)), mode="edge")[:, : segment_ids.shape[1]]
+    return before == segment_ids
 
 
 class ShortConv(nnx.Module):
@@ -37,15 +46,24 @@ class ShortConv(nnx.Module):
         """Zeros [B, W-1, C]: the inputs before the first token (the same zero padding as training)."""
         return jnp.zeros((batch_size, self.width - 1, self.channels), dtype or self.dtype)
 
-    def forward(self, x: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, C], state [B, W-1, C] or None (zeros) -> (y [B, T, C], new state)."""
+    def forward(
+        self, x: jax.Array, state: jax.Array | None = None, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, C], state [B, W-1, C] or None (zeros), segment_ids int32 [B, T] or None ->
+        (y [B, T, C], new state)."""
         b, t, _ = x.shape
         x = x.astype(self.dtype)
         if state is None:
             state = self.init_state(b)
         xp = jnp.concatenate([state.astype(self.dtype), x], axis=1)  # [B, T+W-1, C]
         w = self.kernel[...].astype(self.dtype)
-        y = sum(xp[:, i : i + t] * w[i] for i in range(self.width))  # W is tiny: unrolled taps
+        taps = [xp[:, i : i + t] for i in range(self.width)]  # W is tiny: unrolled taps
+        if segment_ids is not None:
+            lags = range(self.width - 1, -1, -1)  # tap i reads token t - (W - 1 - i)
+            taps = [
+                jnp.where(same_document(segment_ids, lag)[..., None], tap, 0) for lag, tap in zip(lags, taps)
+            ]
+        y = sum(tap * w[i] for i, tap in enumerate(taps))
         return y, xp[:, t:]
 
     def __call__(self, x: jax.Array) -> jax.Array:

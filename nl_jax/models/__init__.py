@@ -3,11 +3,21 @@ and the models built on them (Transformer++, HOPE, Titans, TTT, Samba, RetNet, (
 
 from nl_jax.models.interface import CausalModel, StatefulModel
 from nl_jax.models.lm import CausalLM
-from nl_jax.models.registry import build_model, count_params, get_model_class, register, registered_models
+from nl_jax.models.registry import (
+    DOCUMENT_BOUNDARIES,
+    build_model,
+    check_document_boundaries,
+    count_params,
+    get_model_class,
+    register,
+    registered_models,
+)
 from nl_jax.models.stack import REMAT_POLICIES, Stack, get_remat_policy
 
 __all__ = [
+    "DOCUMENT_BOUNDARIES",
     "build_model",
+    "check_document_boundaries",
     "CausalLM",
     "CausalModel",
     "count_params",

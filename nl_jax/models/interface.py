@@ -3,6 +3,10 @@
 Every model is a `CausalModel`: a causal forward and token-by-token decoding that reproduces it.
 A `StatefulModel` also continues from a decode state over many tokens at once, equal to as many
 decode steps (the evaluation runner's fast path).
+
+A model whose class attribute `document_boundaries` lists "mask" or "reset" (nl_jax/models/lm.py)
+also takes `segment_ids` int32 [B, T] as a keyword of its forward: the document of each token of
+packed rows, which attention and (for "reset") recurrent states do not cross.
 """
 
 from typing import Any, Protocol, runtime_checkable

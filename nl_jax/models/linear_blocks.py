@@ -18,6 +18,13 @@ gated_delta_rule`) run in one of three forms selected by the `form` keyword: `ch
 `memory_chunked`), `naive` (the token-by-token reference `memory_naive`) and `recurrent`
 (`memory_recurrent`, what decoding uses). Block: h = x + Mixer(Norm(x)); y = h + SwiGLU(Norm(h)).
 
+Packed rows ("reset" of `data.document_boundaries`): given segment ids, the state's retention gate is
+0 at each document's first token (gamma_h, alpha_t, and for DeltaNet a gate of its own that is 1
+elsewhere, making it the gated delta rule with alpha in {0, 1}), which erases the state before that
+token: the memory starts from zero, its initial state, as at the row's start. The short convs do
+not read across the boundary either, and rotary positions enter only as differences, so each
+document gives what it gives alone.
+
 Config (`model` section): vocab_size, d_model, num_layers, num_heads, head_dim (0: d_model //
 num_heads), expand_v (value head width = head_dim * expand_v), mlp_hidden, conv_width (0: no conv),
 qk_norm ('l2' | 'none'), rope_theta (0: no rotary), output_gate, chunk_size, remat_chunks,
@@ -114,9 +121,27 @@ class MixerState(NamedTuple):
 def _mechanism(mechanism: str, gates: dict) -> presets.Mechanism:
     if mechanism == "retention":
         return presets.linear_attention(gates["lr"], gates["decay"])
-    if mechanism == "delta":
-        return presets.delta_rule(gates["beta"])
-    return presets.gated_delta_rule(gates["alpha"], gates["beta"])
+    if "alpha" in gates:  # gated delta, or the delta rule restarted at documents' first tokens
+        return presets.gated_delta_rule(gates["alpha"], gates["beta"])
+    return presets.delta_rule(gates["beta"])
+
+
+def document_continues(segment_ids: jax.Array) -> jax.Array:
+    """float32 [B, T]: 0 at each document's first token after the row's first token, else 1 (the
+    row's first token starts from the initial state anyway)."""
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    return (segment_ids == prev).astype(jnp.float32)
+
+
+def restart_at_documents(gates: dict, segment_ids: jax.Array) -> dict:
+    """The gates with the state's retention set to 0 at each document's first token (see the module
+    docstring); DeltaNet, which has no retention gate, gets one."""
+    keep = document_continues(segment_ids)[..., None]  # [B, T, 1] against gates [B, T, H]
+    if "decay" in gates:
+        return {**gates, "decay": gates["decay"] * keep}
+    if "alpha" in gates:
+        return {**gates, "alpha": gates["alpha"] * keep}
+    return {**gates, "alpha": jnp.broadcast_to(keep, gates["beta"].shape)}
 
 
 def run_memory(mechanism: str, s0, q, k, v, gates: dict, *, form: str, chunk_size: int, remat: bool = False):
@@ -235,7 +260,7 @@ class LinearMixer(nnx.Module):
             gates["alpha"] = jnp.exp(log_alpha)
         return gates
 
-    def _qkv(self, x, state: MixerState | None):
+    def _qkv(self, x, state: MixerState | None, segment_ids=None):
         s = self.s
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -244,7 +269,7 @@ class LinearMixer(nnx.Module):
             tails = (None, None, None) if state is None else state.conv
             outs, conv = [], []
             for z, layer, tail in zip((q, k, v), (self.q_conv, self.k_conv, self.v_conv), tails):
-                y, tail = layer.forward(z.reshape(b, t, -1), tail)
+                y, tail = layer.forward(z.reshape(b, t, -1), tail, segment_ids)
                 outs.append(jax.nn.silu(y).reshape(z.shape))
                 conv.append(tail)
             q, k, v = outs
@@ -258,13 +283,17 @@ class LinearMixer(nnx.Module):
             q, k = apply_rope(q, positions, s.rope_theta), apply_rope(k, positions, s.rope_theta)
         return q * s.head_dim**-0.5, k, v, conv, pos0 + t
 
-    def __call__(self, x: jax.Array, state: MixerState | None = None, form: str = "chunked"):
+    def __call__(
+        self, x: jax.Array, state: MixerState | None = None, form: str = "chunked", segment_ids=None
+    ):
         """x [B, T, D] -> (y [B, T, D], new state). Without a state the memory starts at zero and the
-        returned state is None (a training forward)."""
+        returned state is None (a training forward). `segment_ids` [B, T]: restart at each document."""
         s = self.s
         b, t, _ = x.shape
-        q, k, v, conv, pos = self._qkv(x, state)
+        q, k, v, conv, pos = self._qkv(x, state, segment_ids)
         gates = self._gates(x, (b, t, s.num_heads))
+        if segment_ids is not None:
+            gates = restart_at_documents(gates, segment_ids)
         s0 = self.init_state(b).memory if state is None else state.memory
         o, memory = run_memory(
             s.mechanism, s0, q, k, v, gates, form=form, chunk_size=s.chunk_size, remat=s.remat_chunks
@@ -291,8 +320,8 @@ class LinearBlock(nnx.Module):
         del max_len  # constant size
         return self.attn.init_state(batch_size)
 
-    def __call__(self, x, state=None, form: str = "chunked"):
-        a, state = self.attn(self.attn_norm(x), state, form=form)
+    def __call__(self, x, state=None, form: str = "chunked", segment_ids=None):
+        a, state = self.attn(self.attn_norm(x), state, form=form, segment_ids=segment_ids)
         h = x + a
         y = h + self.mlp(self.mlp_norm(h))
         return constrain(y, RESIDUAL), state
@@ -320,6 +349,8 @@ class LinearLM(FormsLM):
     """The shell around `num_layers` LinearBlocks. Subclasses set MECHANISM and register themselves."""
 
     MECHANISM = "retention"
+    # No attention to mask: segment ids restart the memory (module docstring).
+    document_boundaries = ("ignore", "reset")
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         settings = mixer_settings(cfg, self.MECHANISM)

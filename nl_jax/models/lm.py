@@ -4,6 +4,13 @@ the model's own blocks, a final RMSNorm, and logits from an unembedding or the t
 Parameter layout (what checkpoints and nl_jax/interop read): embed/embedding, blocks/layers/...,
 final_norm/scale and, unless tied, unembed/kernel. A model subclasses `CausalLM` and hands it a block
 factory; blocks follow the Stack block interface (nl_jax/models/stack.py).
+
+Packed rows: the forward optionally takes `segment_ids` [B, T] (the document of each token,
+nl_jax/data/packing.py) and hands them to every block as a keyword. What a model does with them is
+one of the `data.document_boundaries` modes (nl_jax/models/registry.py), the ones it lists in
+`document_boundaries`: "mask" (attention within a document) or "reset" (also every recurrent state
+restarted at each document's first token). The shell's default lists only "ignore": a model that
+does not read segment ids is never handed any.
 """
 
 from collections.abc import Callable
@@ -26,6 +33,10 @@ class CausalLM(nnx.Module):
 
     # Block keyword arguments of a decode step (a memory's token-by-token form, say).
     decode_kwargs: dict = {}
+    # The data.document_boundaries modes the blocks implement when given segment ids ("ignore" needs
+    # none). A model lists "mask" or "reset" only if its blocks do exactly that with segment ids;
+    # both where the two coincide (attention is the only token mixer).
+    document_boundaries: tuple[str, ...] = ("ignore",)
 
     def __init__(
         self,
@@ -58,15 +69,19 @@ class CausalLM(nnx.Module):
         h = self.final_norm(h)
         return self.embed.attend(h) if self.unembed is None else self.unembed(h)
 
-    def _run(self, tokens: jax.Array, states=None, **block_kwargs):
-        """tokens [B, T] through the stack from `states` (None: a training forward) -> (logits, states)."""
+    def _run(self, tokens: jax.Array, states=None, *, segment_ids: jax.Array | None = None, **block_kwargs):
+        """tokens [B, T] through the stack from `states` (None: a training forward) -> (logits, states).
+        Blocks get `segment_ids` only when given (blocks of models that ignore documents take none)."""
+        if segment_ids is not None:
+            block_kwargs["segment_ids"] = constrain(segment_ids, ("batch", "length"))
         h = constrain(self.embed(tokens), RESIDUAL)
         h, states = self.blocks(h, states, **block_kwargs)
         return self._logits(h), states
 
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]."""
-        return self._run(tokens)[0]
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]; `segment_ids` int32 [B, T] for
+        a model whose `document_boundaries` lists "mask" or "reset"."""
+        return self._run(tokens, segment_ids=segment_ids)[0]
 
     def init_decode_state(self, batch_size: int, max_len: int | None = None):
         """Stacked per-layer states; attention caches need max_len unless sliding-window (recurrent
@@ -88,9 +103,12 @@ class FormsLM(CausalLM):
 
     decode_kwargs = {"form": "recurrent"}
 
-    def __call__(self, tokens: jax.Array, form: str = "chunked") -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size], the memory in `form`."""
-        return self._run(tokens, form=form)[0]
+    def __call__(
+        self, tokens: jax.Array, form: str = "chunked", segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size], the memory in `form`
+        (`segment_ids` as for CausalLM)."""
+        return self._run(tokens, form=form, segment_ids=segment_ids)[0]
 
     def forward_with_state(self, tokens: jax.Array, state, form: str = "chunked"):
         """Continue from `state` over tokens [B, T]: (logits [B, T, V], new state), equal to T decode

@@ -15,6 +15,12 @@ A model class is registered with `@register("name")` and is constructed as `cls(
 rngs=rngs)`. Every module of the `nl_jax.models` package is imported on the first lookup, so a new
 model file registers itself by existing.
 
+Packed rows (`data.document_boundaries`, checked by `check_document_boundaries`): "ignore" lets
+attention and recurrent states run across the documents of a row (GPT-style packing, the default);
+"mask" keeps attention within a document; "reset" also restarts every recurrent / fast-weight state
+at each document's first token. A model class lists the modes it implements in
+`document_boundaries` (nl_jax/models/lm.py) and then takes `model(tokens, segment_ids=...)`.
+
 A model class may also provide `forward_flops_per_token(model_cfg, seq_len) -> float`, the analytic
 forward FLOPs per token including inner (fast-weight) loops, which the trainer uses for MFU.
 """
@@ -28,6 +34,12 @@ import jax
 from flax import nnx
 
 _REGISTRY: dict[str, type] = {}
+
+DOCUMENT_BOUNDARIES = ("ignore", "mask", "reset")
+_UNSUPPORTED = {
+    "mask": "its blocks do not mask attention by document",
+    "reset": "its blocks do not restart every recurrent or fast-weight state at a document's first token",
+}
 
 
 def register(name: str):
@@ -60,6 +72,18 @@ def get_model_class(name: str) -> type:
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise ValueError(f"unknown model name {name!r}{hint} (registered: {', '.join(names)})")
     return _REGISTRY[name]
+
+
+def check_document_boundaries(model_name: str, mode: str) -> None:
+    """ValueError unless model `model_name` implements `data.document_boundaries` = `mode`."""
+    if mode not in DOCUMENT_BOUNDARIES:
+        raise ValueError(f"data.document_boundaries must be one of {DOCUMENT_BOUNDARIES}, got {mode!r}")
+    supported = getattr(get_model_class(model_name), "document_boundaries", ("ignore",))
+    if mode not in supported:
+        raise ValueError(
+            f"data.document_boundaries={mode!r} is not supported by model {model_name!r} "
+            f"({_UNSUPPORTED[mode]}); it supports {', '.join(map(repr, supported))}"
+        )
 
 
 def build_model(model_cfg, rngs: nnx.Rngs) -> nnx.Module:

@@ -85,12 +85,12 @@ class SambaGroup(nnx.Module):
     def init_state(self, batch_size: int, max_len: int | None = None) -> SambaState:
         return SambaState(self.mamba.init_state(batch_size), self.attn.init_cache(batch_size, max_len))
 
-    def __call__(self, x, state: SambaState | None = None):
+    def __call__(self, x, state: SambaState | None = None, segment_ids=None):
         if state is None:
             m, _ = self.mamba(self.mamba_norm(x))
             h = x + m
             h = h + self.mlp1(self.mlp1_norm(h))
-            h = h + self.attn(self.attn_norm(h))
+            h = h + self.attn(self.attn_norm(h), segment_ids)
         else:
             m, mamba_state = self.mamba(self.mamba_norm(x), state.mamba, form="recurrent")
             h = x + m
@@ -105,7 +105,12 @@ class SambaGroup(nnx.Module):
 @register("samba")
 class Samba(CausalLM):
     """The shell around num_layers / 2 SambaGroups. Decoding carries, per group, a zero-initialised
-    Mamba conv/SSM state and a KV cache of the window (or of max_len if shorter)."""
+    Mamba conv/SSM state and a KV cache of the window (or of max_len if shorter).
+
+    Packed rows: segment ids keep attention within a document ("mask"); Mamba's state still runs
+    across documents, so "reset" is not offered."""
+
+    document_boundaries = ("ignore", "mask")
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         # tied embeddings, as microsoft/Samba

@@ -86,7 +86,8 @@ class Stack(nnx.Module):
         return constrain_batch(jax.vmap(one)(params, rest), axis=1)
 
     def __call__(self, x: jax.Array, states=None, **kwargs):
-        """Applies the L blocks in order; kwargs are passed to every block (static values only).
+        """Applies the L blocks in order; kwargs are passed to every block (static values, or arrays
+        every layer reads alike, such as segment ids, closed over by the scan body).
 
         Returns (y, new_states) with new_states stacked along L (None when states is None).
         """

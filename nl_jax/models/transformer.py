@@ -4,6 +4,9 @@ Config (`model` section, see experiments/configs/base.py): vocab_size, d_model, 
 num_heads, num_kv_heads (0: = num_heads), head_dim (0: d_model // num_heads), mlp_hidden,
 rope_theta, sliding_window (0: full attention), tie_embeddings, norm_eps, dtype, param_dtype,
 scan_layers, remat_policy, init_std.
+
+Packed rows: with segment ids attention stays within a document; attention is the only token mixer,
+so that is both the "mask" and the "reset" of `data.document_boundaries`.
 """
 
 from flax import nnx
@@ -38,9 +41,9 @@ class TransformerBlock(nnx.Module):
     def init_state(self, batch_size: int, max_len: int | None = None):
         return self.attn.init_cache(batch_size, max_len)
 
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, segment_ids=None):
         if state is None:
-            h = x + self.attn(self.attn_norm(x))
+            h = x + self.attn(self.attn_norm(x), segment_ids)
         else:
             a, state = self.attn.decode(self.attn_norm(x), state)
             h = x + a
@@ -50,5 +53,7 @@ class TransformerBlock(nnx.Module):
 
 @register("transformer")
 class Transformer(CausalLM):
+    document_boundaries = ("ignore", "mask", "reset")
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         super().__init__(cfg, lambda r: TransformerBlock(cfg, rngs=r), rngs=rngs)

@@ -36,7 +36,8 @@ from nl_jax.parallel.rules import assert_params_sufficiently_sharded, sharding_t
 from nl_jax.train import banner as banner_lib
 from nl_jax.train.checkpoint import Checkpointer, checkpoint_files
 from nl_jax.train.metrics_buffer import MetricsBuffer
-from nl_jax.train.program import EVAL_BATCH_KEYS, TRAIN_BATCH_KEYS, build_train_program
+from nl_jax.models.registry import check_document_boundaries
+from nl_jax.train.program import build_train_program
 from nl_jax.train.state import init_train_state, train_state_from_params
 
 
@@ -91,6 +92,7 @@ def check_config(config) -> None:
         raise ValueError(
             f"data.vocab_size={d.vocab_size} differs from model.vocab_size={config.model.vocab_size}"
         )
+    check_document_boundaries(config.model.name, d.get("document_boundaries", "ignore"))
     if t.get("wandb_project"):
         metrics_lib.import_wandb(t.wandb_project)  # a missing package fails before any compilation
     cms = config.model.get("cms")
@@ -264,7 +266,7 @@ class _Run:
         max_batches = self.ecfg.max_batches if self.ecfg.max_batches > 0 else None
         sums = None
         for batch in self.data.eval_iterator(max_batches):
-            out = self.program.jit_eval(self.state["params"], self._to_global(batch, EVAL_BATCH_KEYS))
+            out = self.program.jit_eval(self.state["params"], self._to_global(batch, self.program.eval_keys))
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         if sums is None:
             raise ValueError("the validation split is empty: nothing to evaluate")
@@ -300,7 +302,7 @@ class _Run:
         _sync_up(self.local, self.workdir)
 
     def _train_step(self) -> None:
-        batch = self._to_global(next(self.train_iter), TRAIN_BATCH_KEYS)
+        batch = self._to_global(next(self.train_iter), self.program.train_keys)
         with self.profiler.step(self.step):
             self.state, m = self.program.jit_train(self.state, batch)
         if self.block_each_step:

@@ -14,14 +14,20 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nl_jax.models.registry import check_document_boundaries
 from nl_jax.optim.factory import make_optimizer
 from nl_jax.train.state import ModelFn, abstract_train_state, state_shardings_for
 from nl_jax.train.step import make_eval_step, make_train_step
 
-# What the steps read of a batch. The pipeline's batches carry more (segment_ids), which stays on
-# the host until a model reads it.
-TRAIN_BATCH_KEYS = ("tokens",)
-EVAL_BATCH_KEYS = ("tokens", "weights")
+
+def batch_keys(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(train, eval) keys the steps read of a batch. The pipeline's segment ids go to the device only
+    when the model reads them (data.document_boundaries other than "ignore"); else they stay on the
+    host."""
+    mode = config.data.get("document_boundaries", "ignore")
+    check_document_boundaries(config.model.name, mode)
+    segments = ("segment_ids",) if mode != "ignore" else ()
+    return ("tokens",) + segments, ("tokens", "weights") + segments
 
 
 @dataclasses.dataclass
@@ -35,7 +41,9 @@ class TrainProgram:
     shardings: dict  # NamedShardings of the train state, same tree as abstract_state
     abstract_state: dict  # ShapeDtypeStructs (with shardings) of the train state
     batch_sharding: NamedSharding
-    abstract_batch: dict  # {"tokens": ShapeDtypeStruct((global_batch, seq_len + 1), int32)}
+    abstract_batch: dict  # train_keys -> ShapeDtypeStruct((global_batch, seq_len + 1), int32)
+    train_keys: tuple[str, ...]  # what jit_train reads of a batch
+    eval_keys: tuple[str, ...]  # what jit_eval reads of a batch
     jit_train: Callable
     jit_eval: Callable
 
@@ -45,9 +53,11 @@ def build_train_program(config, mesh: Mesh) -> TrainProgram:
 
     Call it outside any mesh context (the model template is built without one; the rest under
     `jax.set_mesh(mesh)`, entered here). Raises ValueError when the microbatch does not split over the
-    batch devices or the model rejects the batch shape (e.g. a chunk size not dividing seq_len).
+    batch devices, the model does not implement `data.document_boundaries`, or the model rejects the
+    batch shape (e.g. a chunk size not dividing seq_len).
     """
     tcfg = config.train
+    train_keys, eval_keys = batch_keys(config)
     model = ModelFn.from_config(config.model, seed=tcfg.seed)
     total, accum = int(tcfg.steps), int(tcfg.grad_accum_steps)
     gbs, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
@@ -67,9 +77,8 @@ def build_train_program(config, mesh: Mesh) -> TrainProgram:
     with jax.set_mesh(mesh):
         abstract = abstract_train_state(model, tx, shardings)
         train_step = make_train_step(model, tx, schedule, accum)
-        abstract_batch = {
-            "tokens": jax.ShapeDtypeStruct((gbs, seq_len + 1), jnp.int32, sharding=batch_sharding)
-        }
+        row = jax.ShapeDtypeStruct((gbs, seq_len + 1), jnp.int32, sharding=batch_sharding)
+        abstract_batch = {k: row for k in train_keys}
         try:
             jax.eval_shape(train_step, abstract, abstract_batch)
         except ValueError as e:
@@ -78,13 +87,13 @@ def build_train_program(config, mesh: Mesh) -> TrainProgram:
             ) from e
         jit_train = jax.jit(
             train_step,
-            in_shardings=(shardings, {k: batch_sharding for k in TRAIN_BATCH_KEYS}),
+            in_shardings=(shardings, {k: batch_sharding for k in train_keys}),
             out_shardings=(shardings, replicated),
             donate_argnums=0,
         )
         jit_eval = jax.jit(
             make_eval_step(model),
-            in_shardings=(shardings["params"], {k: batch_sharding for k in EVAL_BATCH_KEYS}),
+            in_shardings=(shardings["params"], {k: batch_sharding for k in eval_keys}),
             out_shardings=replicated,
         )
     return TrainProgram(
@@ -95,6 +104,8 @@ def build_train_program(config, mesh: Mesh) -> TrainProgram:
         abstract_state=abstract,
         batch_sharding=batch_sharding,
         abstract_batch=abstract_batch,
+        train_keys=train_keys,
+        eval_keys=eval_keys,
         jit_train=jit_train,
         jit_eval=jit_eval,
     )

@@ -46,11 +46,13 @@ class ModelFn:
         _, _, rest = nnx.split(make(), nnx.Param, ...) if _has_rest(make) else (None, None, nnx.State({}))
         return cls(model_cls, model_cfg, graphdef, template, rest)
 
-    def apply(self, params, tokens: jax.Array) -> jax.Array:
-        """logits float32 [B, T, V] for tokens int32 [B, T]."""
+    def apply(self, params, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """logits float32 [B, T, V] for tokens int32 [B, T]; `segment_ids` int32 [B, T] only for a
+        model that reads them (data.document_boundaries other than "ignore")."""
         state = jax.tree.map(lambda x: x, self.template, is_leaf=_is_var)
         nnx.replace_by_pure_dict(state, params)
-        return self.module(state)(tokens)
+        module = self.module(state)
+        return module(tokens) if segment_ids is None else module(tokens, segment_ids=segment_ids)
 
     def module(self, param_state) -> nnx.Module:
         return nnx.merge(self.graphdef, param_state, self.rest, copy=True)

@@ -1,9 +1,11 @@
 """Pure train / eval steps (jit-able, the train state donated).
 
 Loss: next-token cross entropy in float32, `inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`,
-averaged over every target of the global batch. Gradient accumulation splits the global batch into
-`accum_steps` microbatches inside the step (`lax.scan`), so one call is one optimizer step and the
-step counter stays global (MaxText's choice over optax.MultiSteps).
+averaged over every target of the global batch. A batch with `segment_ids` (data.document_boundaries
+other than "ignore") hands `segment_ids[:, :-1]`, those of the inputs, to the model. Gradient
+accumulation splits the global batch into `accum_steps` microbatches inside the step (`lax.scan`),
+so one call is one optimizer step and the step counter stays global (MaxText's choice over
+optax.MultiSteps).
 
 A step whose loss, gradient norm, new parameters or new optimizer state are not all finite does not
 change the state (`finite` is False in its metrics); the loop then stops with an error, so a NaN
@@ -42,27 +44,37 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+def inputs_and_targets(batch: dict) -> tuple[dict, jax.Array]:
+    """(the model's keyword inputs, the targets) of a batch or microbatch: the tokens but the last
+    (and their segment ids when the batch carries them), and the tokens but the first."""
+    tokens = constrain(batch["tokens"], ("batch", "length"))
+    inputs = {"tokens": tokens[:, :-1]}
+    if "segment_ids" in batch:
+        inputs["segment_ids"] = constrain(batch["segment_ids"], ("batch", "length"))[:, :-1]
+    return inputs, tokens[:, 1:]
+
+
 def make_loss_fn(model):
-    def loss_fn(params, tokens):
-        tokens = constrain(tokens, ("batch", "length"))
-        logits = model.apply(params, tokens[:, :-1])
-        return token_nll(logits, tokens[:, 1:]).mean()
+    def loss_fn(params, batch):
+        inputs, targets = inputs_and_targets(batch)
+        return token_nll(model.apply(params, **inputs), targets).mean()
 
     return loss_fn
 
 
 def make_train_step(model, tx, schedule, accum_steps: int = 1):
-    """train_step(state, batch) -> (state, metrics {loss, grad_norm, lr, finite})."""
+    """train_step(state, batch) -> (state, metrics {loss, grad_norm, lr, finite}); `batch` holds
+    "tokens" and optionally "segment_ids"."""
     loss_fn = make_loss_fn(model)
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def compute_grads(params, tokens):
+    def compute_grads(params, batch):
         if accum_steps == 1:
-            return grad_fn(params, tokens)
-        b = tokens.shape[0]
+            return grad_fn(params, batch)
+        b = batch["tokens"].shape[0]
         # Row i * A + a goes to microbatch a: each device keeps its own rows of every microbatch,
         # so splitting the batch moves no data.
-        micro = tokens.reshape(b // accum_steps, accum_steps, -1).swapaxes(0, 1)
+        micro = jax.tree.map(lambda x: x.reshape(b // accum_steps, accum_steps, -1).swapaxes(0, 1), batch)
 
         def body(carry, mb):
             loss_sum, grad_sum = carry
@@ -75,7 +87,7 @@ def make_train_step(model, tx, schedule, accum_steps: int = 1):
 
     def train_step(state, batch):
         params = state["params"]
-        loss, grads = compute_grads(params, batch["tokens"])
+        loss, grads = compute_grads(params, batch)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = {
@@ -95,9 +107,8 @@ def make_eval_step(model):
     """eval_step(params, batch) -> {nll_sum, weight_sum} over the batch's weighted targets."""
 
     def eval_step(params, batch):
-        tokens = constrain(batch["tokens"], ("batch", "length"))
-        logits = model.apply(params, tokens[:, :-1])
-        nll = token_nll(logits, tokens[:, 1:])
+        inputs, targets = inputs_and_targets(batch)
+        nll = token_nll(model.apply(params, **inputs), targets)
         w = batch["weights"]
         return {"nll_sum": (nll * w).sum(), "weight_sum": w.sum()}
 

@@ -26,10 +26,10 @@ B, T = 2, 32
 def xla_grad_flops(model: ModelFn) -> float:
     """XLA's FLOPs of the loss and its gradient over a [B, T] batch, every scan unrolled."""
     loss = make_loss_fn(model)
-    tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32)
+    batch = {"tokens": jax.ShapeDtypeStruct((B, T + 1), jnp.int32)}
     unrolled = functools.partial(jax.lax.scan, unroll=True)
     with mock.patch.object(jax.lax, "scan", unrolled):
-        lowered = jax.jit(jax.value_and_grad(loss)).lower(model.abstract_params(), tokens)
+        lowered = jax.jit(jax.value_and_grad(loss)).lower(model.abstract_params(), batch)
     return float(lowered.compile().cost_analysis()["flops"])
 
 
