@@ -25,7 +25,10 @@ from the chunk-start states the forward kernel saves; the cotangents of the oper
 through `_operands` by ordinary XLA autodiff. On CPU both kernels run in Pallas interpret mode
 (exact, slow: for tests); on TPU they are compiled with Mosaic. GPU is refused: Triton runs the
 grid's programs concurrently, so the chunk axis cannot carry the state there (a GPU variant would
-loop over chunks inside one program per (batch, head)).
+loop over chunks inside one program per (batch, head)). Not yet done for TPU training: the call
+is not wrapped in a `shard_map`, so inside a sharded train step Mosaic refuses to partition it
+(README, "A Pallas kernel of the chunked form"), and `interpret` follows `jax.default_backend()`
+rather than the lowering platform, so an AOT compile for TPU from a CPU host gets interpret mode.
 
 Supported: structure "linear", objectives l2 and dot, retention, DGD, every read mode (DeltaNet,
 the gated delta rule, linear attention / RetNet, the linear self-modifying update without
