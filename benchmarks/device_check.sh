@@ -2,9 +2,11 @@
 # One prepared accelerator check, a few minutes on one GPU: the training-step table at the width of
 # hope_340m (d_model 1024, memory heads 8 x 128, CMS 4 x 320; 4 layers so that each row compiles in
 # under a minute) against Transformer++ and Titans of the same parameter count, at T = 2048 and 4096,
-# and the memory core's chunked form against its token-by-token reference at HOPE's head width.
+# the memory core's chunked form against its token-by-token reference at HOPE's head width, and the
+# Pallas kernel of the chunked form against the XLA one at T = 4096 (benchmarks/kernels.py; it says
+# so and stops where the kernel has no lowering, as on GPU for now).
 #
-#   bash benchmarks/device_check.sh [OUT_DIR]        # writes OUT_DIR/{train_step,memory_ops}.{txt,json}
+#   bash benchmarks/device_check.sh [OUT_DIR]   # OUT_DIR/{train_step,memory_ops}.{txt,json}, kernels.txt
 #
 # A machine without network access needs the packages that its image lacks as wheels in
 # .device_wheels/ (made here by `pip download grain ml-collections tensorboardX -d .device_wheels`);
@@ -27,3 +29,4 @@ fi
   --json="$out/train_step.json" 2>&1 | tee "$out/train_step.txt"
 
 "$py" -m benchmarks.memory_ops --lengths=2048,4096,8192 --batch=8 --heads=8 2>&1 | tee "$out/memory_ops.txt"
+"$py" -m benchmarks.kernels --lengths=4096 --head_dims=64,128,256 --reps=3 2>&1 | tee "$out/kernels.txt"

@@ -20,4 +20,5 @@ def get_config():
     config.model.output_gate = False  # fla use_gate=False: y = W_o RMSNorm(o)
     config.model.chunk_size = 64  # tokens per chunk of the chunked memory form
     config.model.remat_chunks = False  # recompute each memory chunk in the backward pass
+    config.model.memory_impl = "xla"  # chunked form: 'xla' | 'pallas' (nl_jax/memory/ops/pallas_chunked.py)
     return config

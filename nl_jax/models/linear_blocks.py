@@ -28,7 +28,8 @@ document gives what it gives alone.
 Config (`model` section): vocab_size, d_model, num_layers, num_heads, head_dim (0: d_model //
 num_heads), expand_v (value head width = head_dim * expand_v), mlp_hidden, conv_width (0: no conv),
 qk_norm ('l2' | 'none'), rope_theta (0: no rotary), output_gate, chunk_size, remat_chunks,
-tie_embeddings, norm_eps, dtype, param_dtype, scan_layers, remat_policy, init_std.
+memory_impl ('xla' | 'pallas': `memory_chunked`'s implementation of the chunked form), tie_embeddings,
+norm_eps, dtype, param_dtype, scan_layers, remat_policy, init_std.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class MixerSettings:
     output_gate: bool = True
     chunk_size: int = 64
     remat_chunks: bool = False
+    memory_impl: str = "xla"  # the chunked form's implementation (ops.memory_chunked's impl)
 
     def __post_init__(self):
         if self.mechanism not in MECHANISMS:
@@ -80,6 +82,8 @@ class MixerSettings:
             raise ValueError(f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.memory_impl not in ops.IMPLS:
+            raise ValueError(f"memory_impl must be one of {ops.IMPLS}, got {self.memory_impl!r}")
         if self.rope_theta and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got {self.head_dim}")
 
@@ -102,6 +106,7 @@ def mixer_settings(cfg, mechanism: str) -> MixerSettings:
         output_gate=cfg.output_gate,
         chunk_size=cfg.chunk_size,
         remat_chunks=cfg.remat_chunks,
+        memory_impl=cfg.get("memory_impl", "xla"),  # configs saved before the field existed
     )
 
 
@@ -144,12 +149,24 @@ def restart_at_documents(gates: dict, segment_ids: jax.Array) -> dict:
     return {**gates, "alpha": jnp.broadcast_to(keep, gates["beta"].shape)}
 
 
-def run_memory(mechanism: str, s0, q, k, v, gates: dict, *, form: str, chunk_size: int, remat: bool = False):
+def run_memory(
+    mechanism: str,
+    s0,
+    q,
+    k,
+    v,
+    gates: dict,
+    *,
+    form: str,
+    chunk_size: int,
+    remat: bool = False,
+    impl: str = "xla",
+):
     """One of the three forms of the memory core. q, k [B, T, H, Dk], v [B, T, H, Dv], gates [B, T, H]
     (float32), s0 [B, H, Dv, Dk]. Returns (o [B, T, H, Dv], final state [B, H, Dv, Dk]).
 
     The chunked form pads the sequence to a multiple of its chunk with zero inputs and neutral gates
-    (no update), so any length works and the final state is exact.
+    (no update), so any length works and the final state is exact; `impl` picks its implementation.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -166,7 +183,9 @@ def run_memory(mechanism: str, s0, q, k, v, gates: dict, *, form: str, chunk_siz
                 for n, g in gates.items()
             }
         m = _mechanism(mechanism, gates)
-        o, final = ops.memory_chunked(m.spec, state, q, k, v, m.rates, chunk_size=c, read=m.read, remat=remat)
+        o, final = ops.memory_chunked(
+            m.spec, state, q, k, v, m.rates, chunk_size=c, read=m.read, remat=remat, impl=impl
+        )
         return o[:, :t], final.weights.w
     m = _mechanism(mechanism, gates)
     if form == "naive":
@@ -296,7 +315,16 @@ class LinearMixer(nnx.Module):
             gates = restart_at_documents(gates, segment_ids)
         s0 = self.init_state(b).memory if state is None else state.memory
         o, memory = run_memory(
-            s.mechanism, s0, q, k, v, gates, form=form, chunk_size=s.chunk_size, remat=s.remat_chunks
+            s.mechanism,
+            s0,
+            q,
+            k,
+            v,
+            gates,
+            form=form,
+            chunk_size=s.chunk_size,
+            remat=s.remat_chunks,
+            impl=s.memory_impl,
         )
         o = self.o_norm(o.astype(self.dtype))
         if s.output_gate:

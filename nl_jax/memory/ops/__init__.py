@@ -4,7 +4,8 @@ One mechanism (structure x objective x update rule, see `structures` and `rules`
 one contract, `f(spec, state, q, k, v, rates, ...) -> (y, state)`:
 
   memory_naive      token by token with `lax.scan` and `jax.grad`: the readable reference
-  memory_chunked    the training path: `lax.scan` over chunks, batched matmuls inside
+  memory_chunked    the training path: `lax.scan` over chunks, batched matmuls inside (impl="xla"),
+                    or a Pallas kernel for the linear memory (impl="pallas", `pallas_chunked`)
   memory_stream     the same closed forms from any position, for any length (segments, prefill)
   memory_recurrent  one decode step with a carried state
 
@@ -12,7 +13,7 @@ one contract, `f(spec, state, q, k, v, rates, ...) -> (y, state)`:
 self-modifying update through this one core.
 """
 
-from nl_jax.memory.ops.chunked import memory_chunked, memory_stream
+from nl_jax.memory.ops.chunked import IMPLS, memory_chunked, memory_stream
 from nl_jax.memory.ops.naive import memory_naive
 from nl_jax.memory.ops.rules import READ_MODES, Rates, memory_recurrent
 from nl_jax.memory.ops.structures import (
@@ -29,6 +30,7 @@ from nl_jax.memory.ops.structures import (
 )
 
 __all__ = [
+    "IMPLS",
     "READ_MODES",
     "InnerNorm",
     "LinearBiasWeights",

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 from nl_jax.memory.ops import rules
 from nl_jax.memory.ops import structures as st
 
+IMPLS = ("xla", "pallas")  # memory_chunked's implementations
+
 
 @jax.custom_vjp
 def segment_products(x: jax.Array) -> jax.Array:
@@ -432,6 +434,8 @@ def memory_chunked(
     read: str = "per_token",
     remat: bool = False,
     norm: st.InnerNorm | None = None,
+    impl: str = "xla",
+    interpret: bool | None = None,
 ):
     """Training form. q, k [B, T, H, Dk], v [B, T, H, Dv], rates [B, T, H] -> (y [B, T, H, Dv], state).
 
@@ -439,11 +443,26 @@ def memory_chunked(
     when the state is concrete), and the sequence length must be a multiple of `chunk_size`.
     `remat` recomputes each chunk in the backward pass instead of storing its intermediates.
     `norm`: the inner LayerNorm parameters of a `norm` memory.
+    `impl`: "xla" (this module) or "pallas" (`pallas_chunked`: the linear memory without momentum;
+    other specs raise). `interpret` (pallas only): Pallas interpret mode; None picks it on CPU.
+    `remat` has no effect there (its backward kernel recomputes each chunk from the saved states).
     """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(state.step, jax.core.Tracer) and int(state.step) != 0:
         raise ValueError(
             f"memory_chunked needs a state at a chunk boundary, got one {int(state.step)} tokens into a chunk; "
             "continue it with memory_naive or memory_recurrent up to the boundary"
+        )
+    if impl == "pallas":
+        # imported here: pallas_chunked builds on this module's coefficients
+        from nl_jax.memory.ops import pallas_chunked
+
+        pallas_chunked.check_supported(spec, state, rates, norm)
+        if interpret is None:
+            interpret = pallas_chunked.default_interpret()
+        return pallas_chunked.memory_chunked_pallas(
+            spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, interpret=interpret
         )
     return _memory_chunked(
         spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, remat=remat, norm=norm

@@ -1,0 +1,98 @@
+"""The Pallas kernel of the chunked form against the XLA chunked form: the gated delta rule
+(`presets.gated_delta_rule`, what Gated DeltaNet runs), forward and forward+backward.
+
+    python -m benchmarks.kernels                                   # T 2048..16384, head widths 64,128,256
+    python -m benchmarks.kernels --lengths=4096 --head_dims=128
+    python -m benchmarks.kernels --allow_interpret --lengths=64 --head_dims=16 --batch=1 --heads=1  # CPU
+
+Both implementations compute the same function (tests/memory/test_pallas_chunked.py). Timings are
+medians over repetitions that alternate between the two, so machine noise hits both alike; the
+ratios (xla time / pallas time, > 1: the kernel is faster) are measured in this one run. On CPU the
+kernel only runs in Pallas interpret mode, which is no speed measurement, so the script refuses
+unless --allow_interpret (a smoke run at tiny shapes). The kernel has no GPU lowering yet
+(nl_jax/memory/ops/pallas_chunked.py), so on GPU the script says so and stops.
+"""
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from nl_jax.memory import ops
+from nl_jax.memory.ops import presets
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("lengths", ["2048", "4096", "8192", "16384"], "sequence lengths")
+flags.DEFINE_list("head_dims", ["64", "128", "256"], "key width per head (values as wide)")
+flags.DEFINE_integer("batch", 4, "batch size")
+flags.DEFINE_integer("heads", 8, "heads")
+flags.DEFINE_integer("chunk", 64, "chunk size")
+flags.DEFINE_integer("reps", 5, "timed repetitions per implementation and shape")
+flags.DEFINE_bool("allow_interpret", False, "on CPU, run the kernel in interpret mode anyway (smoke run)")
+
+
+def _inputs(length, dim):
+    ks = jax.random.split(jax.random.key(0), 6)
+    shape = (FLAGS.batch, length, FLAGS.heads, dim)
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    q, k = unit(jax.random.normal(ks[0], shape)), unit(jax.random.normal(ks[1], shape))
+    v = jax.random.normal(ks[2], shape)
+    alpha = jax.nn.sigmoid(3.0 + jax.random.normal(ks[3], shape[:3]))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], shape[:3]))
+    w0 = jnp.zeros((FLAGS.batch, FLAGS.heads, dim, dim))
+    return w0, q, k, v, alpha, beta
+
+
+def _fns(impl):
+    def run(w0, q, k, v, alpha, beta):
+        m = presets.gated_delta_rule(alpha, beta)
+        state = ops.init_state(ops.LinearWeights(w0), momentum=False)
+        kw = dict(chunk_size=FLAGS.chunk, read=m.read, impl=impl)
+        y, s = ops.memory_chunked(m.spec, state, q, k, v, m.rates, **kw)
+        return y, s.weights.w
+
+    def loss(*args):
+        y, w = run(*args)
+        return jnp.sum(y * y) + jnp.sum(w * w)
+
+    return {"fwd": jax.jit(run), "fwd+bwd": jax.jit(jax.grad(loss, argnums=range(6)))}
+
+
+def _time(f, args):
+    jax.block_until_ready(f(*args))  # untimed call of the same function first
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    return time.perf_counter() - t0
+
+
+def main(_):
+    backend = jax.default_backend()
+    if backend == "gpu":
+        print("kernels: skipped, the kernel has no GPU lowering yet (nl_jax/memory/ops/pallas_chunked.py)")
+        return
+    if backend == "cpu" and not FLAGS.allow_interpret:
+        print(
+            "kernels: refused on CPU, the kernel runs in Pallas interpret mode there, which is no speed "
+            "measurement (pass --allow_interpret for a smoke run at tiny shapes)"
+        )
+        sys.exit(1)
+    print(f"backend {backend}, batch {FLAGS.batch}, heads {FLAGS.heads}, chunk {FLAGS.chunk}")
+    print(f"{'T':>6} {'D':>4} {'pass':>8} {'xla ms':>9} {'pallas ms':>10} {'xla/pallas':>10}")
+    fns = {impl: _fns(impl) for impl in ops.IMPLS}
+    for dim in map(int, FLAGS.head_dims):
+        for length in map(int, FLAGS.lengths):
+            args = _inputs(length, dim)
+            for name in ("fwd", "fwd+bwd"):
+                times = {impl: [] for impl in ops.IMPLS}
+                for _ in range(FLAGS.reps):
+                    for impl in ops.IMPLS:
+                        times[impl].append(_time(fns[impl][name], args))
+                x, p = (float(np.median(times[i])) * 1e3 for i in ops.IMPLS)
+                print(f"{length:>6} {dim:>4} {name:>8} {x:>9.2f} {p:>10.2f} {x / p:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
