@@ -188,7 +188,7 @@ def _peer_row(kind: str, loop: str, shape: dict) -> dict:
 def _print_table(rows: list[dict]) -> None:
     print(
         f"{'model':<38} {'T':>5} {'batch':>5} {'params':>10} {'tokens/s':>9} {'x Transformer++':>15} "
-        f"{'MFU':>6} {'first step s':>12} {'peak RSS GB':>11}"
+        f"{'MFU':>6} {'first step s':>12} {'peak RSS GiB':>12}"
     )
     for r in rows:
         if "error" in r:
@@ -198,7 +198,7 @@ def _print_table(rows: list[dict]) -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         print(
             f"{r['model']:<38} {r['seq_len']:>5} {r['batch']:>5} {r['params']:>10,} {r['tokens_per_s']:>9,.0f} "
-            f"{ratio:>15} {mfu:>6} {r['first_step_s']:>12.1f} {r['peak_rss_gb']:>11.2f}"
+            f"{ratio:>15} {mfu:>6} {r['first_step_s']:>12.1f} {r['peak_rss_gb']:>12.2f}"
         )
 
 

@@ -13,4 +13,4 @@ from nl_jax.models.registry import register
 
 @register("deltanet")
 class DeltaNet(LinearLM):
-    MECHANISM = "delta"
+    MECHANISM = "delta_rule"

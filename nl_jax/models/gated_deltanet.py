@@ -15,4 +15,4 @@ from nl_jax.models.registry import register
 
 @register("gated_deltanet")
 class GatedDeltaNet(LinearLM):
-    MECHANISM = "gated_delta"
+    MECHANISM = "gated_delta_rule"

@@ -7,16 +7,17 @@ Decision 10):
     q, k, v = x W_q, x W_k, x W_v        then optionally a causal depthwise conv (width 4) + SiLU,
                                           l2-normalised q and k, rotary position on q and k
     q = q / sqrt(Dk)                      (fla's default scale of the read)
-    retention    S_t = gamma_h S_{t-1} + v_t k_t^T,                      gamma_h = 1 - 2^(-5-h)
-    delta        S_t = S_{t-1} - beta_t (S_{t-1} k_t - v_t) k_t^T,       beta_t = sigmoid(x W_b)
-    gated_delta  S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,
-                 alpha_t = exp(-exp(A_log) softplus(x W_a + dt_bias))     (Mamba2's gate, as fla)
+    linear_attention  S_t = gamma_h S_{t-1} + v_t k_t^T,                      gamma_h = 1 - 2^(-5-h)
+                      (RetNet's retention)
+    delta_rule        S_t = S_{t-1} - beta_t (S_{t-1} k_t - v_t) k_t^T,       beta_t = sigmoid(x W_b)
+    gated_delta_rule  S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T,
+                      alpha_t = exp(-exp(A_log) softplus(x W_a + dt_bias))     (Mamba2's gate, as fla)
     o_t = S_t q_t;  y = W_o (RMSNorm_head(o) [* SiLU(x W_g)])
 
-Each mechanism is a preset of `nl_jax.memory.ops` (`presets.linear_attention / delta_rule /
-gated_delta_rule`) run in one of three forms selected by the `form` keyword: `chunked` (training:
-`memory_chunked`), `naive` (the token-by-token reference `memory_naive`) and `recurrent`
-(`memory_recurrent`, what decoding uses). Block: h = x + Mixer(Norm(x)); y = h + SwiGLU(Norm(h)).
+Each mechanism is the preset of `nl_jax.memory.ops` of the same name (`presets.linear_attention /
+delta_rule / gated_delta_rule`), run in one of three forms selected by the `form` keyword:
+`chunked` (training: `memory_chunked`), `naive` (the token-by-token reference `memory_naive`) and
+`recurrent` (`memory_recurrent`, what decoding uses). Block: h = x + Mixer(Norm(x)); y = h + SwiGLU(Norm(h)).
 
 Packed rows ("reset" of `data.document_boundaries`): given segment ids, the state's retention gate is
 0 at each document's first token (gamma_h, alpha_t, and for DeltaNet a gate of its own that is 1
@@ -49,7 +50,7 @@ from nl_jax.memory.ops import presets
 from nl_jax.models.lm import RESIDUAL, FormsLM
 from nl_jax.parallel.rules import constrain
 
-MECHANISMS = ("retention", "delta", "gated_delta")
+MECHANISMS = ("linear_attention", "delta_rule", "gated_delta_rule")
 FORMS = ("chunked", "naive", "recurrent")
 QK_NORMS = ("l2", "none")
 
@@ -124,7 +125,7 @@ class MixerState(NamedTuple):
 
 
 def _mechanism(mechanism: str, gates: dict) -> presets.Mechanism:
-    if mechanism == "retention":
+    if mechanism == "linear_attention":
         return presets.linear_attention(gates["lr"], gates["decay"])
     if "alpha" in gates:  # gated delta, or the delta rule restarted at documents' first tokens
         return presets.gated_delta_rule(gates["alpha"], gates["beta"])
@@ -245,9 +246,9 @@ class LinearMixer(nnx.Module):
             self.q_conv = ShortConv(h * dk, **conv)
             self.k_conv = ShortConv(h * dk, **conv)
             self.v_conv = ShortConv(h * dv, **conv)
-        if s.mechanism in ("delta", "gated_delta"):
+        if s.mechanism in ("delta_rule", "gated_delta_rule"):
             self.b_proj = Linear((d_model,), (h,), ("embed",), ("heads",), **lin)
-        if s.mechanism == "gated_delta":
+        if s.mechanism == "gated_delta_rule":
             self.a_proj = Linear((d_model,), (h,), ("embed",), ("heads",), **lin)
             self.A_log = logical_param(rngs, _a_log_init, (h,), ("heads",), param_dtype)
             self.dt_bias = logical_param(rngs, _dt_bias_init, (h,), ("heads",), param_dtype)
@@ -267,13 +268,13 @@ class LinearMixer(nnx.Module):
     def _gates(self, x, shape):
         """Per-token, per-head gates [B, T, H] in float32."""
         s = self.s
-        if s.mechanism == "retention":
+        if s.mechanism == "linear_attention":
             return {
                 "lr": jnp.ones(shape, jnp.float32),
                 "decay": jnp.broadcast_to(retention_decays(s.num_heads), shape),
             }
         gates = {"beta": jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))}
-        if s.mechanism == "gated_delta":
+        if s.mechanism == "gated_delta_rule":
             a = self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
             log_alpha = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
             gates["alpha"] = jnp.exp(log_alpha)
@@ -366,7 +367,7 @@ def memory_flops_per_token(s: MixerSettings, seq_len: int) -> float:
     c = min(s.chunk_size, seq_len)
     dk, dv = s.head_dim, s.value_dim
     per_chunk = 2 * c * dk * dv + 2 * c * c * dk + 2 * c * c * dv + 2 * c * dk * dv
-    if s.mechanism != "retention":
+    if s.mechanism != "linear_attention":
         per_chunk += 2 * c * dk * dv + 2 * c * c * dk + 2 * c * c * dv  # K S_0^T, K K^T, (mask*KK^T) E
         per_chunk += (2 / 3) * c**3 + 2 * c * c * dv  # inverse and inverse @ rhs
         per_chunk += 2 * c * c * dv + 2 * c * dk * dv  # DGD read and state terms
@@ -376,7 +377,7 @@ def memory_flops_per_token(s: MixerSettings, seq_len: int) -> float:
 class LinearLM(FormsLM):
     """The shell around `num_layers` LinearBlocks. Subclasses set MECHANISM and register themselves."""
 
-    MECHANISM = "retention"
+    MECHANISM = "linear_attention"
     # No attention to mask: segment ids restart the memory (module docstring).
     document_boundaries = ("ignore", "reset")
 
@@ -391,11 +392,8 @@ class LinearLM(FormsLM):
         s = mixer_settings(model_cfg, cls.MECHANISM)
         d, h, dk, dv = model_cfg.d_model, s.num_heads, s.head_dim, s.value_dim
         proj = d * h * (2 * dk + dv) + h * dv * d + 3 * d * model_cfg.mlp_hidden
-        proj += (
-            d
-            * h
-            * ({"retention": 0, "delta": 1, "gated_delta": 2}[s.mechanism] + (dv if s.output_gate else 0))
-        )
+        gates = {"linear_attention": 0, "delta_rule": 1, "gated_delta_rule": 2}[s.mechanism]  # beta, alpha
+        proj += d * h * (gates + (dv if s.output_gate else 0))
         conv = s.conv_width * h * (2 * dk + dv)
         per_layer = 2 * proj + 2 * conv + memory_flops_per_token(s, seq_len)
         return model_cfg.num_layers * per_layer + 2 * d * model_cfg.vocab_size

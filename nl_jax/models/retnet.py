@@ -14,4 +14,4 @@ from nl_jax.models.registry import register
 
 @register("retnet")
 class RetNet(LinearLM):
-    MECHANISM = "retention"
+    MECHANISM = "linear_attention"

@@ -161,13 +161,13 @@ def reference_mixer(mixer, x, mechanism):
             S = np.zeros((dv, dk))
             for ti in range(t):
                 kk, vv, qq = k[bi, ti, hi], v[bi, ti, hi], q[bi, ti, hi]
-                if mechanism == "retention":
+                if mechanism == "linear_attention":
                     gamma = 1 - 2.0 ** (-5 - hi)
                     S = gamma * S + np.outer(vv, kk)
                 else:
                     beta = 1 / (1 + np.exp(-proj(mixer.b_proj)[bi, ti, hi]))
                     alpha = 1.0
-                    if mechanism == "gated_delta":
+                    if mechanism == "gated_delta_rule":
                         a = proj(mixer.a_proj)[bi, ti, hi] + _np(mixer.dt_bias)[hi]
                         alpha = np.exp(-np.exp(_np(mixer.A_log)[hi]) * np.log1p(np.exp(a)))
                     S = alpha * S @ (np.eye(dk) - beta * np.outer(kk, kk)) + beta * np.outer(vv, kk)

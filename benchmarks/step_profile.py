@@ -1,0 +1,154 @@
+"""Where a model's training gradient spends its time: one jitted value-and-grad step, traced.
+
+    python -m benchmarks.step_profile --config=hope_tiny
+    python -m benchmarks.step_profile --config=hope_tiny --override=model.cms.signal=none --top=20
+
+Times the step (the best of `--repeats` after compilation), traces one more with jax.profiler and
+prints, from the trace's XLA CPU kernels: how many ran, their summed time, that time by kind (dot
+and library-fused matmuls, dynamic slices and updates (scan inputs, outputs and saved residuals),
+copies and transposes, broadcasts, other elementwise fusions) and by pass (the forward, which for
+HOPE's ntp signal holds every segment's inner backward, against the outer backward), and the
+`--top` kernels with their HLO op. Kernel times are summed over the runtime's threads, so they can
+exceed the step's wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "hope_tiny", "config name (experiments/configs)")
+flags.DEFINE_multi_string("override", [], "model config overrides, e.g. model.memory.chunk_size=8")
+flags.DEFINE_integer("batch", 8, "sequences per step")
+flags.DEFINE_integer("seq_len", 256, "tokens per sequence")
+flags.DEFINE_integer("repeats", 4, "timed steps after the first")
+flags.DEFINE_integer("top", 12, "kernels to list")
+
+
+def _kind(name: str) -> str:
+    if name.startswith(("ynn", "xnn", "dot", "onednn")):
+        return "matmul"
+    if "dynamic" in name:
+        return "dynamic slice / update"
+    if "copy" in name or "transpose" in name:
+        return "copy / transpose"
+    if name.startswith("wrapped_broadcast"):
+        return "broadcast"
+    return "elementwise and other"
+
+
+def _kernels(trace_dir: str) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) of every XLA kernel the trace's runtime threads ran."""
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    return [
+        (e["name"], float(e.get("dur", 0)))
+        for e in events
+        if e.get("ph") == "X"
+        and "Eigen" in threads.get((e["pid"], e["tid"]), "")  # the XLA CPU runtime's worker threads
+        and not e["name"].startswith(("Thunk", "while", "Slinky"))
+    ]
+
+
+def _apply(config, overrides):
+    import ast  # noqa: PLC0415
+
+    for item in overrides:
+        key, value = item.split("=", 1)
+        *path, field = key.split(".")
+        section = config
+        for part in path:
+            section = section[part]
+        if field not in section:
+            raise ValueError(f"unknown config field {key!r}")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        section[field] = value
+    return config
+
+
+def main(argv):
+    del argv
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from flax import nnx  # noqa: PLC0415
+
+    from experiments import configs  # noqa: PLC0415
+    from nl_jax.models import build_model  # noqa: PLC0415
+    from nl_jax.train.state import ModelFn  # noqa: PLC0415
+    from nl_jax.train.step import make_loss_fn  # noqa: PLC0415
+
+    config = _apply(configs.load(FLAGS.config), FLAGS.override)
+    model = ModelFn.from_config(config.model)
+    params = nnx.state(build_model(config.model, nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    tokens = jax.random.randint(
+        jax.random.PRNGKey(1), (FLAGS.batch, FLAGS.seq_len + 1), 0, config.model.vocab_size, jnp.int32
+    )
+    batch = {"tokens": tokens}
+    step = jax.jit(jax.value_and_grad(make_loss_fn(model)))
+    t0 = time.perf_counter()
+    compiled = step.lower(params, batch).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(params, batch))
+    times = []
+    for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, batch))
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    ops = dict(re.findall(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", compiled.as_text()))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+        jax.block_until_ready(compiled(params, batch))
+        jax.profiler.stop_trace()
+        kernels = _kernels(trace_dir)
+
+    tokens_per_step = FLAGS.batch * FLAGS.seq_len
+    print(
+        f"{' '.join([FLAGS.config, *FLAGS.override])}: {FLAGS.batch} x {FLAGS.seq_len}, "
+        f"compile {compile_s:.1f} s, step {best * 1e3:.0f} ms ({tokens_per_step / best:,.0f} tokens/s)"
+    )
+    total = sum(d for _, d in kernels)
+    print(f"{len(kernels):,} kernels, {total / 1e3:,.0f} ms summed over threads")
+    by_kind, by_pass = collections.Counter(), collections.Counter()
+    counts = collections.Counter()
+    per_name, calls = collections.Counter(), collections.Counter()
+    for name, d in kernels:
+        kind = _kind(name)
+        by_kind[kind] += d
+        counts[kind] += 1
+        outer = re.match(r"jit\([^)]*\)/transpose", ops.get(name, "")) is not None
+        by_pass["outer backward" if outer else "forward (with any inner backward)"] += d
+        per_name[name] += d
+        calls[name] += 1
+    for title, table in (("by kind", by_kind), ("by pass", by_pass)):
+        print(f"\n{title}:")
+        for key, d in table.most_common():
+            n = f"{counts[key]:>9,} kernels" if title == "by kind" else ""
+            print(f"  {key:36s} {d / 1e3:9.1f} ms {100 * d / total:5.1f}% {n}")
+    print(f"\ntop {FLAGS.top} kernels (ms per step, calls):")
+    for name, d in per_name.most_common(FLAGS.top):
+        print(f"  {d / 1e3:8.1f} ms {calls[name]:6d}  {name:36s} {ops.get(name, '')[-70:]}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,35 @@
+"""benchmarks.step_profile on a small transformer: it times the step, reads the trace's kernels and
+splits their time by kind and by pass (a subprocess: the benchmark defines absl flags)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_profile_reports_kernels_by_kind_and_pass():
+    args = ["--config=transformer_tiny", "--override=model.num_layers=1", "--batch=2", "--seq_len=32"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.step_profile", *args, "--repeats=1", "--top=3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"step \d+ ms \([\d,]+ tokens/s\)", out)
+    n = int(re.search(r"([\d,]+) kernels, ", out).group(1).replace(",", ""))
+    assert n > 10
+    assert "matmul" in out and "outer backward" in out and "forward (with any inner backward)" in out
+    shares = [float(x) for x in re.findall(r"ms +([\d.]+)% ", out.split("by pass:")[0])]
+    assert abs(sum(shares) - 100) < 0.5  # the kinds partition the kernel time
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.step_profile", "--override=model.no_such_field=1"],
+            capture_output=True,
+            check=True,
+            timeout=300,
+        )
