@@ -66,10 +66,11 @@ class CMSState(NamedTuple):
     """Fast state of one CMS layer (all arrays float32 and per sequence, leading batch axis).
 
     levels: one dict per level with
-        w  fast weights {"gate": [B, D, H], "up": [B, D, H], "down": [B, H, D]}
-        g  the gradient terms accumulated since the level's last boundary (same shapes)
-        i  nested only (levels 0..K-2): the re-initialisation point I_l
-        h  nested only (levels 0..K-2): level l's gradient terms since the last boundary of P_{l+1}
+        weights          fast weights {"gate": [B, D, H], "up": [B, D, H], "down": [B, H, D]}
+        grad_sum         the gradient terms accumulated since the level's last boundary (same shapes)
+        reinit           nested only (levels 0..K-2): the re-initialisation point I_l
+        reinit_grad_sum  nested only (levels 0..K-2): level l's gradient terms since the last
+                         boundary of P_{l+1}
     prev: local only: each level's input u at the previous position [B, D] (zeros before position 0)
     pos:  int32 []: number of tokens consumed
     """
@@ -108,22 +109,24 @@ class CMSSchedule(NamedTuple):
         hit = jnp.logical_and(ok, end_pos % self.periods[i] == 0)
         lr = self.inner_lr[i]
         lv = dict(lv)
-        lv["w"] = _tree_where(hit, jax.tree.map(lambda w, g: w - lr * g, lv["w"], lv["g"]), lv["w"])
-        lv["g"] = _tree_where(hit, jax.tree.map(jnp.zeros_like, lv["g"]), lv["g"])
-        if "i" in lv:  # nested: the next level's schedule moves the re-initialisation point
+        step = lambda w, g, rate: jax.tree.map(lambda a, b: a - rate * b, w, g)  # noqa: E731
+        zero = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+        lv["weights"] = _tree_where(hit, step(lv["weights"], lv["grad_sum"], lr), lv["weights"])
+        lv["grad_sum"] = _tree_where(hit, zero(lv["grad_sum"]), lv["grad_sum"])
+        if "reinit" in lv:  # nested: the next level's schedule moves the re-initialisation point
             hit2 = jnp.logical_and(ok, end_pos % self.periods[i + 1] == 0)
             lr2 = self.inner_lr[i + 1]
-            lv["i"] = _tree_where(hit2, jax.tree.map(lambda w, g: w - lr2 * g, lv["i"], lv["h"]), lv["i"])
-            lv["h"] = _tree_where(hit2, jax.tree.map(jnp.zeros_like, lv["h"]), lv["h"])
-            lv["w"] = _tree_where(hit2, lv["i"], lv["w"])
+            lv["reinit"] = _tree_where(hit2, step(lv["reinit"], lv["reinit_grad_sum"], lr2), lv["reinit"])
+            lv["reinit_grad_sum"] = _tree_where(hit2, zero(lv["reinit_grad_sum"]), lv["reinit_grad_sum"])
+            lv["weights"] = _tree_where(hit2, lv["reinit"], lv["weights"])
         return lv
 
     @staticmethod
     def add_grads(lv: dict, g: dict) -> dict:
         g = jax.lax.stop_gradient(g)  # first order: no outer gradient through the inner gradient
-        lv = dict(lv, g=jax.tree.map(jnp.add, lv["g"], g))
-        if "h" in lv:
-            lv["h"] = jax.tree.map(jnp.add, lv["h"], g)
+        lv = dict(lv, grad_sum=jax.tree.map(jnp.add, lv["grad_sum"], g))
+        if "reinit_grad_sum" in lv:
+            lv["reinit_grad_sum"] = jax.tree.map(jnp.add, lv["reinit_grad_sum"], g)
         return lv
 
     def accumulate(
@@ -231,9 +234,9 @@ class ContinuumMemory(nnx.Module):
         levels = []
         for i, lvl in enumerate(self.levels):
             w = lvl.init_weights(batch_size)
-            d = {"w": w, "g": jax.tree.map(jnp.zeros_like, w)}
+            d = {"weights": w, "grad_sum": jax.tree.map(jnp.zeros_like, w)}
             if self.variant == "nested" and i < self.num_levels - 1:
-                d["i"], d["h"] = w, d["g"]
+                d["reinit"], d["reinit_grad_sum"] = w, d["grad_sum"]
             levels.append(d)
         d_model = self.levels[0].norm.scale.shape[0]
         prev = None
@@ -244,11 +247,11 @@ class ContinuumMemory(nnx.Module):
     @staticmethod
     def fast_weights(state: CMSState) -> tuple:
         """The weights the forward reads, one dict per level (what the ntp gradient is taken wrt)."""
-        return tuple(lv["w"] for lv in state.levels)
+        return tuple(lv["weights"] for lv in state.levels)
 
     @staticmethod
     def with_fast_weights(state: CMSState, weights: tuple) -> CMSState:
-        return state._replace(levels=tuple({**lv, "w": w} for lv, w in zip(state.levels, weights)))
+        return state._replace(levels=tuple({**lv, "weights": w} for lv, w in zip(state.levels, weights)))
 
     # ---------------------------------------------------------------- forward
     def _level_in(self, i, z):
@@ -337,8 +340,8 @@ class ContinuumMemory(nnx.Module):
         keys = jnp.concatenate([prev[:, None], u32[:, :-1]], axis=1)  # u_{t-1}
         valid = jnp.broadcast_to((pos + jnp.arange(t)) > 0, (b, t)).astype(jnp.float32)
         if t == 1:  # decode: one token, no period grid
-            out = swiglu_fast(lv["w"], u, self.dtype)
-            lv = self.schedule.add_grads(lv, self._local_grad(lv["w"], keys, u32, valid))
+            out = swiglu_fast(lv["weights"], u, self.dtype)
+            lv = self.schedule.add_grads(lv, self._local_grad(lv["weights"], keys, u32, valid))
             lv = self.schedule.level_boundary(i, lv, pos + 1)
             return out, lv, u32[:, -1]
         off = pos % p
@@ -354,8 +357,8 @@ class ContinuumMemory(nnx.Module):
 
         def body(lv, xs):
             ub, kb, mb, end = xs
-            out = swiglu_fast(lv["w"], ub, self.dtype)
-            lv = self.schedule.add_grads(lv, self._local_grad(lv["w"], kb, ub.astype(jnp.float32), mb))
+            out = swiglu_fast(lv["weights"], ub, self.dtype)
+            lv = self.schedule.add_grads(lv, self._local_grad(lv["weights"], kb, ub.astype(jnp.float32), mb))
             lv = self.schedule.level_boundary(i, lv, end, end <= pos + t)
             return lv, out
 

@@ -229,8 +229,8 @@ class _Hope(CausalLM):
         span, periods = k * self.segment, self.schedule.periods
         fixed = tuple(i for i, p in enumerate(periods) if p % span == 0)
 
-        def reset(lv, i):  # g is reset at level i's boundaries, h (nested) at level i + 1's
-            resets = {"g": periods[i], "h": periods[min(i + 1, len(periods) - 1)]}
+        def reset(lv, i):  # grad_sum is reset at level i's boundaries, reinit_grad_sum at level i + 1's
+            resets = {"grad_sum": periods[i], "reinit_grad_sum": periods[min(i + 1, len(periods) - 1)]}
             return {
                 name: jax.tree.map(jnp.zeros_like, a) if name in resets and span % resets[name] == 0 else a
                 for name, a in lv.items()
@@ -239,13 +239,12 @@ class _Hope(CausalLM):
         def chunk(carry, xs):
             mixer, cms = carry
             cms = cms._replace(levels=tuple(reset(lv, i) for i, lv in enumerate(cms.levels)))
-            weights = {i: cms.levels[i]["w"] for i in fixed}
+            weights = {i: cms.levels[i]["weights"] for i in fixed}
 
             def put(c, ws):  # the fixed levels' weights in (ws) or out (ws None) of a CMS state
+                without = lambda lv: {a: v for a, v in lv.items() if a != "weights"}  # noqa: E731
                 levels = tuple(
-                    ({**lv, "w": ws[i]} if ws is not None else {a: v for a, v in lv.items() if a != "w"})
-                    if i in fixed
-                    else lv
+                    ({**lv, "weights": ws[i]} if ws is not None else without(lv)) if i in fixed else lv
                     for i, lv in enumerate(c.levels)
                 )
                 return c._replace(levels=levels)

@@ -169,7 +169,7 @@ def test_ntp_reads_its_state_and_accumulates_on_the_schedule():
                 expected[i] = jax.tree.map(lambda w, g: w - cms.inner_lr[i] * g, expected[i], sums[i])
                 sums[i] = jax.tree.map(jnp.zeros_like, sums[i])
         _close(ContinuumMemory.fast_weights(state), expected)
-        _close([lv["g"] for lv in state.levels], sums)
+        _close([lv["grad_sum"] for lv in state.levels], sums)
 
 
 def test_ntp_read_with_updated_weights_differs_from_the_init():

@@ -36,7 +36,7 @@ def test_hope_attention_ntp_sharded_equals_unsharded():
     with jax.set_mesh(mesh):
         got = nnx.jit(forward)(model, tokens)
     mixer, cms = got[1]  # per-sequence states [L, B, ...] are split over the batch axes
-    for state in (mixer[0], cms.levels[0]["w"]["gate"]):
+    for state in (mixer[0], cms.levels[0]["weights"]["gate"]):
         assert state.sharding.spec[1] == ("data", "fsdp"), state.sharding.spec
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
