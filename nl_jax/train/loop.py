@@ -31,12 +31,12 @@ from etils import epath
 
 from nl_jax import metrics as metrics_lib
 from nl_jax.data.config import from_config as data_from_config
+from nl_jax.models.registry import check_document_boundaries
 from nl_jax.parallel.mesh import make_mesh
 from nl_jax.parallel.rules import assert_params_sufficiently_sharded, sharding_table
 from nl_jax.train import banner as banner_lib
 from nl_jax.train.checkpoint import Checkpointer, checkpoint_files
 from nl_jax.train.metrics_buffer import MetricsBuffer
-from nl_jax.models.registry import check_document_boundaries
 from nl_jax.train.program import build_train_program
 from nl_jax.train.state import init_train_state, train_state_from_params
 

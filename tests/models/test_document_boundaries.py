@@ -143,7 +143,8 @@ SUPPORT = {
 
 
 def test_every_model_states_its_modes_and_the_rest_are_rejected():
-    assert set(SUPPORT) == set(registered_models())
+    # other tests may register models of their own, named test_*
+    assert set(SUPPORT) == {m for m in registered_models() if not m.startswith("test_")}
     for name, supported in SUPPORT.items():
         for mode in DOCUMENT_BOUNDARIES:
             if mode in supported:
