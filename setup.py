@@ -39,6 +39,7 @@ EXTRAS_REQUIRE = {
         "tensorboard==2.21.0",
         "transformers==5.23.0",
         "lm-eval==0.4.13",  # the lm_eval suite's harness (nl_jax.eval.harness); optional for users
+        "pyarrow==26.0.1",  # the babilong tests write the parquet files of the published dataset
         "torch==2.13.0",
         *WANDB,
         *TPU,

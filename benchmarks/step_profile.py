@@ -25,6 +25,8 @@ import time
 
 from absl import app, flags
 
+from benchmarks.config_overrides import apply_overrides, parse_overrides
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "hope_tiny", "config name (experiments/configs)")
 flags.DEFINE_multi_string("override", [], "model config overrides, e.g. model.memory.chunk_size=8")
@@ -46,43 +48,23 @@ def _kind(name: str) -> str:
     return "elementwise and other"
 
 
-def _kernels(trace_dir: str) -> list[tuple[str, float]]:
-    """(kernel name, microseconds) of every XLA kernel the trace's runtime threads ran."""
+_CONTAINERS = ("while", "conditional", "call")  # their events span the kernels they run
+
+
+def _kernels(trace_dir: str, instructions: set[str]) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) of every kernel of the compiled program the trace recorded: the
+    events named after one of its HLO `instructions`, on whichever thread ran them (the runtime's
+    worker threads, or the client's own thread, which runs a small program's kernels), leaving out
+    the loops and calls whose events span their bodies' kernels."""
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
     with gzip.open(path) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
-    threads = {
-        (e["pid"], e["tid"]): e["args"]["name"]
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "thread_name"
-    }
     return [
         (e["name"], float(e.get("dur", 0)))
         for e in events
-        if e.get("ph") == "X"
-        and "Eigen" in threads.get((e["pid"], e["tid"]), "")  # the XLA CPU runtime's worker threads
-        and not e["name"].startswith(("Thunk", "while", "Slinky"))
+        if e.get("ph") == "X" and e["name"] in instructions and not e["name"].startswith(_CONTAINERS)
     ]
-
-
-def _apply(config, overrides):
-    import ast  # noqa: PLC0415
-
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *path, field = key.split(".")
-        section = config
-        for part in path:
-            section = section[part]
-        if field not in section:
-            raise ValueError(f"unknown config field {key!r}")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass
-        section[field] = value
-    return config
 
 
 def main(argv):
@@ -97,7 +79,7 @@ def main(argv):
     from nl_jax.train.state import ModelFn  # noqa: PLC0415
     from nl_jax.train.step import make_loss_fn  # noqa: PLC0415
 
-    config = _apply(configs.load(FLAGS.config), FLAGS.override)
+    config = apply_overrides(configs.load(FLAGS.config), parse_overrides(FLAGS.override))
     model = ModelFn.from_config(config.model)
     params = nnx.state(build_model(config.model, nnx.Rngs(0)), nnx.Param).to_pure_dict()
     tokens = jax.random.randint(
@@ -115,12 +97,13 @@ def main(argv):
         jax.block_until_ready(compiled(params, batch))
         times.append(time.perf_counter() - t0)
     best = min(times)
-    ops = dict(re.findall(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", compiled.as_text()))
+    hlo = compiled.as_text()
+    ops = dict(re.findall(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo))
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         jax.block_until_ready(compiled(params, batch))
         jax.profiler.stop_trace()
-        kernels = _kernels(trace_dir)
+        kernels = _kernels(trace_dir, set(re.findall(r"%([\w.\-]+) = ", hlo)))
 
     tokens_per_step = FLAGS.batch * FLAGS.seq_len
     print(

@@ -20,7 +20,6 @@ set-up is in benchmarks/peers.py). Neither package is a dependency of nl_jax.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import resource
@@ -30,6 +29,8 @@ import tempfile
 import time
 
 from absl import app, flags
+
+from benchmarks.config_overrides import apply_overrides, parse_overrides
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["256", "2048"], "sequence lengths T; each step holds max(1, 2048 // T) sequences")
@@ -68,27 +69,6 @@ def _config_name(family: str | None) -> str:
     return f"{family}_{FLAGS.base.rsplit('_', 1)[1]}"
 
 
-def _apply(config, overrides: dict):
-    """Sets dotted fields ("model.cms.signal") of `config`; an unknown field is an error."""
-    for key, value in overrides.items():
-        *path, field = key.split(".")
-        section = config
-        for part in path:
-            section = section[part]
-        if field not in section:
-            raise ValueError(f"unknown config field {key!r}")
-        section[field] = tuple(value) if isinstance(section[field], tuple) else value  # json has no tuples
-    return config
-
-
-def _parse(text: str):
-    """A --override value: a python literal (numbers, bools, tuples) or else the string itself."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def matched_mlp_hidden(name: str, params: int, extra: dict) -> int:
     """The SwiGLU width (a multiple of 8) that brings config `name`, with the `extra` overrides, closest
     to `params` parameters."""
@@ -101,7 +81,7 @@ def matched_mlp_hidden(name: str, params: int, extra: dict) -> int:
         cfg.mlp_hidden = h
         return count_params(cfg)
 
-    _apply(cfg, {k[len("model.") :]: v for k, v in extra.items() if k.startswith("model.")})
+    apply_overrides(cfg, {k[len("model.") :]: v for k, v in extra.items() if k.startswith("model.")})
 
     lo, hi = 8, 8 * 4096
     while hi - lo > 8:  # count grows with the width
@@ -117,7 +97,7 @@ def _worker(config_name: str, overrides: dict) -> dict:
     from experiments import configs  # noqa: PLC0415
     from nl_jax.train import Hook, run  # noqa: PLC0415
 
-    config = _apply(configs.load(config_name), overrides)
+    config = apply_overrides(configs.load(config_name), overrides)
     config.train.update(steps=FLAGS.steps + 1, log_every=FLAGS.steps + 1)
     config.eval.update(every=0, max_batches=1)
     config.checkpoint.enabled = False
@@ -211,8 +191,8 @@ def main(argv):
     from experiments import configs  # noqa: PLC0415
     from nl_jax.models import count_params  # noqa: PLC0415
 
-    extra = {k: _parse(v) for k, v in (o.split("=", 1) for o in FLAGS.override)}
-    target = count_params(_apply(configs.load(FLAGS.base), extra).model)
+    extra = parse_overrides(FLAGS.override)
+    target = count_params(apply_overrides(configs.load(FLAGS.base), extra).model)
     widths = {}
     rows = []
     for t in map(int, FLAGS.lengths):

@@ -50,11 +50,13 @@ def _load_json(path: str):
     """A run's saved config (`<workdir>/config.json`) as a ConfigDict."""
     import ml_collections
 
+    from nl_jax.eval.restore import upgrade_saved_config
+
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
     try:
         with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            return ml_collections.ConfigDict(upgrade_saved_config(json.load(f)))
     except json.JSONDecodeError as e:
         raise ValueError(f"config file {path}, line {e.lineno}: {e.msg}") from e
 

@@ -20,3 +20,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Tests compile hundreds of small programs and run each a few times: XLA's CPU optimisation passes
 # cost more than they save here (about a fifth of the suite's time). Results stay float32-exact.
 jax.config.update("jax_disable_most_optimizations", True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Every compiled XLA:CPU program holds a few memory mappings of its own for as long as jax's
+    caches keep it. A pytest worker that kept all the programs of half the suite came within a few
+    hundred of the kernel's limit (vm.max_map_count, 65,530 by default), and one that passed it
+    crashed inside XLA's compiler. Modules share no programs, so each module's are dropped after it."""
+    yield
+    jax.clear_caches()

@@ -27,6 +27,8 @@ def model_config() -> ml_collections.ConfigDict:
             mlp_hidden=2816,  # SwiGLU hidden width (fla: 256-multiple near 8/3 * d_model)
             rope_theta=10000.0,  # RoPE base frequency
             sliding_window=0,  # attention window in tokens (self included); 0 = full causal
+            # training attention: xla (einsum) | splash (Pallas) | cudnn; nl_jax/mixers/attention_kernels.py
+            attention_impl="xla",
             tie_embeddings=False,  # share the input embedding as the output projection
             norm_eps=1e-6,  # RMSNorm epsilon
             dtype="float32",  # compute dtype of matmuls/activations; "bfloat16" on TPU

@@ -1,5 +1,5 @@
-"""HOPE 760M: 24 layers x d1536, self-modifying Titans 12 heads x 128, CMS 4 levels x SwiGLU 640 (periods 16,
-64, 256, 1024; ntp signal), tied embeddings, vocab 32000: 776,963,136 parameters.
+"""HOPE 760M: 24 layers x d1536, self-modifying Titans 12 heads x 128, CMS 4 levels x SwiGLU 1112 (periods 16,
+64, 256, 1024; ntp signal), tied embeddings, vocab 32000: 758,973,504 parameters.
 
     python -m experiments.pretrain --config=hope_760m
 """
@@ -11,7 +11,7 @@ def get_config():
     config = hope_base.get_config("hope")
     config.model.update(d_model=1536, num_layers=24, tie_embeddings=True)
     config.model.memory.update(num_heads=12, head_dim=128)
-    config.model.cms.hidden = (640, 640, 640, 640)
+    config.model.cms.hidden = (1112, 1112, 1112, 1112)
     # TPU defaults: bf16 matmuls over float32 master weights (docs/design.md, Decision 10).
     config.model.update(dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable")
     config = base.paper_recipe(config, tokens=30e9)  # docs/design.md, Decision 1: 760M on 30B tokens

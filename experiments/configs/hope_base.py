@@ -1,7 +1,7 @@
 """HOPE family defaults: `hope` (self-modifying Titans + CMS) and `hope_attention` (attention + CMS).
 
-`model.cms` configures the Continuum Memory System (nl_jax/memory/cms.py); `model.memory` holds the
-keyword arguments of the self-modifying Titans layer (nl_jax/memory/self_modifying.py), passed as
+`model.cms` configures the Continuum Memory System (nl_jax/mixers/cms.py); `model.memory` holds the
+keyword arguments of the self-modifying Titans layer (nl_jax/mixers/self_modifying.py), passed as
 they are. The paper's ablation rows (Table 6) are flags on `hope_*`:
 
     w/o DGD               --config.model.memory.dgd=False
@@ -59,13 +59,13 @@ def memory_config() -> ml_collections.ConfigDict:
             adaptive_k=True,  # k from its own memory (ablation: w/o inner-projection k)
             adaptive_v=True,  # v from its own memory (ablation: w/o inner-projection v)
             adaptive_q=False,  # q static by default (paper Eq. 83-85); True = adaptive q
-            eta_max=0.1,  # eta = eta_max * sigmoid(.), in (0, 1] (eta_param="bounded" only)
+            max_lr=0.1,  # eta = max_lr * sigmoid(.), in (0, 1] (eta_param="bounded" only)
             max_grad_norm=1.0,  # each token's inner gradient clipped to this norm (0: off, the paper's form)
             normalize_values=False,  # raw v, the paper's form (True: l2-normalise v like q and k)
-            eta_param="bounded",  # bounded (eta_max * sigmoid) | paper (softplus, no cap; eta_max unused)
-            # projected (each memory reads its own projection of x) | shared (one input for all, the
-            # paper's Eq. 83-88)
-            memory_inputs="projected",
+            eta_param="bounded",  # bounded (max_lr * sigmoid) | paper (softplus, no cap; max_lr unused)
+            # shared (one input for all, the paper's Eq. 83-88) | projected (each memory reads its own
+            # projection of x)
+            memory_inputs="shared",
             # True: the paper's literal form, overriding the four above (normalize_values=False,
             # eta_param="paper", max_grad_norm=0, memory_inputs="shared"); docs/design.md, Decision 11
             paper_literal=False,
@@ -86,7 +86,8 @@ def get_config(name: str = "hope") -> ml_collections.ConfigDict:
     del config.model["mlp_hidden"]  # the CMS levels replace the MLP
     if name == "hope":
         config.model.memory = memory_config()
-        for key in ("num_heads", "num_kv_heads", "head_dim", "rope_theta", "sliding_window"):
+        attention = ("num_heads", "num_kv_heads", "head_dim", "rope_theta", "sliding_window", "attention_impl")
+        for key in attention:
             del config.model[key]  # no attention
     elif name != "hope_attention":
         raise ValueError(f"unknown HOPE family member {name!r}; choose hope or hope_attention")

@@ -1,5 +1,5 @@
 """HOPE tiny: byte-level (vocab 260), 4 layers x d128, self-modifying Titans 4 heads x 32 (chunks of
-16), CMS 2 levels x SwiGLU 192 (periods 16, 64; ntp signal); 1,290,016 params.
+16), CMS 2 levels x SwiGLU 192 (periods 16, 64; ntp signal); 1,023,776 params.
 
 Trains in minutes on a laptop CPU (sequence 256 = 16 ntp segments):
     python -m experiments.pretrain --config=hope_tiny

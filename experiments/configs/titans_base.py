@@ -25,6 +25,9 @@ def titans_config() -> ml_collections.ConfigDict:
                     # post_update (Titans) | per_token | boundary (docs/design.md, Decision 6)
                     read="post_update",
                     momentum=True,  # surprise momentum S_t = eta_t S_{t-1} - theta_t grad
+                    objective="l2",  # l2: 1/2 ||M(k) - v||^2 (Titans) | dot: -<M(k), v> (DLA)
+                    retention="l2",  # l2: weight decay (Titans) | kl: KL divergence, simplex rows (Memora)
+                    simplex_scale=1.0,  # retention="kl": what every row of the memory sums to
                     max_lr=0.1,  # theta_t = max_lr * sigmoid(x W_theta)
                     conv_width=4,  # causal depthwise conv on q / k / v
                     remat_chunks=False,  # recompute each chunk in the backward pass (saves memory)

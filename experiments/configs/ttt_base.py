@@ -1,4 +1,4 @@
-"""TTT family defaults: the transformer fields plus the TTT layer's (see nl_jax/models/ttt.py)."""
+"""TTT family defaults: the transformer fields plus the TTT layer's (see nl_jax/mixers/ttt.py)."""
 
 from experiments.configs import base
 

@@ -13,6 +13,7 @@ import grain
 import ml_collections
 
 from nl_jax.data import corpus
+from nl_jax.data import packing
 from nl_jax.data import pipeline
 from nl_jax.data.mixture import Mixture, not_mixable
 from nl_jax.data import shards
@@ -64,6 +65,10 @@ def default_data_config() -> ml_collections.ConfigDict:
             # fast-weight state restarts at a document's first token); which models support which:
             # README, Data section.
             document_boundaries="ignore",
+            # N > 1: every document starts at a multiple of N tokens of its row, the gap padded with
+            # PAD (loss weight 0), e.g. the memory chunk of titans / ttt / hope for "reset"; must
+            # divide seq_len. 0: documents follow each other directly (nl_jax/data/packing.py).
+            document_alignment=0,
             # Weighted sources: entries like dict(source="array_record", path=DIR, weight=0.7), each a
             # weight and source fields (the others are this section's); (): the single source above.
             mixture=(),
@@ -151,6 +156,7 @@ class Data:
             num_workers=c.num_workers,
             prefetch=c.prefetch,
             vocab_size=c.vocab_size,
+            document_alignment=c.get("document_alignment", 0),
         )
 
     def eval_iterator(self, max_batches: int | None = None) -> Iterator[dict]:
@@ -168,6 +174,7 @@ class Data:
             split=c.eval_split,
             max_batches=max_batches,
             vocab_size=c.vocab_size,
+            document_alignment=c.get("document_alignment", 0),
         )
 
 
@@ -192,8 +199,12 @@ def from_config(
     tokenizer = tokenizers.load_tokenizer(cfg.tokenizer)
     tokenizers.check_vocab(tokenizer, cfg.vocab_size)
     source = build_source(cfg)
+    alignment = cfg.get("document_alignment", 0)
     for s in source.sources if isinstance(source, Mixture) else (source,):
+        pipeline.check_alignable(s, alignment)
         if isinstance(s, shards.ArrayRecordShards):
             s.check_tokenizer(tokenizer)
     pipeline.check_args(cfg.seq_len, cfg.global_batch_size, cfg.seed, process_index, process_count)
+    packing.check_alignment(alignment, cfg.seq_len)
+    pipeline.layout_pad(tokenizer, alignment)
     return Data(source, tokenizer, cfg, process_index, process_count)

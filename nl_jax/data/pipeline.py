@@ -20,6 +20,12 @@ Eval iterators are plain finite generators (not checkpointed: eval always restar
 the split in order, the last one partial, the last batch padded with PAD rows; `weights` [B, L]
 (float32) marks the real targets, so every validation token but the first is scored exactly once.
 A mixture's validation windows are its components' interleaved by weight (mixture.py).
+
+`document_alignment` N > 1 packs the aligned layout (packing.py: every document starts at a multiple
+of N tokens, padded with PAD): the stream of an in-memory source is built aligned, TFDS documents
+are aligned as they are packed, and batches carry `weights` float32 [B/P, L] in training too (0 on
+pad targets). ArrayRecord shards hold the stream prepare_data wrote, unaligned: they take no
+alignment.
 """
 
 from __future__ import annotations
@@ -55,36 +61,70 @@ class InMemoryTokens:
         return f"InMemoryTokens({self.name})"
 
 
-def tokenize_documents(source, tokenizer, split: str) -> np.ndarray:
-    """The split's packed stream (`doc EOS doc EOS ...`), tokenized once per process and cached."""
-    key = (repr(source), repr(tokenizer), split)
+def tokenize_documents(source, tokenizer, split: str, alignment: int = 0) -> np.ndarray:
+    """The split's packed stream (`doc EOS doc EOS ...`, aligned with `alignment` > 1), tokenized
+    once per process and cached."""
+    key = (repr(source), repr(tokenizer), split) + ((alignment,) if alignment > 1 else ())
     if key not in _TOKEN_CACHE:
         docs = source.documents(split)
-        stream = packing.pack_documents(tokenizer.encode_batch(docs), tokenizer.eos_id)
+        stream = packing.pack_documents(
+            tokenizer.encode_batch(docs), tokenizer.eos_id, alignment, tokenizer.pad_id
+        )
         if len(stream) == 0:
             raise ValueError(f"Empty corpus: {source!r} split {split!r} tokenizes to nothing")
         _TOKEN_CACHE[key] = stream
     return _TOKEN_CACHE[key]
 
 
-def token_store(source, tokenizer, split: str):
+def check_alignable(source, alignment: int) -> None:
+    """ValueError for data.document_alignment > 1 on ArrayRecord shards (their stream is fixed)."""
+    if alignment > 1 and isinstance(source, shards.ArrayRecordShards):
+        raise ValueError(
+            f"data.document_alignment={alignment} needs documents packed on the fly, but {source!r} "
+            "holds the stream prepare_data wrote unaligned; use data.document_alignment=0 or a "
+            "text / jsonl / tfds source"
+        )
+
+
+def token_store(source, tokenizer, split: str, alignment: int = 0):
     """Random-access token stream of a split, or None for streaming sources (TFDS)."""
     if isinstance(source, shards.ArrayRecordShards):
+        check_alignable(source, alignment)
         source.check_tokenizer(tokenizer)
         return source.tokens(split)
     if hasattr(source, "documents"):
-        return InMemoryTokens(
-            tokenize_documents(source, tokenizer, split), f"{source!r}, {tokenizer!r}, split={split!r}"
-        )
+        name = f"{source!r}, {tokenizer!r}, split={split!r}"
+        name += f", alignment={alignment}" if alignment > 1 else ""
+        return InMemoryTokens(tokenize_documents(source, tokenizer, split, alignment), name)
     if isinstance(source, sources_lib.TfdsText):
         return None
     raise TypeError(f"Unsupported data source {source!r}")
 
 
-def as_batch(tokens: np.ndarray, eos_id: int) -> dict:
-    """The batch of some token rows: the rows and their segment ids."""
+def as_batch(tokens: np.ndarray, eos_id: int, pad_id: int | None = None) -> dict:
+    """The batch of some token rows: the rows and their segment ids; given `pad_id` (the aligned
+    layout), segment ids that keep pads with the document before them and the targets' `weights`."""
     tokens = np.asarray(tokens, np.int32)
-    return {"tokens": tokens, "segment_ids": packing.segment_ids(tokens, eos_id)}
+    if pad_id is None:
+        return {"tokens": tokens, "segment_ids": packing.segment_ids(tokens, eos_id)}
+    return {
+        "tokens": tokens,
+        "segment_ids": packing.aligned_segment_ids(tokens, eos_id, pad_id),
+        "weights": packing.target_weights(tokens, pad_id),
+    }
+
+
+def layout_pad(tokenizer, alignment: int) -> int | None:
+    """The pad id `as_batch` reads in the aligned layout, None in the plain one. Pads are found by
+    value, so the tokenizer's pad id must be its own (never a token of a document)."""
+    if alignment <= 1:
+        return None
+    if not getattr(tokenizer, "has_pad", True):
+        raise ValueError(
+            f"data.document_alignment={alignment} pads documents with PAD, but {tokenizer!r} has no pad "
+            "id of its own; use a tokenizer trained with pad_id set (experiments.train_tokenizer does)"
+        )
+    return tokenizer.pad_id
 
 
 class ReadWindow(grain.transforms.Map):
@@ -108,12 +148,13 @@ class ProcessBatchDataset(grain.MapDataset):
         process_index: int,
         process_count: int,
         eos_id: int,
+        pad_id: int | None = None,
     ):
         super().__init__(windows)
         self._global = global_batch_size
         self._local = global_batch_size // process_count
         self._first_row = process_index * self._local
-        self._eos = eos_id
+        self._eos, self._pad = eos_id, pad_id
 
     def __len__(self) -> int:
         return len(self._parent) // self._global
@@ -122,7 +163,8 @@ class ProcessBatchDataset(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         start = index * self._global + self._first_row
-        return as_batch(np.stack([self._parent[i] for i in range(start, start + self._local)]), self._eos)
+        rows = np.stack([self._parent[i] for i in range(start, start + self._local)])
+        return as_batch(rows, self._eos, self._pad)
 
     def __str__(self) -> str:
         return f"ProcessBatchDataset(rows={self._first_row}:{self._first_row + self._local})"
@@ -142,20 +184,20 @@ class TokenizeRecord(grain.transforms.Map):
 class AsBatch(grain.transforms.Map):
     """Rows of tokens -> a batch with segment ids (module-level class so grain workers can pickle it)."""
 
-    def __init__(self, eos_id: int):
-        self._eos = eos_id
+    def __init__(self, eos_id: int, pad_id: int | None = None):
+        self._eos, self._pad = eos_id, pad_id
 
     def map(self, tokens):
-        return as_batch(tokens, self._eos)
+        return as_batch(tokens, self._eos, self._pad)
 
 
-def _random_access_stores(source, tokenizer, split: str) -> list:
+def _random_access_stores(source, tokenizer, split: str, alignment: int = 0) -> list:
     """The token stores of a source's split (one per mixture component), or [] for a streaming
     source (TFDS)."""
     if not isinstance(source, Mixture):
-        store = token_store(source, tokenizer, split)
+        store = token_store(source, tokenizer, split, alignment)
         return [] if store is None else [store]
-    stores = [token_store(s, tokenizer, split) for s in source.sources]
+    stores = [token_store(s, tokenizer, split, alignment) for s in source.sources]
     for s, store in zip(source.sources, stores):
         if store is None:
             raise not_mixable(repr(s))
@@ -190,18 +232,22 @@ def make_train_iterator(
     num_workers: int = 0,
     prefetch: int = 8,
     vocab_size: int | None = None,
+    document_alignment: int = 0,
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator of this process's batches (see module docstring).
 
     `it.get_state()` / `it.set_state(state)`, or orbax with `grain.checkpoint.CheckpointSave(it)` /
     `CheckpointRestore(it)`, resume it exactly. `num_workers > 0` uses grain worker processes (the
-    caller must be under `absl.app.run` and a `__main__` guard).
+    caller must be under `absl.app.run` and a `__main__` guard). `document_alignment` > 1: the
+    aligned layout (module docstring).
     """
     check_args(seq_len, global_batch_size, seed, process_index, process_count)
+    packing.check_alignment(document_alignment, seq_len)
     tokenizers.check_vocab(tokenizer, vocab_size)
+    pad = layout_pad(tokenizer, document_alignment)
     local = global_batch_size // process_count
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(1, prefetch))
-    stores = _random_access_stores(source, tokenizer, split)
+    stores = _random_access_stores(source, tokenizer, split, document_alignment)
     if stores:
         windows = []
         for i, store in enumerate(stores):
@@ -218,7 +264,7 @@ def make_train_iterator(
         if isinstance(source, Mixture):
             windows = [grain.MapDataset.mix(windows, source.weights)]
         ds = ProcessBatchDataset(
-            windows[0], global_batch_size, process_index, process_count, tokenizer.eos_id
+            windows[0], global_batch_size, process_index, process_count, tokenizer.eos_id, pad
         ).to_iter_dataset(read_options)
     else:
         src = source.data_source(split)
@@ -233,8 +279,10 @@ def make_train_iterator(
         docs = docs.repeat().map(TokenizeRecord(tokenizer, source.text_key))
         # Elements here are documents, many per batch: read further ahead than for batches.
         doc_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(64, prefetch * local))
-        ds = packing.PackWindowsIterDataset(docs.to_iter_dataset(doc_options), seq_len, tokenizer.eos_id)
-        ds = ds.batch(local, drop_remainder=True).map(AsBatch(tokenizer.eos_id))
+        ds = packing.PackWindowsIterDataset(
+            docs.to_iter_dataset(doc_options), seq_len, tokenizer.eos_id, document_alignment, tokenizer.pad_id
+        )
+        ds = ds.batch(local, drop_remainder=True).map(AsBatch(tokenizer.eos_id, pad))
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter(ds)
@@ -262,16 +310,20 @@ def make_eval_iterator(
     split: str = "validation",
     max_batches: int | None = None,
     vocab_size: int | None = None,
+    document_alignment: int = 0,
 ) -> Iterator[dict]:
     """Finite, deterministic batches over the whole split (or its first `max_batches`).
 
     Yields `{"tokens": int32 [B/P, L+1], "segment_ids": int32 [B/P, L+1], "weights": float32
     [B/P, L]}`; every process yields the same number of batches, so a multi-host eval loop never
-    waits on a process that ran out.
+    waits on a process that ran out. `document_alignment` > 1: the aligned layout, pad targets of
+    weight 0.
     """
     check_args(seq_len, global_batch_size, 0, process_index, process_count)
+    packing.check_alignment(document_alignment, seq_len)
     tokenizers.check_vocab(tokenizer, vocab_size)
-    stores = _random_access_stores(source, tokenizer, split)
+    pad = layout_pad(tokenizer, document_alignment)
+    stores = _random_access_stores(source, tokenizer, split, document_alignment)
     if isinstance(source, Mixture):
         windows = interleave([_store_eval_windows(s, seq_len) for s in stores], source.weights)
     elif stores:
@@ -279,7 +331,9 @@ def make_eval_iterator(
     else:
         src = source.data_source(split)
         docs = (tokenizer.encode(sources_lib.record_text(src[i], source.text_key)) for i in range(len(src)))
-        windows = packing.iter_eval_windows(docs, seq_len, tokenizer.eos_id)
+        windows = packing.iter_eval_windows(
+            docs, seq_len, tokenizer.eos_id, document_alignment, tokenizer.pad_id
+        )
     return _eval_batches(
         windows,
         seq_len,
@@ -289,12 +343,14 @@ def make_eval_iterator(
         max_batches,
         tokenizer.pad_id,
         tokenizer.eos_id,
+        pad,
     )
 
 
 def _eval_batches(
-    windows, seq_len, global_batch_size, process_index, process_count, max_batches, pad_id, eos_id
+    windows, seq_len, global_batch_size, process_index, process_count, max_batches, pad_id, eos_id, layout_pad
 ) -> Iterator[dict]:
+    """`layout_pad`: the pad id of the aligned layout (its pad targets weigh 0), None in the plain one."""
     local = global_batch_size // process_count
     rows = slice(process_index * local, (process_index + 1) * local)
     count = 0
@@ -310,7 +366,10 @@ def _eval_batches(
                 break
         if filled == 0:
             return
-        yield {**as_batch(tokens[rows], eos_id), "weights": weights[rows]}
+        batch = as_batch(tokens[rows], eos_id, layout_pad)
+        if layout_pad is not None:
+            weights = weights * packing.target_weights(tokens, layout_pad)
+        yield {**batch, "weights": weights[rows]}
         count += 1
         if filled < global_batch_size:
             return

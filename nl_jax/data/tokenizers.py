@@ -22,6 +22,7 @@ class ByteTokenizer:
     """
 
     pad_id = 0
+    has_pad = True  # PAD is no byte: never a token of a document
     bos_id = 1
     eos_id = 2
     byte_offset = 3
@@ -74,6 +75,7 @@ class SentencePieceTokenizer:
         self.eos_id = int(self._sp.eos_id())
         pad = int(self._sp.pad_id())
         self.pad_id = pad if pad >= 0 else 0  # padded targets are masked out, so any id works
+        self.has_pad = pad >= 0  # else pad_id is a real piece (unk), not one documents never hold
         if self.eos_id < 0:
             raise ValueError(
                 f"SentencePiece model {model_path!r} has no EOS id (eos_id=-1); documents are "

@@ -23,6 +23,13 @@ KV cache) carrying information forward (docs/design.md, Decision 8).
    `forgetting[j] = max over s < S-1 of accuracy[s][j] - accuracy[S-1][j]` for j < S-1 (the drop
    from the best to the final accuracy), and their means. With `carry_state=False` the state
    restarts at each stage (a baseline that only remembers the current stage).
+
+   `icl_window > 0` is the in-context-learning baseline: the state restarts at each stage and the
+   context is filled with demonstrations of every class seen so far (those of all stages up to s,
+   shuffled together), as many whole demonstrations as fit in `icl_window` tokens (the model's
+   context window; the rest are dropped). A model's state is a function of the tokens it was
+   given, so while every demonstration fits, this differs from the carried state only in their
+   order; past the window it shows what the state carries beyond the context.
 """
 
 from __future__ import annotations
@@ -117,6 +124,14 @@ def _encode(tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text), np.int32)
 
 
+def longest_query(tokenizer, test: list[tuple[str, str]], labels: list[str]) -> int:
+    """Tokens of the longest classification query with the longest label: the room a context of
+    demonstrations must leave."""
+    label = max((_encode(tokenizer, " " + c) for c in labels), key=len, default=np.zeros(0))
+    query = max((len(_encode(tokenizer, f"Text: {t}\nLabel:")) for t, _ in test), default=0)
+    return query + len(label)
+
+
 def _classify(runner, tokenizer, state, queries, candidates, state_len) -> list[str]:
     """Label of each query text by the largest log p(" name" | state, query); state unchanged."""
     rows = []  # (query index, candidate index, tokens, number of scored label tokens)
@@ -154,6 +169,7 @@ def class_incremental(
     max_test_per_class: int = 0,
     state_len: int = 2048,
     carry_state: bool = True,
+    icl_window: int = 0,
     seed: int = 0,
 ) -> dict:
     """The protocol of the module docstring, 2."""
@@ -176,14 +192,20 @@ def class_incremental(
     seen: list[str] = []
     accuracy: list[list[float]] = []
     average: list[float] = []
+    kept: list[int] = []  # icl: demonstrations that fit in the window, per stage
     for s, stage in enumerate(stages):
-        if not carry_state:
+        fresh = s == 0 or not carry_state or icl_window > 0
+        if fresh:
             state = runner.init_state(1, state_len)
-        demos = [(t, c) for c in stage for t in by_class[c][:shots_per_class]]
+        demos = [
+            (t, c) for c in (seen + stage if icl_window else stage) for t in by_class[c][:shots_per_class]
+        ]
         rng.shuffle(demos)
-        text = "".join(demonstration(t, c) for t, c in demos)
-        toks = _encode(tokenizer, text)
-        if s == 0 or not carry_state:
+        if icl_window:
+            demos = _fit(tokenizer, demos, icl_window - 1)  # one token for the EOS that starts it
+            kept.append(len(demos))
+        toks = _encode(tokenizer, "".join(demonstration(t, c) for t, c in demos))
+        if fresh:
             toks = np.concatenate([[tokenizer.eos_id], toks]).astype(np.int32)
         # every demonstration token is consumed as an input; the targets are not used
         _, _, state = runner.stream_chunked(toks[None], np.zeros_like(toks)[None], state)
@@ -200,8 +222,9 @@ def class_incremental(
         average.append(100.0 * correct_all / total_all)
     last = len(stages) - 1
     forgetting = [max(accuracy[s][j] for s in range(j, last)) - accuracy[last][j] for j in range(last)]
-    return {
+    out = {
         "stages": stages,
+        "method": "icl" if icl_window else "carried" if carry_state else "reset",
         "carry_state": carry_state,
         "shots_per_class": shots_per_class,
         "accuracy": accuracy,
@@ -210,3 +233,23 @@ def class_incremental(
         "forgetting": forgetting,
         "mean_forgetting": float(np.mean(forgetting)) if forgetting else 0.0,
     }
+    if icl_window:
+        out.update(icl_window=icl_window, demonstrations_kept=kept)
+    return out
+
+
+def _fit(tokenizer, demos: list[tuple[str, str]], budget: int) -> list[tuple[str, str]]:
+    """The last whole demonstrations whose text takes at most `budget` tokens."""
+    total, start = 0, len(demos)
+    while start > 0:
+        n = len(_encode(tokenizer, demonstration(*demos[start - 1])))
+        if total + n > budget:
+            break
+        start, total = start - 1, total + n
+    # tokens of a joined text may differ from the sum of its parts' (subword merges at the seams)
+    while (
+        start < len(demos)
+        and len(_encode(tokenizer, "".join(demonstration(*d) for d in demos[start:]))) > budget
+    ):
+        start += 1
+    return demos[start:]

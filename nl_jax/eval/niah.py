@@ -259,21 +259,25 @@ def max_new_tokens_for(tokenizer, samples: list[NiahSample]) -> int:
     return need + 8
 
 
-def memory_needed(runner: ModelRunner, length: int, num_prompts: int, vocab_size: int) -> tuple[int, int]:
+def memory_needed(
+    runner: ModelRunner, length: int, num_prompts: int, vocab_size: int, batch_size: int = 0
+) -> tuple[int, int]:
     """(host bytes, device bytes) that prompts of `length` tokens need at the least, before any is
     generated: the `num_prompts` prompts of a (task, length) cell as int32 on the host; on the
     devices, one batch of prompts plus the decode state at `length` tokens (decoding models, from
     `jax.eval_shape` of `init_decode_state`) or one batch's float32 logits (models decoded by full
     forwards). A lower bound, so refusing a grid that exceeds the memory is never wrong. A model that
-    cannot build a state of that length raises ValueError."""
+    cannot build a state of that length raises ValueError. `batch_size`: rows decoded at once
+    (default: the runner's)."""
     import jax
 
+    rows = batch_size or runner.batch_size
     host = num_prompts * length * 4
-    batch = runner.batch_size * length * 4
+    batch = rows * length * 4
     if not runner.can_decode:
-        return host, batch + runner.batch_size * length * vocab_size * 4
+        return host, batch + rows * length * vocab_size * 4
     try:
-        state = jax.eval_shape(lambda: runner._init_state(runner.batch_size, length))
+        state = jax.eval_shape(lambda: runner._init_state(rows, length))
     except Exception as e:  # e.g. a length the model's position arithmetic cannot hold
         raise ValueError(f"the model cannot decode {length} tokens: {type(e).__name__}: {e}") from e
     return host, batch + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))

@@ -5,6 +5,10 @@ acc_norm, Wino acc, ARC-e acc, ARC-c acc_norm, SIQA acc, BoolQ acc, Avg = the me
 accuracy columns. "Wiki ppl" is word perplexity (lm-evaluation-harness `wikitext`, independent of
 the tokenizer); a missing entry is "-" and the average then covers the columns present (marked *).
 NIAH (Table 1 of the long version): accuracy per task at each length, "a/b/c" over the lengths.
+In-context recall (Table 3) and MAD (Table 4): accuracy per task and their average. Formal
+languages (Table 5): accuracy per language, "in distribution / beyond the training length".
+BABILong: accuracy per task and length, and the mean over the tasks. Class-incremental learning:
+final average accuracy and mean forgetting per dataset, for the carried state and its baselines.
 """
 
 from __future__ import annotations
@@ -118,6 +122,144 @@ def lm_eval_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def recall_table(rows: dict[str, dict]) -> str:
+    """Markdown table: model x recall task accuracy (%), Avg over the tasks present (* when some
+    are missing)."""
+    from nl_jax.eval.recall import TASKS, TITLES
+
+    tasks = [t for t in TASKS if any(t in r.get("recall", {}) for r in rows.values())]
+    if not tasks:
+        return ""
+    lines = ["| Model | " + " | ".join(TITLES[t] for t in tasks) + " | Avg |", "|---" * (len(tasks) + 2) + "|"]
+    for name, results in rows.items():
+        accs = [results.get("recall", {}).get(t, {}).get("contains") for t in tasks]
+        present = [a for a in accs if a is not None]
+        avg = _fmt(sum(present) / len(present), 1) if present else "-"
+        avg += "*" if present and len(present) < len(TASKS) else ""
+        lines.append(f"| {name} | " + " | ".join(_fmt(a, 1) for a in accs) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def babilong_table(rows: dict[str, dict]) -> str:
+    """Markdown table: a row per model and BABILong task, a column per length, accuracy (%); each
+    model's "avg" row is the mean over its tasks at each length."""
+    from nl_jax.eval.babilong import TASKS, length_tokens
+
+    lengths = sorted(
+        {n for r in rows.values() for t, by in r.get("babilong", {}).items() if t in TASKS for n in by},
+        key=length_tokens,
+    )
+    if not lengths:
+        return ""
+    lines = [
+        "| Model | task | " + " | ".join(n.upper() for n in lengths) + " |",
+        "|---" * (len(lengths) + 2) + "|",
+    ]
+    for name, results in rows.items():
+        res = results.get("babilong", {})
+        tasks = [t for t in TASKS if t in res]
+        for t in tasks:
+            cells = [_fmt(res[t].get(n, {}).get("accuracy"), 1) for n in lengths]
+            lines.append(f"| {name} | {t} | " + " | ".join(cells) + " |")
+        if len(tasks) > 1:
+            cells = []
+            for n in lengths:
+                accs = [res[t][n]["accuracy"] for t in tasks if n in res[t]]
+                cells.append(_fmt(sum(accs) / len(accs), 1) if accs else "-")
+            lines.append(f"| {name} | avg | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CI_METHODS = {"carried": "state carried", "reset": "state reset each stage", "icl": "ICL (context window)"}
+
+
+def class_incremental_summary(rows: dict[str, dict]) -> str:
+    """Markdown table: a row per model and memory (carried, reset, ICL), a column per dataset,
+    cells "final average accuracy / mean forgetting" (%)."""
+    from nl_jax.eval.class_incremental_data import DATASETS, TITLES
+
+    names = [d for d in DATASETS if any(d in r.get("class_incremental", {}) for r in rows.values())]
+    if not names:
+        return ""
+    lines = [
+        "| Model | memory | " + " | ".join(TITLES[d] for d in names) + " |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for name, results in rows.items():
+        res = results.get("class_incremental", {})
+        for method, title in CI_METHODS.items():
+            runs = [res.get(d, {}).get(method) for d in names]
+            if any(runs):
+                cells = [
+                    f"{r['final_average_accuracy']:.1f} / {r['mean_forgetting']:.1f}" if r else "-"
+                    for r in runs
+                ]
+                lines.append(f"| {name} | {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def mad_table(rows: dict[str, dict]) -> str:
+    """Markdown table: model x MAD task accuracy (%), Avg over the tasks present (* when some are
+    missing)."""
+    from nl_jax.eval.mad import TASKS, TITLES
+
+    tasks = [t for t in TASKS if any(t in r.get("mad", {}) for r in rows.values())]
+    if not tasks:
+        return ""
+    lines = [
+        "| Model | " + " | ".join(TITLES[t] for t in tasks) + " | Avg |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
+    for name, results in rows.items():
+        accs = [results.get("mad", {}).get(t, {}).get("accuracy") for t in tasks]
+        present = [a for a in accs if a is not None]
+        avg = _fmt(sum(present) / len(present), 1) if present else "-"
+        avg += "*" if present and len(present) < len(TASKS) else ""
+        lines.append(f"| {name} | " + " | ".join(_fmt(a, 1) for a in accs) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def formal_table(rows: dict[str, dict]) -> str:
+    """Markdown table: model x language, cells "in distribution / beyond the training length" (%)."""
+    from nl_jax.eval.formal import LANGUAGES, TITLES
+
+    langs = [g for g in LANGUAGES if any(g in r.get("formal", {}) for r in rows.values())]
+    if not langs:
+        return ""
+    lines = ["| Model | " + " | ".join(TITLES[g] for g in langs) + " |", "|---" * (len(langs) + 1) + "|"]
+    for name, results in rows.items():
+        cells = []
+        for g in langs:
+            r = results.get("formal", {}).get(g, {})
+            cells.append(f"{_fmt(r.get('accuracy_id'), 1)} / {_fmt(r.get('accuracy_ood'), 1)}" if r else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _hparam(x) -> str:
+    return "run's" if x is None else f"{x:g}"
+
+
+def grid_winners(rows: dict[str, dict], suite: str) -> str:
+    """Lines "model: task lr / weight decay, ..." naming each task's best grid point, for the runs
+    whose tasks trained at more than one point ("" when none did)."""
+    from nl_jax.eval import formal, mad
+
+    titles = {"mad": mad.TITLES, "formal": formal.TITLES}[suite]
+    lines = []
+    for name, results in rows.items():
+        won = [
+            f"{titles[task]} {_hparam(r['lr'])} / {_hparam(r['weight_decay'])}"
+            for task, r in results.get(suite, {}).items()
+            if task[0] != "_" and len(r.get("grid", ())) > 1
+        ]
+        if won:
+            lines.append(f"- {name}: " + ", ".join(won))
+    if not lines:
+        return ""
+    return "Best (learning rate / weight decay) of the grid per task:\n\n" + "\n".join(lines)
+
+
 def memorization_table(rows: dict[str, dict]) -> str:
     """Markdown table: test-time memorization of each model (continual suite)."""
     lines = [
@@ -173,6 +315,35 @@ def markdown_report(rows: dict[str, dict], title: str = "") -> str:
     niah = niah_table(rows)
     if niah:
         parts += ["## Needle in a haystack (accuracy %)", "", niah, ""]
+    table = recall_table(rows)
+    if table:
+        parts += ["## In-context recall (accuracy %: the answer in the greedy continuation)", "", table, ""]
+    table = babilong_table(rows)
+    if table:
+        parts += [
+            "## BABILong (accuracy %: the answer alone in the greedy output's first sentence)",
+            "",
+            table,
+            "",
+        ]
+    table = class_incremental_summary(rows)
+    if table:
+        heading = "## Class-incremental learning (final average accuracy / mean forgetting, %)"
+        parts += [heading, "", table, ""]
+    table = mad_table(rows)
+    if table:
+        parts += ["## MAD synthetic tasks (accuracy %)", "", table, ""]
+        winners = grid_winners(rows, "mad")
+        parts += [winners, ""] if winners else []
+    table = formal_table(rows)
+    if table:
+        n = next(
+            r["train_len"] for res in rows.values() for k, r in res.get("formal", {}).items() if k[0] != "_"
+        )
+        heading = f"## Formal language recognition (accuracy %: lengths 1-{n}, as trained / {n + 1}-{2 * n})"
+        parts += [heading, "", table, ""]
+        winners = grid_winners(rows, "formal")
+        parts += [winners, ""] if winners else []
     mem = memorization_table(rows)
     if mem:
         parts += ["## Test-time memorization (loss, nats/token)", "", mem, ""]

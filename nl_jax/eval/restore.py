@@ -16,6 +16,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from nl_jax.models.registry import upgrade_model_config
 from nl_jax.parallel.mesh import make_mesh
 from nl_jax.train.state import ModelFn
 
@@ -30,7 +31,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path} not found: --workdir must be a directory written by experiments.pretrain "
             "(or pass --config=NAME to name the model)"
         )
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(upgrade_saved_config(json.loads(path.read_text())))
+
+
+def upgrade_saved_config(config: dict) -> dict:
+    """A run's saved config with renamed model settings under their current names."""
+    if isinstance(config.get("model"), dict):
+        config = {**config, "model": upgrade_model_config(config["model"])}
+    return config
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

@@ -10,17 +10,35 @@
                the lengths against memory and what the model can decode before any prompt is built.
   continual    test-time memorization over the validation stream, and class-incremental
                classification when `<data_dir>/continual/{train,test}.jsonl` exist.
+  recall       in-context recall on SWDE, NQ, DROP, FDA, SQuAD, TriviaQA from
+               `<data_dir>/recall/<task>.jsonl` in the "Just read twice" release's format
+               (nl_jax.eval.recall); a task with no file is a `warning: skipped` line.
+  babilong     BABILong qa1-qa20 (nl_jax.eval.babilong) from `<data_dir>/babilong/` in the Hugging
+               Face release's layouts, at every length present (or asked) that the model can stream
+               in memory; a length it cannot is one `warning: skipped` line, a task with no file too.
+  class_incremental
+               class-incremental classification on CLINC-150, Banking77 and DBpedia from their
+               published files under `<data_dir>/class_incremental/<dataset>/`
+               (nl_jax.eval.class_incremental_data): the state carried across stages, restarted at
+               each stage, and the in-context-learning baseline; a dataset without its files is a
+               `warning: skipped` line.
+  mad          the Mechanistic Architecture Design tasks (nl_jax.eval.mad), generated: a fresh
+               model of the run's configuration is trained on each task and scored on its test split.
+  formal       formal-language recognition (nl_jax.eval.formal), generated: a fresh model per
+               language, trained on short strings, scored in and beyond the training length.
   lm_eval      named lm-evaluation-harness tasks (`lm_eval:piqa,hellaswag`) through
                `nl_jax.eval.harness`, with the task data read from the local Hugging Face datasets
                cache only; a task the harness does not know, or whose data is not local, is a
                `warning: skipped` line. Not part of "all" (it needs task names).
 
-Each returns its results dict; keys starting with "_" say what was skipped.
+`mad` and `formal` train models, so they are not part of "all". Each returns its results dict;
+keys starting with "_" say what was skipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -33,11 +51,13 @@ from absl import logging
 
 from nl_jax.data.config import build_source
 from nl_jax.data.sources import read_text
-from nl_jax.eval import continual, niah
+from nl_jax.eval import babilong, continual, formal, mad, niah, recall
+from nl_jax.eval import class_incremental_data as ci_data
 from nl_jax.eval import multiple_choice as mc
 from nl_jax.eval import perplexity as ppl
 
-SUITES = ("lm", "commonsense", "niah", "continual")
+SUITES = ("lm", "commonsense", "niah", "continual", "recall", "babilong", "class_incremental")
+TRAINED = ("mad", "formal")  # suites that train a model per task (not in "all")
 LM_EVAL = "lm_eval"  # named harness tasks: "lm_eval:task,task"
 
 
@@ -51,7 +71,7 @@ class SuiteOptions:
     step: int | None = None
     batch_size: int = 8
     context_len: int = 0  # 0: the training seq_len
-    limit: int = 0  # examples per commonsense task / documents per corpus (0: all)
+    limit: int = 0  # examples per commonsense / recall / babilong task, documents per corpus (0: all)
     ppl_mode: str = "sliding"  # sliding | stream | both
     stride: int = 0
     niah_tasks: tuple[str, ...] = niah.TASKS
@@ -65,6 +85,27 @@ class SuiteOptions:
     ci_test_per_class: int = 20
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_include: str = ""  # a directory of extra harness task YAMLs (lm_eval's include_path)
+    recall_tasks: tuple[str, ...] = recall.TASKS
+    recall_max_new_tokens: int = recall.MAX_NEW_TOKENS
+    babilong_tasks: tuple[str, ...] = babilong.DEFAULT_TASKS
+    babilong_lengths: tuple[str, ...] = ()  # release length names; (): every length present
+    ci_datasets: tuple[str, ...] = ci_data.DATASETS
+    # mad / formal: training per task (scaled down; README, "MAD and formal languages")
+    task_steps: int = 10
+    task_batch_size: int = 8
+    # the learning-rate x weight-decay grid each task trains over, best point reported; (): the run's
+    # optim.lr / optim.weight_decay (MAD's protocol: README, "MAD and formal languages")
+    task_lrs: tuple[float, ...] = ()
+    task_weight_decays: tuple[float, ...] = ()
+    task_seed: int = 0
+    mad_tasks: tuple[str, ...] = tuple(mad.TASKS)
+    mad_max_len: int = 64  # 0: the protocol's lengths
+    mad_train_examples: int = 1280  # 0: the protocol's (12,800; memorization 256)
+    mad_test_examples: int = 64  # 0: the protocol's (1,280)
+    formal_languages: tuple[str, ...] = formal.LANGUAGES
+    formal_train_len: int = formal.PROTOCOL_TRAIN_LEN
+    formal_train_examples: int = 1000  # 0: the protocol's (formal.PROTOCOL_TRAIN_EXAMPLES)
+    formal_test_examples: int = 64  # 0: the protocol's (formal.PROTOCOL_TEST_EXAMPLES)
 
 
 def skip(suite: str, task: str, why: str) -> None:
@@ -184,16 +225,12 @@ def _available_memory() -> tuple[int, int | None]:
     return host, stats.get("bytes_limit")
 
 
-def check_niah(runner, tokenizer, haystack: str, options: SuiteOptions) -> None:
-    """Before anything is generated: the longest length fits in memory (the lower bound of
-    `niah.memory_needed`) and in what the model can decode, and every task fits the shortest.
-    ValueError naming the flags otherwise."""
-    lengths = list(options.niah_lengths)
-    prompts = len(options.niah_depths) * options.niah_samples
-    try:
-        host, device = niah.memory_needed(runner, max(lengths), prompts, tokenizer.vocab_size)
-    except ValueError as e:
-        raise ValueError(f"--niah_lengths={max(lengths)}: {e}") from e
+def memory_shortfall(runner, length: int, prompts: int, vocab_size: int, batch_size: int = 0) -> str:
+    """Why `prompts` prompts of `length` tokens, decoded `batch_size` rows at a time (default: the
+    runner's), do not fit: "needs at least X GiB of <memory> (this machine has Y GiB)" for the first
+    memory the lower bound of `niah.memory_needed` overflows; "" when they fit. ValueError when the
+    model cannot decode `length` tokens at all."""
+    host, device = niah.memory_needed(runner, length, prompts, vocab_size, batch_size)
     have_host, have_device = _available_memory()
     if have_device is None:  # CPU devices allocate from the host's RAM
         need = {"host memory": (host + device, have_host)}
@@ -204,12 +241,28 @@ def check_niah(runner, tokenizer, haystack: str, options: SuiteOptions) -> None:
         }
     for where, (n, have) in need.items():
         if n > have:
-            raise ValueError(
-                f"--niah_lengths={max(lengths)} needs at least {n / 2**30:,.1f} GiB of {where} for "
-                f"{prompts} prompts (--niah_depths x --niah_samples) in batches of {runner.batch_size}; "
-                f"this machine has {have / 2**30:,.1f} GiB. Use shorter --niah_lengths, fewer "
-                "--niah_samples / --niah_depths, or a smaller --batch_size"
+            return (
+                f"needs at least {n / 2**30:,.1f} GiB of {where} (this machine has {have / 2**30:,.1f} GiB)"
             )
+    return ""
+
+
+def check_niah(runner, tokenizer, haystack: str, options: SuiteOptions) -> None:
+    """Before anything is generated: the longest length fits in memory (the lower bound of
+    `niah.memory_needed`) and in what the model can decode, and every task fits the shortest.
+    ValueError naming the flags otherwise."""
+    lengths = list(options.niah_lengths)
+    prompts = len(options.niah_depths) * options.niah_samples
+    try:
+        short = memory_shortfall(runner, max(lengths), prompts, tokenizer.vocab_size)
+    except ValueError as e:
+        raise ValueError(f"--niah_lengths={max(lengths)}: {e}") from e
+    if short:
+        raise ValueError(
+            f"--niah_lengths={max(lengths)} {short} for {prompts} prompts (--niah_depths x "
+            f"--niah_samples) in batches of {runner.batch_size}. Use shorter --niah_lengths, fewer "
+            "--niah_samples / --niah_depths, or a smaller --batch_size"
+        )
     for task in options.niah_tasks:
         try:
             niah.make_sample(task, tokenizer, min(lengths), 0.0, haystack_text=haystack)
@@ -309,4 +362,304 @@ def run_lm_eval(runner, tokenizer, context_len: int, options: SuiteOptions) -> d
         logging.info("lm_eval %s: %s", task, out[task])
     if skipped:
         out["_skipped"] = skipped
+    return out
+
+
+def check_recall_data(options: SuiteOptions) -> None:
+    """ValueError if no recall task has a file."""
+    if not options.data_dir or not any(
+        os.path.isfile(recall.task_file(options.data_dir, t)) for t in options.recall_tasks
+    ):
+        raise ValueError(
+            "--suite=recall has no data: put <task>.jsonl files in <--data_dir>/recall/ "
+            f"({', '.join(options.recall_tasks)})"
+        )
+
+
+def run_recall(runner, tokenizer, context_len: int, out_dir: str, options: SuiteOptions) -> dict:
+    """Each task with a file: accuracy (%) of greedy continuations containing the answer; the
+    outputs go to `out_dir/recall_samples.jsonl`."""
+    out, skipped = {}, {}
+    with open(os.path.join(out_dir, "recall_samples.jsonl"), "w") as f:
+        for task in options.recall_tasks:
+            path = recall.task_file(options.data_dir, task) if options.data_dir else ""
+            if not path or not os.path.isfile(path):
+                skipped[task] = f"no {path or 'recall/' + task + '.jsonl (no --data_dir)'}"
+                skip("recall", task, skipped[task])
+                continue
+            t0 = time.time()
+            res = recall.evaluate_task(
+                runner,
+                tokenizer,
+                recall.read_examples(path, options.limit),
+                context_len=context_len,
+                max_new_tokens=options.recall_max_new_tokens,
+            )
+            for sample in res.pop("samples"):
+                f.write(json.dumps({"task": task, **sample}) + "\n")
+            res["seconds"] = time.time() - t0
+            out[task] = res
+            logging.info("recall %s: %s", task, res)
+    if skipped:
+        out["_skipped"] = skipped
+    return out
+
+
+def task_grid(options: SuiteOptions) -> list[tuple[float | None, float | None]]:
+    """The (learning rate, weight decay) points each task trains at, learning rate first; None is
+    the run's value, so the default grid is the single point of the run's optimizer."""
+    return list(itertools.product(options.task_lrs or (None,), options.task_weight_decays or (None,)))
+
+
+def _trainers(config, mesh, options: SuiteOptions):
+    """A TaskTrainer per grid point: each keeps its compiled programs for every task of the suite."""
+    from nl_jax.eval.task_training import TaskTrainer
+
+    return [
+        TaskTrainer(
+            config, mesh, steps=options.task_steps, batch_size=options.task_batch_size, lr=lr, weight_decay=wd
+        )
+        for lr, wd in task_grid(options)
+    ]
+
+
+def _best_of_grid(trainers, train_and_score, rank) -> dict:
+    """Trains and scores a task once per grid point (`train_and_score(trainer)` -> the point's
+    results); the winner's results (highest `rank(results)`, the first point on a tie) with every
+    point's under "grid", so a table can say which point won."""
+    points = []
+    for trainer in trainers:
+        result = train_and_score(trainer)
+        points.append(dict(lr=trainer.lr, weight_decay=trainer.weight_decay, **result))
+    best = max(range(len(points)), key=lambda k: (rank(points[k]), -k))
+    return dict(points[best], grid=points)
+
+
+def _finite(x: float) -> float:
+    return x if np.isfinite(x) else -np.inf
+
+
+def run_mad(config, mesh, options: SuiteOptions) -> dict:
+    """Each MAD task: a fresh model of `config` trained on its training split at each point of the
+    learning-rate x weight-decay grid, the best accuracy (%) of the scored positions of its test
+    split (the protocol's score)."""
+    out, skipped = {}, {}
+    trainers = _trainers(config, mesh, options)
+    vocab = int(config.model.vocab_size)
+    for task in options.mad_tasks:
+        i = list(mad.TASKS).index(task)  # a task's data and weights do not depend on the others asked
+        spec = mad.scaled_spec(
+            task, options.mad_max_len, options.mad_train_examples, options.mad_test_examples
+        )
+        if spec.vocab > vocab:
+            skipped[task] = f"needs a vocabulary of {spec.vocab} tokens; the model has {vocab}"
+            skip("mad", task, skipped[task])
+            continue
+        t0 = time.time()
+        train, test = mad.make_split(task, spec, seed=options.task_seed + i)
+
+        def train_and_score(trainer):
+            # every point starts from the same weights and batches: only the optimizer differs
+            trained, fit = trainer.train(train, kind="softmax", seed=options.task_seed + i)
+            return dict(accuracy=mad.accuracy(trainer.logits(trained, test.inputs), test), **fit)
+
+        out[task] = dict(
+            **_best_of_grid(trainers, train_and_score, lambda p: _finite(p["accuracy"])),
+            seq_len=spec.seq_len,
+            vocab=spec.vocab,
+            train_examples=len(train),
+            test_examples=len(test),
+            seconds=time.time() - t0,
+        )
+        logging.info("mad %s: %s", task, out[task])
+    if skipped:
+        out["_skipped"] = skipped
+    return out
+
+
+def run_formal(config, mesh, options: SuiteOptions) -> dict:
+    """Each language: a fresh model of `config` trained on strings up to `formal_train_len`
+    symbols at each point of the learning-rate x weight-decay grid; accuracy (%) of recognised test
+    strings in and beyond that length of the point best beyond it (in distribution on a tie)."""
+    out, skipped = {}, {}
+    trainers = _trainers(config, mesh, options)
+    vocab = int(config.model.vocab_size)
+    train_examples = options.formal_train_examples or formal.PROTOCOL_TRAIN_EXAMPLES
+    test_examples = options.formal_test_examples or formal.PROTOCOL_TEST_EXAMPLES
+    for lang in options.formal_languages:
+        i = formal.LANGUAGES.index(lang)  # a language's data and weights do not depend on the others
+        classes = formal.classes(lang)
+        if max(classes) >= vocab:
+            skipped[lang] = f"needs token ids up to {max(classes)}; the model has a vocabulary of {vocab}"
+            skip("formal", lang, skipped[lang])
+            continue
+        t0 = time.time()
+        split = formal.make_split(
+            lang, options.formal_train_len, train_examples, test_examples, seed=options.task_seed + i
+        )
+        train = formal.encode(lang, split.train)
+        tests = {"id": formal.encode(lang, split.test_id), "ood": formal.encode(lang, split.test_ood)}
+
+        def train_and_score(trainer):
+            trained, fit = trainer.train(
+                train, kind="multilabel", classes=classes, seed=options.task_seed + i
+            )
+            acc = {
+                f"accuracy_{name}": formal.accuracy(trainer.logits(trained, data.inputs, classes), data)
+                for name, data in tests.items()
+            }
+            return dict(**acc, **fit)
+
+        def rank(p):
+            return (_finite(p["accuracy_ood"]), _finite(p["accuracy_id"]))
+
+        out[lang] = dict(
+            **_best_of_grid(trainers, train_and_score, rank),
+            train_len=options.formal_train_len,
+            train_examples=len(split.train),
+            test_examples=len(split.test_id),
+            seconds=time.time() - t0,
+        )
+        logging.info("formal %s: %s", lang, out[lang])
+    if skipped:
+        out["_skipped"] = skipped
+    return out
+
+
+def check_babilong_data(options: SuiteOptions) -> None:
+    """ValueError if no asked BABILong task has a file at any asked length."""
+    root = os.path.join(options.data_dir, "babilong") if options.data_dir else ""
+    lengths = list(options.babilong_lengths) or (babilong.lengths_in(root) if root else [])
+    if not any(babilong.task_files(root, n, t) for n in lengths for t in options.babilong_tasks):
+        raise ValueError(
+            "--suite=babilong has no data: put the release's files in <--data_dir>/babilong/ "
+            "(<length>/<task>-*.parquet as RMT-team/babilong has them, or <length>/<task>.jsonl) for "
+            f"--babilong_tasks={','.join(options.babilong_tasks)}"
+        )
+
+
+def run_babilong(runner, tokenizer, out_dir: str, options: SuiteOptions) -> dict:
+    """Accuracy (%) per task and length, `{task: {length: {...}}}`; the outputs go to
+    `out_dir/babilong_samples.jsonl`. A length the model cannot stream (memory, or what it can
+    decode) is skipped before its prompts are decoded."""
+    root = os.path.join(options.data_dir, "babilong") if options.data_dir else ""
+    lengths = list(options.babilong_lengths) or (babilong.lengths_in(root) if root else [])
+    lengths.sort(key=babilong.length_tokens)
+    out: dict = {t: {} for t in options.babilong_tasks}
+    skipped = {}
+    if not lengths:
+        skipped["all"] = f"no length directories in {root or 'babilong/ (no --data_dir)'}"
+        skip("babilong", "all", skipped["all"])
+    with open(os.path.join(out_dir, "babilong_samples.jsonl"), "w") as f:
+        for length in lengths:
+            cells = {}  # task -> (examples, prompt tokens)
+            for task in options.babilong_tasks:
+                paths = babilong.task_files(root, length, task) if root else []
+                if not paths:
+                    skipped[f"{task}/{length}"] = f"no {task} file in {os.path.join(root, length)}"
+                    skip("babilong", f"{task}/{length}", skipped[f"{task}/{length}"])
+                    continue
+                examples = babilong.read_examples(paths, options.limit)
+                cells[task] = (examples, babilong.encode_prompts(tokenizer, examples))
+            if not cells:
+                continue
+            prompts = [p for _, ps in cells.values() for p in ps]
+            longest = max(len(p) for p in prompts) + babilong.MAX_NEW_TOKENS
+            rows = babilong.longest_group([len(p) for p in prompts], runner.batch_size)
+            try:
+                why = memory_shortfall(
+                    runner, longest, max(len(ps) for _, ps in cells.values()), tokenizer.vocab_size, rows
+                )
+            except ValueError as e:
+                why = str(e)
+            if why:
+                skipped[length] = f"prompts of up to {longest} tokens: {why}"
+                skip("babilong", length, f"the model cannot stream {length}: {skipped[length]}")
+                continue
+            for task, (examples, tokens) in cells.items():
+                t0 = time.time()
+                res = babilong.evaluate_task(runner, tokenizer, task, examples, tokens)
+                for sample in res.pop("samples"):
+                    f.write(json.dumps({"task": task, "length": length, **sample}) + "\n")
+                res["seconds"] = time.time() - t0
+                out[task][length] = res
+                logging.info("babilong %s %s: %s", task, length, res)
+    out = {t: r for t, r in out.items() if r}
+    if skipped:
+        out["_skipped"] = skipped
+    return out
+
+
+def check_class_incremental_data(options: SuiteOptions) -> None:
+    """ValueError if no asked class-incremental dataset has its files."""
+    if not any(not ci_data.missing_files(options.data_dir, d) for d in options.ci_datasets):
+        raise ValueError(
+            "--suite=class_incremental has no data: put the published files in "
+            "<--data_dir>/class_incremental/<dataset>/ ("
+            + "; ".join(f"{d}: {', '.join(ci_data.FILES[d])}" for d in options.ci_datasets)
+            + ")"
+        )
+
+
+def run_class_incremental(runner, tokenizer, context_len: int, options: SuiteOptions) -> dict:
+    """Per dataset with its files: the class-incremental protocol (nl_jax.eval.continual) with the
+    state carried across stages, restarted at each stage, and the in-context-learning baseline (a
+    restarted state given demonstrations of every class seen, as many as fit in `context_len`
+    tokens with the longest test query)."""
+    out, skipped = {}, {}
+    if not runner.can_decode:
+        skipped["all"] = "the model has no decode state to carry"
+        skip("class_incremental", "all", skipped["all"])
+        return {"_skipped": skipped}
+    for name in options.ci_datasets:
+        missing = ci_data.missing_files(options.data_dir, name)
+        if missing:
+            skipped[name] = f"no {', '.join(missing)}" + ("" if options.data_dir else " (no --data_dir)")
+            skip("class_incremental", name, skipped[name])
+            continue
+        t0 = time.time()
+        train, test = ci_data.load(options.data_dir, name)
+        stages = continual.make_stages(
+            [lab for _, lab in train], min(options.ci_stages, len({c for _, c in train}))
+        )
+        test = _capped(test, options.ci_test_per_class)  # also what the ICL window must leave room for
+        kw = dict(stages=stages, shots_per_class=options.ci_shots)
+        res = {
+            "carried": continual.class_incremental(
+                runner, tokenizer, train, test, state_len=max(context_len, 2048), **kw
+            ),
+            "reset": continual.class_incremental(
+                runner, tokenizer, train, test, state_len=max(context_len, 2048), carry_state=False, **kw
+            ),
+        }
+        window = context_len - continual.longest_query(tokenizer, test, [c for s in stages for c in s])
+        if window > 1:
+            res["icl"] = continual.class_incremental(
+                runner, tokenizer, train, test, state_len=context_len, icl_window=window, **kw
+            )
+        else:
+            skipped[f"{name}/icl"] = f"its longest test query does not fit in {context_len} tokens of context"
+            skip("class_incremental", f"{name}/icl", skipped[f"{name}/icl"])
+        res["seconds"] = time.time() - t0
+        out[name] = res
+        logging.info(
+            "class_incremental %s: %s",
+            name,
+            {k: v["final_average_accuracy"] for k, v in res.items() if k != "seconds"},
+        )
+    if skipped:
+        out["_skipped"] = skipped
+    return out
+
+
+def _capped(examples, per_class: int):
+    """The first `per_class` examples of each class (all with 0), in order."""
+    if per_class <= 0:
+        return examples
+    count: dict[str, int] = {}
+    out = []
+    for text, label in examples:
+        count[label] = count.get(label, 0) + 1
+        if count[label] <= per_class:
+            out.append((text, label))
     return out

@@ -102,6 +102,18 @@ def evaluate_workdir(
             results["niah"] = suites.run_niah(runner, tokenizer, haystack, out_dir, options)
         elif suite == "continual":
             results["continual"] = suites.run_continual(runner, tokenizer, config, context_len, options)
+        elif suite == "recall":
+            results["recall"] = suites.run_recall(runner, tokenizer, context_len, out_dir, options)
+        elif suite == "babilong":
+            results["babilong"] = suites.run_babilong(runner, tokenizer, out_dir, options)
+        elif suite == "class_incremental":
+            results["class_incremental"] = suites.run_class_incremental(
+                runner, tokenizer, context_len, options
+            )
+        elif suite == "mad":
+            results["mad"] = suites.run_mad(config, mesh, options)
+        elif suite == "formal":
+            results["formal"] = suites.run_formal(config, mesh, options)
         elif suite == suites.LM_EVAL:
             results[suites.LM_EVAL] = suites.run_lm_eval(runner, tokenizer, context_len, options)
         print(f"  {suite}: {time.time() - t0:.1f}s", flush=True)
@@ -130,6 +142,12 @@ def evaluate_workdirs(
     with a row per run in `out_dir` (default: `<their common parent>/eval`)."""
     if list(suite_names) == ["commonsense"]:  # before any model is loaded
         suites.check_commonsense_data(options)
+    if list(suite_names) == ["recall"]:
+        suites.check_recall_data(options)
+    if list(suite_names) == ["babilong"]:
+        suites.check_babilong_data(options)
+    if list(suite_names) == ["class_incremental"]:
+        suites.check_class_incremental_data(options)
     if len(workdirs) == 1:
         evaluate_workdir(
             workdirs[0], suite_names, options, config=config, out_dir=out_dir, writable_dir=writable_dir
@@ -147,4 +165,3 @@ def evaluate_workdirs(
         jpath, mpath = report.write_results(out_dir, rows, stem="comparison")
         print(open(mpath).read())
         print(f"comparison: {jpath}\n            {mpath}", flush=True)
-

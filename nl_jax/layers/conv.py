@@ -21,6 +21,17 @@ def same_document(segment_ids: jax.Array, lag: int) -> jax.Array:
     return before == segment_ids
 
 
+def document_starts(segment_ids: jax.Array) -> jax.Array:
+    """bool [B, T]: True at each document's first token after the row's first token (the row's
+    first token starts from the initial state anyway)."""
+    return ~same_document(segment_ids, 1)
+
+
+def document_continues(segment_ids: jax.Array) -> jax.Array:
+    """float32 [B, T]: 0 where `document_starts`, else 1 (a retention gate that restarts a state)."""
+    return same_document(segment_ids, 1).astype(jnp.float32)
+
+
 class ShortConv(nnx.Module):
     def __init__(
         self,

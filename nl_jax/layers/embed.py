@@ -4,15 +4,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.layers.linear import logical_param, to_dtype
+from nl_jax.layers.linear import contract_trailing, logical_param, to_dtype
 
 
 def _logits(x, w, contract_w: int) -> jax.Array:
     # Inputs in the compute dtype, accumulation and result in float32: the softmax over 32k classes
     # is where bf16 rounding hurts most.
-    return jax.lax.dot_general(
-        x, w.astype(x.dtype), (((x.ndim - 1,), (contract_w,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    w = w.astype(x.dtype)
+    return contract_trailing(x, w if contract_w == 0 else w.T, 1, preferred_element_type=jnp.float32)
 
 
 class Embed(nnx.Module):

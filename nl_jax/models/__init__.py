@@ -1,5 +1,6 @@
 """Models: a registry by name, the language-model shell and its interface, the scan-over-layers stack,
-and the models built on them (Transformer++, HOPE, Titans, TTT, Samba, RetNet, (Gated) DeltaNet)."""
+and the models built on them (Transformer++, HOPE, Titans, DLA, Memora, TTT, Samba, RetNet, (Gated)
+DeltaNet, Comba, RWKV-7)."""
 
 from nl_jax.models.interface import CausalModel, StatefulModel
 from nl_jax.models.lm import CausalLM

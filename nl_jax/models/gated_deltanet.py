@@ -6,7 +6,7 @@ in Mamba2 / fla); S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^
 output y = W_o (RMSNorm_head(o) * SiLU(x W_g)). Value heads are `expand_v` = 2 times wider; fla sizes
 the heads so that num_heads * head_dim = 0.75 d_model (about 6 d_model^2 per mixer). Blocks are pre-norm
 with a SwiGLU FFN. The gated delta rule is `presets.gated_delta_rule` through the memory core, see
-`linear_blocks`. A_log and dt_bias are excluded from weight decay in fla.
+`nl_jax.mixers.linear`. A_log and dt_bias are excluded from weight decay in fla.
 """
 
 from nl_jax.models.linear_blocks import LinearLM

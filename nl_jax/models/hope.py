@@ -4,7 +4,7 @@ Decisions 3 and 7.
 Block (pre-norm residual, RMSNorm):
     hope            h = x + SelfModTitans(Norm(x))      (the layer has its own out norm, gate, out proj)
     hope_attention  h = x + Attention(Norm(x))          (RoPE, full or sliding window, GQA)
-    both            y = CMS(h): z <- z + MLP_l(Norm_l(z)) for the levels (nl_jax/memory/cms.py)
+    both            y = CMS(h): z <- z + MLP_l(Norm_l(z)) for the levels (nl_jax/mixers/cms.py)
 
 Config (`model` section): vocab_size, d_model, num_layers, tie_embeddings, norm_eps, dtype, param_dtype,
 scan_layers, remat_policy, init_std; `model.cms` (variant, signal, periods, hidden, inner_lr, optional
@@ -38,6 +38,19 @@ dividing the chunk) are not saved. The values are exactly those of the plain seg
 per-sequence states are sharded with the batch (over data and fsdp; XLA may split the rest over tensor),
 not like the parameters they start from.
 
+Packed rows (segment ids; `data.document_boundaries`): hope_attention masks its attention by
+document ("mask"; also "reset", since attention is its only token mixer), on the training path and on
+the ntp segment scan, whose KV cache looks up the ids of the cached positions in the row's ids. hope
+restarts every self-modifying memory from its meta-learned initial state at each document's first
+token, and its short convs stop there ("reset"); the memories take a chunk's keys, values and
+gradients from the chunk's start state, so documents must start at multiples of
+lcm(chunk_size, memory_chunk_size) (checked), and the ntp segments must sit on those grids.
+The CMS levels are not restarted (decision): they are the slow end of the continuum, updated at
+their own periods over the whole sequence, and a level whose period exceeds a document would
+otherwise never update; so they carry across documents like the training stream's sequences, and
+a packed row equals its documents apart only while no level boundary falls inside the row (or the
+inner lr is 0). Segment ids are taken by the training forwards only, not by the decode state.
+
 Decoding reproduces the forward: the decode state keeps the current segment's tokens and the
 recurrent states at its start; when the first token of the next segment arrives (the target of the
 segment's last token), the segment's vjp is recomputed from those states, the gradients are
@@ -55,8 +68,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nl_jax.layers import Attention, RMSNorm, attention_dims, to_dtype
-from nl_jax.memory.cms import CMSSchedule, ContinuumMemory
+from nl_jax.layers import RMSNorm, to_dtype
+from nl_jax.layers.conv import document_starts
+from nl_jax.mixers import Attention, attention_dims
+from nl_jax.mixers.cms import CMSSchedule, ContinuumMemory
 from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
 from nl_jax.parallel.rules import constrain
@@ -108,18 +123,9 @@ class HopeBlock(nnx.Module):
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         kw = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         if self.attention:
-            heads, kv, head_dim = attention_dims(cfg)
-            self.mixer = Attention(
-                cfg.d_model,
-                heads,
-                kv,
-                head_dim,
-                rope_theta=cfg.rope_theta,
-                sliding_window=cfg.sliding_window,
-                **dict(kw, dtype=to_dtype(cfg.dtype), param_dtype=param_dtype),
-            )
+            self.mixer = Attention.from_config(cfg, **kw)
         else:
-            from nl_jax.memory.self_modifying import SelfModifyingTitans  # noqa: PLC0415 (hope only)
+            from nl_jax.mixers.self_modifying import SelfModifyingTitans  # noqa: PLC0415 (hope only)
 
             self.mixer = SelfModifyingTitans(cfg.d_model, **dict(cfg.memory), **kw)
         self.cms = ContinuumMemory(cfg.d_model, **_cms_kwargs(cfg), rngs=rngs)
@@ -131,15 +137,31 @@ class HopeBlock(nnx.Module):
             mixer = self.mixer.init_state(batch_size)
         return (mixer, self.cms.init_state(batch_size))
 
-    def __call__(self, x, state=None, aligned: bool = False):
-        """`aligned` (static): the state sits on the mixer's chunk grids (see SelfModifyingTitans.core)."""
+    def __call__(
+        self,
+        x,
+        state=None,
+        aligned: bool = False,
+        segment_ids=None,
+        document_start=None,
+        row_segment_ids=None,
+    ):
+        """`aligned` (static): the state sits on the mixer's chunk grids (see SelfModifyingTitans.core).
+        Packed rows: `segment_ids` [B, T] of x's tokens; with a state (the ntp segment scan) also
+        `document_start` [B] (x's first token starts a document: the memories restart before it)
+        and `row_segment_ids` [B, P] (the ids of the row from position 0: those of cached keys)."""
         u = self.mixer_norm(x)
         if state is None:  # training forward of the static / local CMS: whole sequence at once
-            a = self.mixer(u) if self.attention else self.mixer(u)[0]
+            a = self.mixer(u, segment_ids) if self.attention else self.mixer(u, segment_ids=segment_ids)[0]
             y, _ = self.cms(x + a)
             return constrain(y, RESIDUAL), None
         mixer, cms = state
-        a, mixer = self.mixer.extend(u, mixer) if self.attention else self.mixer(u, mixer, aligned=aligned)
+        if self.attention:
+            a, mixer = self.mixer.extend(u, mixer, segment_ids, row_segment_ids)
+        else:
+            a, mixer = self.mixer(
+                u, mixer, aligned=aligned, segment_ids=segment_ids, document_start=document_start
+            )
         y, cms = self.cms(x + a, cms)
         return constrain(y, RESIDUAL), (mixer, cms)
 
@@ -147,6 +169,8 @@ class HopeBlock(nnx.Module):
 class _Hope(CausalLM):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         super().__init__(cfg, lambda r: HopeBlock(cfg, rngs=r), rngs=rngs)
+        if cfg.name == "hope":  # restarts start chunks of both memory grids (module docstring)
+            self.document_multiple = int(np.lcm(cfg.memory.chunk_size, cfg.memory.memory_chunk_size))
         self.signal = cfg.cms.signal
         self.schedule = CMSSchedule(tuple(int(p) for p in cfg.cms.periods), tuple(cfg.cms.inner_lr))
         self.segment = min(self.schedule.periods)
@@ -164,7 +188,7 @@ class _Hope(CausalLM):
         grids (always for attention, whose cache has none)."""
         return self.blocks.layers.attention or self.blocks.layers.mixer.aligned(self.segment)
 
-    def _segment_grads(self, mixer, cms, tokens, targets, mask, aligned: bool = False):
+    def _segment_grads(self, mixer, cms, tokens, targets, mask, aligned: bool = False, documents=None):
         """One segment's logits, new mixer states and next-token-loss gradients wrt every layer's
         CMS fast weights (leading axis L).
 
@@ -173,19 +197,20 @@ class _Hope(CausalLM):
         its backward applies the same vjp to the outer cotangents of the logits and the mixer states,
         and gives the inner gradients none (first order). So the outer gradient never traces the
         derivative of the inner backward, and costs one ordinary backward of the segment.
+        `documents`: the HopeBlock keywords of packed rows (segment ids ...), or None.
         """
         graphdef, params, rest = nnx.split(self, nnx.Param, ...)
         cms_rest = ContinuumMemory.with_fast_weights(cms, tuple(None for _ in cms.levels))
 
-        def f(p, w, m, r, cr, tok):
+        def f(p, w, m, r, cr, tok, docs):
             model = nnx.merge(graphdef, p, r, copy=True)
             logits, (new_mixer, _) = model._run(
-                tok, (m, ContinuumMemory.with_fast_weights(cr, w)), aligned=aligned
+                tok, (m, ContinuumMemory.with_fast_weights(cr, w)), aligned=aligned, **(docs or {})
             )
             return logits, new_mixer
 
-        def fwd(p, w, m, r, cr, tok, tgt, msk):
-            (logits, new_mixer), vjp = jax.vjp(lambda p_, w_, m_: f(p_, w_, m_, r, cr, tok), p, w, m)
+        def fwd(p, w, m, r, cr, tok, tgt, msk, docs):
+            (logits, new_mixer), vjp = jax.vjp(lambda p_, w_, m_: f(p_, w_, m_, r, cr, tok, docs), p, w, m)
             # d(sum of the segment's cross-entropies)/d(logits) = softmax - onehot, on tokens with a target.
             probs = jax.nn.softmax(logits, axis=-1)
             ct = (probs - jax.nn.one_hot(tgt, logits.shape[-1], dtype=probs.dtype)) * msk[..., None]
@@ -194,13 +219,13 @@ class _Hope(CausalLM):
 
         def bwd(vjp, cts):
             ct_logits, ct_mixer, _ = cts  # the inner gradients are constants to the outer level
-            return (*vjp((ct_logits, ct_mixer)), None, None, None, None, None)
+            return (*vjp((ct_logits, ct_mixer)), None, None, None, None, None, None)
 
         # Everything traced is an argument: a custom_vjp must not close over tracers of the scan.
         seg = jax.custom_vjp(lambda *args: fwd(*args)[0])
         seg.defvjp(fwd, bwd)
         weights = ContinuumMemory.fast_weights(cms)
-        return seg(params, weights, mixer, rest, cms_rest, tokens, targets, mask)
+        return seg(params, weights, mixer, rest, cms_rest, tokens, targets, mask, documents)
 
     def _accumulate(self, cms, grads, ok=True, defer=()):
         """Segment gradients into every layer's accumulators, boundary updates at the segment end
@@ -212,13 +237,18 @@ class _Hope(CausalLM):
         `segments_per_checkpoint`)."""
         return segments_per_checkpoint(n, self.checkpoint_segments, self.remat_policy)
 
-    def _segment_step(self, defer, aligned, carry, xs):
-        """One segment of the scan: logits, new mixer states, gradients into the CMS state."""
+    def _segment_step(self, defer, aligned, row, carry, xs):
+        """One segment of the scan: logits, new mixer states, gradients into the CMS state. `row`:
+        the row's segment ids (packed rows; then xs ends with the segment's ids and start flags)."""
         mixer, cms = carry
-        logits, mixer, grads = self._segment_grads(mixer, cms, *xs, aligned=aligned)
+        documents = None
+        if row is not None:
+            *xs, ids, first = xs
+            documents = dict(segment_ids=ids, document_start=first, row_segment_ids=row)
+        logits, mixer, grads = self._segment_grads(mixer, cms, *xs, aligned=aligned, documents=documents)
         return (mixer, self._accumulate(cms, grads, defer=defer)), logits
 
-    def _chunk_step(self, k: int):
+    def _chunk_step(self, k: int, row=None):
         """Scan body over chunks of k segments of a sequence started at position 0, for jax.checkpoint.
 
         Levels whose period is a multiple of the chunk (`fixed`) keep their weights through the chunk:
@@ -251,7 +281,7 @@ class _Hope(CausalLM):
 
             def body(c, seg):
                 c = (c[0], put(c[1], weights))
-                (m, cm), logits = self._segment_step(fixed, self.segments_aligned, c, seg)
+                (m, cm), logits = self._segment_step(fixed, self.segments_aligned, row, c, seg)
                 return (m, put(cm, None)), logits
 
             (mixer, cms), logits = jax.lax.scan(body, (mixer, put(cms, None)), xs)
@@ -269,33 +299,45 @@ class _Hope(CausalLM):
         return targets, mask
 
     # ---------------------------------------------------------------- forward
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]; fast state reset per sequence."""
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]; fast state reset per sequence
+        (`segment_ids` [B, T]: packed rows, see the module docstring)."""
         if self.signal != "ntp":
-            return super().__call__(tokens)
-        return self.forward_ntp(tokens)[0]
+            return super().__call__(tokens, segment_ids)
+        self._check_documents(segment_ids)
+        return self.forward_ntp(tokens, segment_ids=segment_ids)[0]
 
-    def forward_ntp(self, tokens: jax.Array, states=None):
+    def forward_ntp(self, tokens: jax.Array, states=None, segment_ids: jax.Array | None = None):
         """The ntp-signal forward over segments; returns (logits, final layer states). `states`
         (stacked layer states, e.g. carried from an earlier call at evaluation) default to the
         meta-learned initial ones; a sequence not a multiple of the segment is padded at the end
-        (padding never reaches earlier logits)."""
+        (padding never reaches earlier logits). `segment_ids` [B, T] (from the initial states only):
+        packed rows."""
         b, t = tokens.shape
         s = self.segment
         n = -(-t // s)
         targets, mask = self._targets(tokens)
         pad = ((0, 0), (0, n * s - t))
         tokens_p, targets, mask = jnp.pad(tokens, pad), jnp.pad(targets, pad), jnp.pad(mask, pad)
+        if segment_ids is not None and states is not None:
+            raise ValueError("segment ids are taken from the initial states only (not from a carried state)")
         k, aligned = 1, False
         if states is None:  # a fresh sequence: chunks start at multiples of k * S (checkpointing)
             states = self.blocks.init_state(b, n * s)
             k, aligned = self.segments_per_checkpoint(n), self.segments_aligned
         to_segments = lambda a: jnp.moveaxis(a.reshape(b, n, s), 1, 0)  # noqa: E731
         xs = tuple(map(to_segments, (tokens_p, targets, mask)))
+        row = None
+        if segment_ids is not None:  # padding continues the last document (it reaches no earlier logit)
+            row = jnp.pad(segment_ids, pad, mode="edge")
+            first = jnp.moveaxis(document_starts(row)[:, ::s], 1, 0)  # [n, B]: a segment starts a document
+            xs = (*xs, to_segments(row), first)
         if k == 1:
-            states, logits = jax.lax.scan(functools.partial(self._segment_step, (), aligned), states, xs)
+            step = functools.partial(self._segment_step, (), aligned, row)
+            states, logits = jax.lax.scan(step, states, xs)
         else:
-            chunk = jax.checkpoint(self._chunk_step(k), prevent_cse=False)  # inside a scan: no CSE anyway
+            # inside a scan: no CSE anyway
+            chunk = jax.checkpoint(self._chunk_step(k, row), prevent_cse=False)
             xs = jax.tree.map(lambda a: a.reshape(n // k, k, *a.shape[1:]), xs)
             states, logits = jax.lax.scan(chunk, states, xs)
             logits = logits.reshape(n, *logits.shape[2:])
@@ -303,10 +345,11 @@ class _Hope(CausalLM):
         return logits, states
 
     # ---------------------------------------------------------------- decoding
-    def init_decode_state(self, batch_size: int, max_len: int | None = None):
+    def init_decode_state(self, batch_size: int, max_len: int | None = None, documents: bool = False):
         """Stacked per-layer states (plus, for the ntp signal, the segment buffer and the states at
-        the segment's start). hope_attention needs max_len unless its attention is sliding-window."""
-        states = super().init_decode_state(batch_size, max_len)
+        the segment's start). hope_attention needs max_len unless its attention is sliding-window.
+        Decoding takes no segment ids (`documents` is refused by name)."""
+        states = super().init_decode_state(batch_size, max_len, documents)
         if self.signal != "ntp":
             return states
         mixer, cms = states
@@ -318,10 +361,11 @@ class _Hope(CausalLM):
             cms=cms,
         )
 
-    def decode_step(self, tokens: jax.Array, state):
-        """tokens int32 [B] -> (logits float32 [B, V], new state); step by step == the forward."""
-        if self.signal != "ntp":
-            return super().decode_step(tokens, state)
+    def decode_step(self, tokens: jax.Array, state, segment_ids: jax.Array | None = None):
+        """tokens int32 [B] -> (logits float32 [B, V], new state); step by step == the forward.
+        `segment_ids` are refused (no `documents_in_decoding`)."""
+        if segment_ids is not None or self.signal != "ntp":
+            return super().decode_step(tokens, state, segment_ids)
         pos, buffer = state["pos"], state["buffer"]
         s = self.segment
         complete = jnp.logical_and(pos > 0, pos % s == 0)  # `tokens` is the last target of a full segment
@@ -366,7 +410,7 @@ class _Hope(CausalLM):
             ctx = (seq_len + 1) / 2 if not cfg.sliding_window else min(cfg.sliding_window, (seq_len + 1) / 2)
             proj = 2 * d * head_dim * (2 * heads + 2 * kv)
             return proj + 4 * heads * head_dim * ctx, proj, cms
-        from nl_jax.memory.self_modifying import SelfModifyingTitans  # noqa: PLC0415
+        from nl_jax.mixers.self_modifying import SelfModifyingTitans  # noqa: PLC0415
 
         mem = dict(cfg.memory)
         mixer = SelfModifyingTitans.forward_flops_per_token(seq_len, d, **mem)
@@ -442,7 +486,11 @@ class _Hope(CausalLM):
 class Hope(_Hope):
     """HOPE: self-modifying Titans followed by a CMS in every block (no attention)."""
 
+    document_boundaries = ("ignore", "reset")
+
 
 @register("hope_attention")
 class HopeAttention(_Hope):
     """HOPE-Attention: a Transformer++ whose MLP is a CMS."""
+
+    document_boundaries = ("ignore", "mask", "reset")

@@ -6,7 +6,9 @@ decode steps (the evaluation runner's fast path).
 
 A model whose class attribute `document_boundaries` lists "mask" or "reset" (nl_jax/models/lm.py)
 also takes `segment_ids` int32 [B, T] as a keyword of its forward: the document of each token of
-packed rows, which attention and (for "reset") recurrent states do not cross.
+packed rows, which attention and (for "reset") recurrent states do not cross. One with
+`documents_in_decoding` also decodes packed rows: `init_decode_state(batch_size, max_len,
+documents=True)`, then `decode_step(tokens, state, segment_ids=ids [B])` (nl_jax/models/lm.py).
 """
 
 from typing import Any, Protocol, runtime_checkable

@@ -16,6 +16,8 @@ does not read segment ids is never handed any.
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nl_jax.layers import Embed, RMSNorm, Unembed, to_dtype
@@ -23,6 +25,31 @@ from nl_jax.models.stack import Stack
 from nl_jax.parallel.rules import constrain
 
 RESIDUAL = ("batch", "length", "activation_embed")
+
+
+def _misaligned_start(segment_ids, multiple: int, model: str) -> None:
+    ids = np.asarray(segment_ids)
+    starts = np.nonzero(ids[:, 1:] != ids[:, :-1])[1] + 1
+    bad = starts[starts % multiple != 0]
+    if bad.size:
+        raise ValueError(
+            f"model {model!r} restarts its memories only where a document starts at a multiple of "
+            f"{multiple} tokens (its chunk grid), but a document starts at position {int(bad[0])}: "
+            f"pad documents to multiples of {multiple} tokens, or use data.document_boundaries='ignore'"
+        )
+
+
+def check_document_starts(segment_ids, multiple: int, model: str) -> None:
+    """ValueError unless every document of the rows starts at a multiple of `multiple` tokens.
+
+    Concrete segment ids are checked here; traced ones by a host callback, whose error stops the
+    computation (a restart inside a chunk would silently change the chunk's gradient base)."""
+    if multiple <= 1:
+        return
+    if isinstance(segment_ids, jax.core.Tracer):
+        jax.debug.callback(lambda ids: _misaligned_start(ids, multiple, model), segment_ids)
+    else:
+        _misaligned_start(segment_ids, multiple, model)
 
 
 class CausalLM(nnx.Module):
@@ -37,6 +64,21 @@ class CausalLM(nnx.Module):
     # none). A model lists "mask" or "reset" only if its blocks do exactly that with segment ids;
     # both where the two coincide (attention is the only token mixer).
     document_boundaries: tuple[str, ...] = ("ignore",)
+    # Restarting a chunked memory needs documents that start on its chunk grid: the multiple of
+    # tokens they must start at (1: anywhere), checked by `check_document_starts`.
+    document_multiple: int = 1
+    # Whether the blocks also take segment ids with a state (`forward_with_state`): the memory
+    # restarts at documents' first tokens inside the block, the first token continuing the state's.
+    documents_with_state: bool = False
+    # Whether "mask" and "reset" differ beyond attention: the forward then takes `restart` (True:
+    # "reset", False: "mask", recurrent states carried across documents); ModelFn.apply passes it.
+    mask_carries_memory: bool = False
+    # How decoding takes segment ids (`init_decode_state(..., documents=True)` and
+    # `decode_step(tokens, state, segment_ids)`), so that a packed row decoded token by token gives
+    # the training forward's logits with the row's segment ids: "blocks" (the blocks read them, e.g.
+    # a KV cache keeping each slot's document), "restart" (a recurrent model whose "reset" is its
+    # fresh state at a document's first token: the shell restarts those rows), or None (no support).
+    documents_in_decoding: str | None = None
 
     def __init__(
         self,
@@ -78,20 +120,83 @@ class CausalLM(nnx.Module):
         h, states = self.blocks(h, states, **block_kwargs)
         return self._logits(h), states
 
-    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, segment_ids: jax.Array | None = None, restart: bool = True
+    ) -> jax.Array:
         """tokens int32 [B, T] -> logits float32 [B, T, vocab_size]; `segment_ids` int32 [B, T] for
-        a model whose `document_boundaries` lists "mask" or "reset"."""
-        return self._run(tokens, segment_ids=segment_ids)[0]
+        a model whose `document_boundaries` lists "mask" or "reset". `restart` False (a model with
+        `mask_carries_memory`): "mask", the blocks' recurrent states carried across documents."""
+        if segment_ids is None:
+            return self._run(tokens)[0]
+        if restart or not self.mask_carries_memory:
+            self._check_documents(segment_ids)
+            return self._run(tokens, segment_ids=segment_ids)[0]
+        return self._run(tokens, segment_ids=segment_ids, restart=False)[0]
 
-    def init_decode_state(self, batch_size: int, max_len: int | None = None):
+    def _check_documents(self, segment_ids) -> None:
+        if segment_ids is not None:
+            check_document_starts(segment_ids, self.document_multiple, type(self).__name__)
+
+    def init_decode_state(self, batch_size: int, max_len: int | None = None, documents: bool = False):
         """Stacked per-layer states; attention caches need max_len unless sliding-window (recurrent
-        states have a constant size and ignore it)."""
-        return self.blocks.init_state(batch_size, max_len)
+        states have a constant size and ignore it). `documents`: states that also keep what
+        decoding with segment ids needs (models with `documents_in_decoding`)."""
+        if not documents:
+            return self.blocks.init_state(batch_size, max_len)
+        self._check_documents_in_decoding()
+        if self.documents_in_decoding == "restart":  # the layers' states and the last token's document
+            layers = self.blocks.init_state(batch_size, max_len)
+            return {"layers": layers, "segment": jnp.full((batch_size,), -1, jnp.int32)}
+        return self.blocks.init_state(batch_size, max_len, documents=True)
 
-    def decode_step(self, tokens: jax.Array, state):
-        """tokens int32 [B] -> (logits float32 [B, V], new state)."""
-        logits, state = self._run(tokens[:, None], state, **self.decode_kwargs)
+    def decode_step(self, tokens: jax.Array, state, segment_ids: jax.Array | None = None):
+        """tokens int32 [B] -> (logits float32 [B, V], new state). `segment_ids` int32 [B] (a state
+        made with documents=True): the tokens' documents, as the training forward takes them."""
+        if segment_ids is None:
+            logits, state = self._run(tokens[:, None], state, **self.decode_kwargs)
+        elif self._check_documents_in_decoding() == "restart":
+            return self._decode_restarting(tokens, state, segment_ids)
+        else:
+            kwargs = dict(self.decode_kwargs, segment_ids=segment_ids[:, None])
+            logits, state = self._run(tokens[:, None], state, **kwargs)
         return logits[:, 0], state
+
+    def _decode_restarting(self, tokens, state, segment_ids):
+        """A decode step whose rows restart from a fresh state where the token's document differs
+        from the previous token's, as "reset" restarts them in the training forward."""
+        if not isinstance(state, dict) or "segment" not in state:
+            raise ValueError(
+                "decoding with segment ids needs a state that keeps the last document: "
+                "init_decode_state(batch_size, max_len, documents=True)"
+            )
+        starts = segment_ids.astype(jnp.int32) != state["segment"]
+        layers = self._restart_rows(starts, state["layers"])
+        logits, layers = self._run(tokens[:, None], layers, **self.decode_kwargs)
+        return logits[:, 0], {"layers": layers, "segment": segment_ids.astype(jnp.int32)}
+
+    def _restart_rows(self, starts: jax.Array, states, part=lambda s: s):
+        """`states` (the `part` of the layers' decode states they are) with the rows flagged in
+        `starts` [B] taken from a fresh state. Per-row leaves have the batch on axis 1 (after the
+        layers); a leaf whose size there does not follow the batch (a position counter shared by
+        the rows) is kept. The fresh caches are built one slot long and not used."""
+        b = starts.shape[0]
+        fresh = part(self.blocks.init_state(b, 1))
+        wider = jax.eval_shape(lambda: part(self.blocks.init_state(b + 1, 1)))
+
+        def pick(new, old, shape):
+            if old.ndim < 2 or shape.shape[1] == old.shape[1]:
+                return old
+            return jnp.where(starts.reshape((1, b) + (1,) * (old.ndim - 2)), new.astype(old.dtype), old)
+
+        return jax.tree.map(pick, fresh, states, wider)
+
+    def _check_documents_in_decoding(self) -> str:
+        if not self.documents_in_decoding:
+            raise ValueError(
+                f"{type(self).__name__} decodes without segment ids (only its training forward takes "
+                "them); decode each document from a fresh state instead"
+            )
+        return self.documents_in_decoding
 
 
 class FormsLM(CausalLM):
@@ -108,9 +213,15 @@ class FormsLM(CausalLM):
     ) -> jax.Array:
         """tokens int32 [B, T] -> logits float32 [B, T, vocab_size], the memory in `form`
         (`segment_ids` as for CausalLM)."""
+        self._check_documents(segment_ids)
         return self._run(tokens, form=form, segment_ids=segment_ids)[0]
 
-    def forward_with_state(self, tokens: jax.Array, state, form: str = "chunked"):
+    def forward_with_state(
+        self, tokens: jax.Array, state, form: str = "chunked", segment_ids: jax.Array | None = None
+    ):
         """Continue from `state` over tokens [B, T]: (logits [B, T, V], new state), equal to T decode
-        steps."""
-        return self._run(tokens, state, form=form)
+        steps. `segment_ids` [B, T] (models with `documents_with_state`): the documents of the
+        tokens; the first token continues the state's document (a new one starts from a fresh state)."""
+        if segment_ids is not None and not self.documents_with_state:
+            raise ValueError(f"{type(self).__name__}.forward_with_state takes no segment ids")
+        return self._run(tokens, state, form=form, segment_ids=segment_ids)

@@ -19,7 +19,25 @@ Packed rows (`data.document_boundaries`, checked by `check_document_boundaries`)
 attention and recurrent states run across the documents of a row (GPT-style packing, the default);
 "mask" keeps attention within a document; "reset" also restarts every recurrent / fast-weight state
 at each document's first token. A model class lists the modes it implements in
-`document_boundaries` (nl_jax/models/lm.py) and then takes `model(tokens, segment_ids=...)`.
+`document_boundaries` (nl_jax/models/lm.py) and then takes `model(tokens, segment_ids=...)`:
+
+    transformer                        ignore, mask, reset  (attention only: reset is mask)
+    retnet, deltanet, gated_deltanet   ignore, reset        (retention 0 at a document's first token)
+    samba                              ignore, mask, reset  (mask: the Mamba state carries over)
+    titans (every variant), dla,       ignore, mask, reset  (mask: attention only, the memories carry
+    memora                                                  over; reset as for ttt and hope)
+    ttt, hope                          ignore, reset        (memories restart from their meta-learned
+                                                            initial states; documents must start on
+                                                            the chunk grid, `document_multiple`, where
+                                                            data.document_alignment lays them)
+    hope_attention                     ignore, mask, reset  (attention only mixer; CMS levels carry over,
+                                                            as they do for hope)
+
+Segment ids reach the training forward; `forward_with_state` takes them for the classes with
+`documents_with_state` (retnet, deltanet, gated_deltanet) and `decode_step` for those with
+`documents_in_decoding` (`init_decode_state(..., documents=True)`; transformer and samba keep the
+documents in their KV caches, the linear family, comba, rwkv7, ttt and titans lmm restart rows
+from a fresh state where the document changes, titans mag / mal do both).
 
 A model class may also provide `forward_flops_per_token(model_cfg, seq_len) -> float`, the analytic
 forward FLOPs per token including inner (fast-weight) loops, which the trainer uses for MFU.
@@ -78,11 +96,52 @@ def check_document_boundaries(model_name: str, mode: str) -> None:
     """ValueError unless model `model_name` implements `data.document_boundaries` = `mode`."""
     if mode not in DOCUMENT_BOUNDARIES:
         raise ValueError(f"data.document_boundaries must be one of {DOCUMENT_BOUNDARIES}, got {mode!r}")
-    supported = getattr(get_model_class(model_name), "document_boundaries", ("ignore",))
+    cls = get_model_class(model_name)
+    supported = getattr(cls, "document_boundaries", ("ignore",))
     if mode not in supported:
+        reason = getattr(cls, "document_reasons", {}).get(mode, _UNSUPPORTED[mode])  # a model's own
         raise ValueError(
             f"data.document_boundaries={mode!r} is not supported by model {model_name!r} "
-            f"({_UNSUPPORTED[mode]}); it supports {', '.join(map(repr, supported))}"
+            f"({reason}); it supports {', '.join(map(repr, supported))}"
+        )
+
+
+# Model settings renamed since checkpoints were first written: (sub-config, old name, new name).
+RENAMED_FIELDS = (("memory", "eta_max", "max_lr"),)
+
+
+def upgrade_model_config(model: dict) -> dict:
+    """A saved model config (a run's config.json or a checkpoint's meta) with renamed settings under
+    their current names, so a workdir written before a rename restores and resumes."""
+    model = dict(model)
+    for section, old, new in RENAMED_FIELDS:
+        sub = model.get(section)
+        if isinstance(sub, dict) and old in sub and new not in sub:
+            sub = dict(sub)
+            sub[new] = sub.pop(old)
+            model[section] = sub
+    return model
+
+
+def document_multiple(model_cfg) -> int:
+    """The multiple of tokens at which the model's documents must start for "reset" (its chunk
+    grid, `document_multiple` of nl_jax/models/lm.py; 1: anywhere), read off an abstract build."""
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(0)))
+    return int(getattr(abstract, "document_multiple", 1))
+
+
+def check_document_alignment(model_cfg, mode: str, alignment: int) -> None:
+    """ValueError when "reset" needs documents on a chunk grid that `data.document_alignment` does
+    not lay them on (the forward would stop at the first document off the grid)."""
+    if mode != "reset":
+        return
+    multiple = document_multiple(model_cfg)
+    if multiple > 1 and max(alignment, 1) % multiple:
+        raise ValueError(
+            f"data.document_boundaries='reset' restarts the memories of model {model_cfg.name!r} only "
+            f"where a document starts on its chunk grid of {multiple} tokens, which "
+            f"data.document_alignment={alignment} does not keep: set data.document_alignment to a "
+            f"multiple of {multiple}"
         )
 
 

@@ -7,7 +7,7 @@ mixer layers as Samba's `n_layer` does (Mamba and SWA alike) and must be even; t
 num_layers / 2 groups.
 
 Mamba as `mamba_simple.Mamba` with its defaults (expand 2, d_state 16, d_conv 4, dt_rank
-ceil(d_model / 16)); attention is `nl_jax.layers.attention.Attention` with RoPE and
+ceil(d_model / 16)); attention is `nl_jax.mixers.attention.Attention` with RoPE and
 `sliding_window` (2048 at full size). Decoding carries, per group, the Mamba conv/SSM state and a
 ring-buffer KV cache of the window.
 
@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.layers.attention import Attention, KVCache, attention_dims
 from nl_jax.layers.linear import to_dtype
-from nl_jax.layers.mamba import Mamba, MambaState, mamba_flops_per_token
 from nl_jax.layers.mlp import SwiGLU
 from nl_jax.layers.norms import RMSNorm
+from nl_jax.mixers.attention import Attention, KVCache, attention_dims
+from nl_jax.mixers.mamba import Mamba, MambaState, mamba_flops_per_token
 from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
 from nl_jax.parallel.rules import constrain
@@ -55,7 +55,6 @@ class SambaGroup(nnx.Module):
     """x -> Mamba -> MLP -> SWA -> MLP, each sub-layer `h = h + f(RMSNorm(h))`."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        heads, kv, head_dim = attention_dims(cfg)
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         kw = dict(init_std=cfg.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = lambda: RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)  # noqa: E731
@@ -71,23 +70,18 @@ class SambaGroup(nnx.Module):
             **kw,
         )
         self.mlp1 = SwiGLU(cfg.d_model, cfg.mlp_hidden, **kw)
-        self.attn = Attention(
-            cfg.d_model,
-            heads,
-            kv,
-            head_dim,
-            rope_theta=cfg.rope_theta,
-            sliding_window=cfg.sliding_window,
-            **kw,
-        )
+        self.attn = Attention.from_config(cfg, **kw)
         self.mlp2 = SwiGLU(cfg.d_model, cfg.mlp_hidden, **kw)
 
-    def init_state(self, batch_size: int, max_len: int | None = None) -> SambaState:
-        return SambaState(self.mamba.init_state(batch_size), self.attn.init_cache(batch_size, max_len))
+    def init_state(self, batch_size: int, max_len: int | None = None, documents: bool = False) -> SambaState:
+        cache = self.attn.init_cache(batch_size, max_len, documents)
+        return SambaState(self.mamba.init_state(batch_size), cache)
 
-    def __call__(self, x, state: SambaState | None = None, segment_ids=None):
+    def __call__(self, x, state: SambaState | None = None, segment_ids=None, restart=True):
+        """`segment_ids` [B, T]: attention within documents and, with `restart` ("reset"; False is
+        "mask"), Mamba's conv and SSM state restarting at each document's first token."""
         if state is None:
-            m, _ = self.mamba(self.mamba_norm(x))
+            m, _ = self.mamba(self.mamba_norm(x), segment_ids=segment_ids if restart else None)
             h = x + m
             h = h + self.mlp1(self.mlp1_norm(h))
             h = h + self.attn(self.attn_norm(h), segment_ids)
@@ -95,7 +89,7 @@ class SambaGroup(nnx.Module):
             m, mamba_state = self.mamba(self.mamba_norm(x), state.mamba, form="recurrent")
             h = x + m
             h = h + self.mlp1(self.mlp1_norm(h))
-            a, cache = self.attn.decode(self.attn_norm(h), state.attn)
+            a, cache = self.attn.decode(self.attn_norm(h), state.attn, segment_ids)
             h = h + a
             state = SambaState(mamba_state, cache)
         y = h + self.mlp2(self.mlp2_norm(h))
@@ -107,15 +101,48 @@ class Samba(CausalLM):
     """The shell around num_layers / 2 SambaGroups. Decoding carries, per group, a zero-initialised
     Mamba conv/SSM state and a KV cache of the window (or of max_len if shorter).
 
-    Packed rows: segment ids keep attention within a document ("mask"); Mamba's state still runs
-    across documents, so "reset" is not offered."""
+    Packed rows: segment ids keep attention within a document ("mask", Mamba's state running across
+    documents) and with "reset" (the forward's `restart=True`) also restart Mamba's conv and SSM
+    state at each document's first token (its decay set to 0 there), so a packed row computes what
+    its documents would alone. Decoding takes them too (the KV cache keeps each slot's document:
+    `init_decode_state(..., documents=True)`; `decode_step(..., restart=True)` restarts the Mamba
+    state of rows whose token starts a document)."""
 
-    document_boundaries = ("ignore", "mask")
+    document_boundaries = ("ignore", "mask", "reset")
+    documents_in_decoding = "blocks"
+    mask_carries_memory = True  # "mask" is the forward's restart=False
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         # tied embeddings, as microsoft/Samba
         block = lambda r: SambaGroup(cfg, rngs=r)  # noqa: E731
         super().__init__(cfg, block, num_layers=_groups(cfg), tie_embeddings=True, rngs=rngs)
+
+    def init_decode_state(self, batch_size: int, max_len: int | None = None, documents: bool = False):
+        """As CausalLM's; with `documents` also the last token's document of each row."""
+        layers = super().init_decode_state(batch_size, max_len, documents)
+        if not documents:
+            return layers
+        return {"layers": layers, "segment": jnp.full((batch_size,), -1, jnp.int32)}
+
+    def decode_step(
+        self, tokens: jax.Array, state, segment_ids: jax.Array | None = None, restart: bool = True
+    ):
+        """As CausalLM's; with `segment_ids` [B]: attention within the token's document and, if
+        `restart` ("reset"; False is "mask"), the Mamba state of rows starting a document restarted."""
+        if segment_ids is None:
+            return super().decode_step(tokens, state)
+        if not isinstance(state, dict) or "segment" not in state:
+            raise ValueError(
+                "decoding with segment ids needs a state that keeps the documents: "
+                "init_decode_state(batch_size, max_len, documents=True)"
+            )
+        ids = segment_ids.astype(jnp.int32)
+        layers = state["layers"]
+        if restart:
+            mamba = self._restart_rows(ids != state["segment"], layers.mamba, part=lambda s: s.mamba)
+            layers = layers._replace(mamba=mamba)
+        logits, layers = super().decode_step(tokens, layers, ids)
+        return logits, {"layers": layers, "segment": ids}
 
     @staticmethod
     def forward_flops_per_token(cfg, seq_len: int) -> float:

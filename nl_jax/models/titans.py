@@ -13,18 +13,38 @@ attention, MAC, MAG and MAL (Titans, Sections 3-4). One registered model, `titan
   mal  g = x + LMM(Norm(x));  h = g + SWA(Norm(g) | [persistent || Norm(g)])
   all  y = h + SwiGLU(Norm(h))
 
-LMM is `nl_jax.memory.titans.NeuralMemory` (its own output norm and SiLU gate, Titans 4.4).
+LMM is `nl_jax.mixers.titans.NeuralMemory` (its own output norm and SiLU gate, Titans 4.4).
 Persistent memory: `persistent_tokens` learnable vectors prepended to the attention input; they are
 projected by the attention's own W_K / W_V, take no rotary position, and every query sees them (also
 past the sliding window). MAC's segments double as its attention span, so its attention costs
 O(T * segment) and its decode cache holds one segment.
 
+Packed rows (segment ids given): attention stays within the document (MAG / MAL windows, their
+rotary positions counted from the document's first token; MAC's keys: query j sees r_i and x_i only
+for tokens i of its own document, and the persistent tokens always, as they belong to no document).
+With `data.document_boundaries`="reset" (the forward's `restart=True`, the default) every memory
+also restarts from its meta-learned initial weights at each document's first token and its short
+convs stop at the boundary, so a packed row gives the logits its documents give apart. The chunked
+memory takes every gradient of a chunk at the chunk's start state, so a restart must start a chunk:
+documents must start at multiples of the memory chunk_size (MAC: of segment_size, since its
+segments are also its attention spans and its retrieval points); the forward checks that
+(`document_multiple`; data.document_alignment lays documents on that grid). With "mask"
+(`restart=False`) only attention is masked: the memories and their convs run across documents, as
+with "ignore", and documents may start anywhere (LMM, without attention, is then "ignore"; MAC's
+segments stay its attention spans, so a document starting inside one sees the tokens of its own
+document in that segment only). Decoding takes segment ids too (`init_decode_state(...,
+documents=True)`; not MAC): LMM restarts the rows that start a document, MAG / MAL mask their KV
+caches by document, count rotary positions from the document's start and, with `restart`, restart
+the memories.
+
 Config: the Transformer++ fields (vocab_size, d_model, num_layers, num_heads, num_kv_heads, head_dim,
 mlp_hidden, rope_theta, sliding_window (MAG / MAL attention window; 0 = full causal), tie_embeddings,
 norm_eps, dtype, param_dtype, scan_layers, remat_policy, init_std) plus a `titans` section, see
 experiments/configs/titans_base.py: variant, segment_size, persistent_tokens and `memory` (num_heads,
-head_dim, structure, hidden, activation, chunk_size, read, momentum, max_lr, conv_width,
-remat_chunks, form).
+head_dim, structure, hidden, activation, chunk_size, read, momentum, objective, retention,
+simplex_scale, max_lr, conv_width, remat_chunks, form). The same LMM shell, with other memory
+settings, is the `dla` (objective 'dot', nl_jax/models/dla.py) and `memora` (retention 'kl',
+nl_jax/models/memora.py) models.
 """
 
 from __future__ import annotations
@@ -35,21 +55,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.layers import (
-    Attention,
-    KVCache,
-    Linear,
-    RMSNorm,
-    SwiGLU,
-    apply_rope,
-    attention_dims,
-    attention_mask,
-    dot_product_attention,
-    logical_param,
-    to_dtype,
-)
+from nl_jax.layers import Linear, RMSNorm, SwiGLU, to_dtype
 from nl_jax.memory import ops
-from nl_jax.memory.titans import NeuralMemory, NeuralMemoryState
+from nl_jax.memory.ops.chunked import restart_where
+from nl_jax.mixers import (
+    KVCache,
+    attention_dims,
+)
+from nl_jax.mixers.front_end import l2_normalize
+from nl_jax.mixers.memora import MemoraMemory
+from nl_jax.mixers.persistent_attention import PersistentAttention
+from nl_jax.mixers.titans import NeuralMemory, NeuralMemoryState
 from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
 from nl_jax.parallel.rules import constrain
@@ -82,145 +98,47 @@ def _norm(cfg, dim=None):
     return RMSNorm(dim or cfg.d_model, eps=cfg.norm_eps, param_dtype=to_dtype(cfg.param_dtype))
 
 
+RETENTIONS = ("l2", "kl")  # Titans' weight decay | Memora's KL divergence (nl_jax/mixers/memora.py)
+
+
 def _memory(cfg, rngs) -> NeuralMemory:
     mem = cfg.titans.memory
     heads, head_dim, hidden = memory_dims(cfg)
-    return NeuralMemory(
-        cfg.d_model,
-        heads,
-        head_dim,
+    kwargs = dict(
         structure=mem.structure,
         hidden=hidden,
         activation=mem.activation,
         chunk_size=mem.chunk_size,
         read=mem.read,
-        momentum=mem.momentum,
         max_lr=mem.max_lr,
         conv_width=mem.conv_width,
         remat_chunks=mem.remat_chunks,
         form=mem.form,
         **_kw(cfg, rngs),
     )
-
-
-class PersistentAttention(nnx.Module):
-    """Causal softmax attention (the shared `Attention` projections) over learnable persistent tokens
-    followed by the sequence's keys; `window` > 0 limits the sequence keys to a sliding window."""
-
-    def __init__(self, cfg, window: int, *, rngs: nnx.Rngs):
-        heads, kv, head_dim = attention_dims(cfg)
-        kw = _kw(cfg, rngs)
-        self.rope_theta, self.window = cfg.rope_theta, window
-        self.attn = Attention(
-            cfg.d_model, heads, kv, head_dim, rope_theta=cfg.rope_theta, sliding_window=window, **kw
-        )
-        n = cfg.titans.persistent_tokens
-        # They join a normalised input, hence unit scale.
-        self.persistent = (
-            logical_param(
-                rngs, jax.nn.initializers.normal(1.0), (n, cfg.d_model), (None, "embed"), kw["param_dtype"]
+    retention = mem.get("retention", "l2")  # configs saved before the field existed
+    if retention not in RETENTIONS:
+        raise ValueError(f"titans.memory.retention must be one of {RETENTIONS}, got {retention!r}")
+    if retention == "kl":
+        if cfg.titans.variant != "lmm" or mem.get("objective", "l2") != "l2" or mem.momentum:
+            raise ValueError(
+                "titans.memory.retention='kl' (Memora) runs in the lmm variant with objective='l2' and "
+                "momentum=False; set those, or retention='l2'"
             )
-            if n
-            else None
-        )
+        return MemoraMemory(cfg.d_model, heads, head_dim, scale=mem.simplex_scale, **kwargs)
+    return NeuralMemory(
+        cfg.d_model,
+        heads,
+        head_dim,
+        momentum=mem.momentum,
+        objective=mem.get("objective", "l2"),
+        **kwargs,
+    )
 
-    def _persistent_kv(self, batch: int):
-        if self.persistent is None:
-            return None
-        p = self.persistent[...]
-        kp, vp = self.attn.k(p), self.attn.v(p)  # [Np, KVH, D], no rotary: position-free
-        return tuple(jnp.broadcast_to(z, (batch, *z.shape)) for z in (kp, vp))
 
-    def attend(self, q, k, v, mask):
-        """q [B, T, H, D] against [persistent || k] (k, v [B, S, KVH, D]); mask [T, S] or [B, T, S]
-        covers the sequence keys only. Returns the output projection [B, T, d_model]."""
-        b = q.shape[0]
-        pkv = self._persistent_kv(b)
-        if pkv is not None:
-            k = jnp.concatenate([pkv[0].astype(k.dtype), k], axis=1)
-            v = jnp.concatenate([pkv[1].astype(v.dtype), v], axis=1)
-            mask = mask if mask.ndim == 3 else jnp.broadcast_to(mask, (b, *mask.shape))
-            seen = jnp.ones((*mask.shape[:2], pkv[0].shape[1]), bool)
-            mask = jnp.concatenate([seen, mask], axis=-1)
-        return self.attn.o(dot_product_attention(q, k, v, mask))
-
-    def _qkv(self, xq, xkv, q_pos, k_pos):
-        q = apply_rope(self.attn.q(xq), q_pos, self.rope_theta)
-        k = apply_rope(self.attn.k(xkv), k_pos, self.rope_theta)
-        return q, k, self.attn.v(xkv)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Sliding-window (or full) causal attention over a whole sequence x [B, T, d_model]."""
-        pos = jnp.arange(x.shape[1])
-        q, k, v = self._qkv(x, x, pos, pos)
-        if self.window and x.shape[1] > 2 * self.window:
-            return self._blocked(q, k, v)  # O(T W), not O(T^2)
-        return self.attend(q, k, v, attention_mask(pos, pos, self.window))
-
-    def _blocked(self, q, k, v):
-        """Sliding-window attention in blocks of W queries against the block before and their own
-        (as layers.local_attention), every block also seeing the persistent tokens."""
-        b, t = q.shape[:2]
-        w = self.window
-        n = -(-t // w)  # number of blocks; padded keys sit after every real query, so the mask hides them
-
-        def blocks(x):
-            x = jnp.pad(x, ((0, 0), (0, n * w - t), (0, 0), (0, 0)))
-            return x.reshape(b, n, w, *x.shape[2:])
-
-        prev = lambda x: jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1]  # noqa: E731
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)
-        kb, vb = (jnp.concatenate([prev(z), z], axis=2) for z in (kb, vb))  # [B, n, 2W, KVH, D]
-        q_pos = jnp.arange(w)[None] + w * jnp.arange(n)[:, None]  # [n, W]
-        k_pos = jnp.arange(-w, w)[None] + w * jnp.arange(n)[:, None]  # [n, 2W]
-        mask = jax.vmap(attention_mask, in_axes=(0, 0, None))(q_pos, k_pos, w)  # [n, W, 2W]
-        fold = lambda x: x.reshape(b * n, *x.shape[2:])  # noqa: E731  (blocks into the batch)
-        y = self.attend(fold(qb), fold(kb), fold(vb), jnp.tile(mask, (b, 1, 1)))
-        return y.reshape(b, n * w, -1)[:, :t]
-
-    def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        return self.attn.init_cache(batch_size, max_len)
-
-    def decode(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One token x [B, 1, d_model] against the cache (ring buffer under a window)."""
-        t = cache.pos
-        q, k, v = self._qkv(x, x, t[None], t[None])
-        size = cache.k.shape[1]
-        kc = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), t % size, axis=1)
-        vc = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), t % size, axis=1)
-        slot_pos = t - (t - jnp.arange(size)) % size  # newest position in each slot (< 0: empty)
-        y = self.attend(
-            q, kc.astype(q.dtype), vc.astype(q.dtype), attention_mask(t[None], slot_pos, self.window)
-        )
-        return y, KVCache(kc, vc, t + 1)
-
-    # MAC: attention inside one segment of S tokens over [retrieved || segment].
-
-    def segment(self, r: jax.Array, x: jax.Array) -> jax.Array:
-        """r, x [B, S, d_model] -> [B, S, d_model]; query j (at position S + j) sees r_i and x_i
-        (positions i and S + i) for i <= j."""
-        s = x.shape[1]
-        idx = jnp.arange(s)
-        q, k, v = self._qkv(x, jnp.concatenate([r, x], axis=1), s + idx, jnp.arange(2 * s))
-        tril = idx[None, :] <= idx[:, None]
-        return self.attend(q, k, v, jnp.concatenate([tril, tril], axis=1))
-
-    def init_segment_cache(self, batch_size: int, segment_size: int) -> KVCache:
-        """Keys / values of the current segment: slot i holds r_i, slot S + i holds x_i."""
-        return self.attn.init_cache(batch_size, 2 * segment_size)
-
-    def segment_decode(self, r, x, cache: KVCache, j) -> tuple[jax.Array, KVCache]:
-        """One token: r, x [B, 1, d_model] at index j of its segment -> (y [B, 1, d_model], cache)."""
-        s = cache.k.shape[1] // 2
-        pos = jnp.stack([j, s + j])
-        q, k, v = self._qkv(x, jnp.concatenate([r, x], axis=1), pos[1:], pos)
-        kc, vc = cache.k, cache.v
-        for i in range(2):  # slots j and S + j
-            kc = jax.lax.dynamic_update_slice_in_dim(kc, k[:, i : i + 1].astype(kc.dtype), pos[i], axis=1)
-            vc = jax.lax.dynamic_update_slice_in_dim(vc, v[:, i : i + 1].astype(vc.dtype), pos[i], axis=1)
-        seen = (jnp.arange(2 * s) % s <= j)[None]  # slots beyond j hold the previous segment: hidden
-        y = self.attend(q, kc.astype(q.dtype), vc.astype(q.dtype), seen)
-        return y, KVCache(kc, vc, cache.pos + 1)
+def _restarts(segment_ids, restart: bool):
+    """The segment ids a memory restarts at: none under "mask" (`restart` False)."""
+    return segment_ids if restart else None
 
 
 class _MLPOut(nnx.Module):
@@ -254,8 +172,8 @@ class LMMBlock(nnx.Module):
     def init_state(self, batch_size: int, max_len: int | None = None):
         return self.memory.init_state(batch_size)
 
-    def __call__(self, x, state=None):
-        m, state = self.memory(self.mem_norm(x), state)
+    def __call__(self, x, state=None, segment_ids=None, restart=True):
+        m, state = self.memory(self.mem_norm(x), state, _restarts(segment_ids, restart))
         return self.out(x + m), state
 
 
@@ -265,15 +183,15 @@ class MAGBlock(nnx.Module):
         self.attn = PersistentAttention(cfg, cfg.sliding_window, rngs=rngs)
         self.gate, self.out = _Gate(cfg, rngs=rngs), _MLPOut(cfg, rngs=rngs)
 
-    def init_state(self, batch_size: int, max_len: int | None = None):
-        return self.attn.init_cache(batch_size, max_len), self.memory.init_state(batch_size)
+    def init_state(self, batch_size: int, max_len: int | None = None, documents: bool = False):
+        return self.attn.init_cache(batch_size, max_len, documents), self.memory.init_state(batch_size)
 
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, segment_ids=None, restart=True, document_pos=None):
         xn = self.norm(x)
         if state is None:
-            a, (m, _) = self.attn(xn), self.memory(xn)
+            a, (m, _) = self.attn(xn, segment_ids), self.memory(xn, None, _restarts(segment_ids, restart))
         else:
-            a, cache = self.attn.decode(xn, state[0])
+            a, cache = self.attn.decode(xn, state[0], segment_ids, document_pos)
             m, mem = self.memory(xn, state[1])
             state = (cache, mem)
         return self.out(x + self.gate(a, m)), state
@@ -286,16 +204,16 @@ class MALBlock(nnx.Module):
         self.attn = PersistentAttention(cfg, cfg.sliding_window, rngs=rngs)
         self.out = _MLPOut(cfg, rngs=rngs)
 
-    def init_state(self, batch_size: int, max_len: int | None = None):
-        return self.attn.init_cache(batch_size, max_len), self.memory.init_state(batch_size)
+    def init_state(self, batch_size: int, max_len: int | None = None, documents: bool = False):
+        return self.attn.init_cache(batch_size, max_len, documents), self.memory.init_state(batch_size)
 
-    def __call__(self, x, state=None):
+    def __call__(self, x, state=None, segment_ids=None, restart=True, document_pos=None):
         if state is None:
-            g = x + self.memory(self.mem_norm(x))[0]
-            return self.out(g + self.attn(self.attn_norm(g))), None
+            g = x + self.memory(self.mem_norm(x), None, _restarts(segment_ids, restart))[0]
+            return self.out(g + self.attn(self.attn_norm(g), segment_ids)), None
         m, mem = self.memory(self.mem_norm(x), state[1])
         g = x + m
-        a, cache = self.attn.decode(self.attn_norm(g), state[0])
+        a, cache = self.attn.decode(self.attn_norm(g), state[0], segment_ids, document_pos)
         return self.out(g + a), (cache, mem)
 
 
@@ -328,8 +246,7 @@ class MACBlock(nnx.Module):
 
     def _retrieve(self, x, weights):
         """x [B, S, d_model], memory weights [B, H, O, I] -> r [B, S, d_model] (no update)."""
-        q = jax.nn.silu(self.retrieve_q(x)).astype(jnp.float32)
-        q = q * jax.lax.rsqrt(jnp.sum(q * q, axis=-1, keepdims=True) + 1e-6)
+        q = l2_normalize(jax.nn.silu(self.retrieve_q(x)).astype(jnp.float32))
         r = ops.apply(self.memory.spec, weights, jnp.swapaxes(q, 1, 2))  # [B, H, S, D]
         return self.retrieve_out(self.retrieve_norm(jnp.swapaxes(r, 1, 2).astype(x.dtype)))
 
@@ -337,10 +254,10 @@ class MACBlock(nnx.Module):
         mem = self.memory.init_state(batch_size)
         return MACState(mem, mem.memory.weights, self.attn.init_segment_cache(batch_size, self.segment_size))
 
-    def __call__(self, x, state: MACState | None = None):
+    def __call__(self, x, state: MACState | None = None, segment_ids=None, restart=True):
         xn = self.norm(x)
         if state is None:
-            y, m = self._segments(xn)
+            y, m = self._segments(xn, segment_ids, restart)
         else:
             j = state.cache.pos % self.segment_size
             start = j == 0  # the memory sits at a chunk boundary there: its weights start the segment
@@ -352,19 +269,35 @@ class MACBlock(nnx.Module):
             state = MACState(mem, seg_w, cache)
         return self.out(x + self.gate(y, m)), state
 
-    def _segments(self, xn):
+    def _segments(self, xn, segment_ids=None, restart_memory=True):
         b, t, d = xn.shape
         s = self.segment_size
         if t % s:
             raise ValueError(f"titans segment_size {s} does not divide the sequence length {t}")
+        init = self.memory.init_state(b)
 
-        def body(mem, x_seg):
-            y = self.attn.segment(self._retrieve(x_seg, mem.memory.weights), x_seg)
+        def restart(mem, first):
+            """Rows whose segment starts a document take the initial memory and conv tails."""
+            fields = ("weights", "momentum", "boundary")
+            new = {f: restart_where(first, getattr(init.memory, f), getattr(mem.memory, f)) for f in fields}
+            return NeuralMemoryState(restart_where(first, init.conv, mem.conv), mem.memory._replace(**new))
+
+        def body(mem, inputs):
+            x_seg, seg = inputs
+            if seg is not None:
+                if restart_memory:  # documents start only at segments' starts (checked by the model)
+                    mem = restart(mem, seg[:, 0] != seg[:, 1])
+                seg = seg[:, 1:]  # the ids of the segment (one token of left context dropped)
+            y = self.attn.segment(self._retrieve(x_seg, mem.memory.weights), x_seg, seg)
             m, mem = self.memory.forward(self.mem_norm(y), mem)  # the update learns from the attention output
             return mem, (y, m)
 
-        segs = jnp.moveaxis(xn.reshape(b, t // s, s, d), 1, 0)
-        _, (y, m) = jax.lax.scan(body, self.memory.init_state(b), segs)
+        to_segments = lambda a: jnp.moveaxis(a.reshape(b, t // s, s, *a.shape[2:]), 1, 0)  # noqa: E731
+        segs = None
+        if segment_ids is not None:  # each segment's ids with the id of the token before it
+            prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+            segs = jnp.concatenate([to_segments(prev)[..., :1], to_segments(segment_ids)], axis=-1)
+        _, (y, m) = jax.lax.scan(body, init, (to_segments(xn), segs))
         merge = lambda z: jnp.moveaxis(z, 0, 1).reshape(b, t, d)  # noqa: E731
         return merge(y), merge(m)
 
@@ -378,9 +311,55 @@ class Titans(CausalLM):
     full attention (sliding_window=0) needs max_len; each layer's memory starts from its own
     meta-learned initial weights."""
 
+    document_boundaries = ("ignore", "mask", "reset")
+    mask_carries_memory = True  # "mask" is the forward's restart=False (module docstring)
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        block = _BLOCKS[check_variant(cfg)]
+        variant = check_variant(cfg)
+        block = _BLOCKS[variant]
         super().__init__(cfg, lambda r: block(cfg, rngs=r), rngs=rngs)
+        # documents must start where the memory (MAC: a segment) starts a chunk (module docstring)
+        self.document_multiple = cfg.titans.segment_size if variant == "mac" else cfg.titans.memory.chunk_size
+        # LMM's "reset" is its fresh state at a document's first token, so the shell restarts those
+        # rows; MAG / MAL also mask their KV caches (`decode_step`); MAC's segment cache does not
+        self.variant = variant
+        self.documents_in_decoding = {"lmm": "restart", "mag": "blocks", "mal": "blocks"}.get(variant)
+
+    def init_decode_state(self, batch_size: int, max_len: int | None = None, documents: bool = False):
+        """As CausalLM's; with `documents` (MAG / MAL) the layers' states with KV caches that keep
+        each slot's document, the last token's document and where each row's document began."""
+        if not documents or self.variant == "lmm":
+            return super().init_decode_state(batch_size, max_len, documents)
+        return {
+            "layers": super().init_decode_state(batch_size, max_len, documents),
+            "segment": jnp.full((batch_size,), -1, jnp.int32),
+            "start": jnp.zeros((batch_size,), jnp.int32),
+            "pos": jnp.zeros((), jnp.int32),
+        }
+
+    def decode_step(
+        self, tokens: jax.Array, state, segment_ids: jax.Array | None = None, restart: bool = True
+    ):
+        """As CausalLM's; MAG / MAL with `segment_ids` [B]: attention within the token's document (its
+        rotary position counted from the document's start) and, if `restart` ("reset"; False is
+        "mask"), the memories of rows whose token starts a document restarted from a fresh state."""
+        if segment_ids is None or self.variant == "lmm":
+            return super().decode_step(tokens, state, segment_ids)
+        self._check_documents_in_decoding()
+        if not isinstance(state, dict) or "start" not in state:
+            raise ValueError(
+                "decoding with segment ids needs a state that keeps the documents: "
+                "init_decode_state(batch_size, max_len, documents=True)"
+            )
+        ids, pos = segment_ids.astype(jnp.int32), state["pos"]
+        starts = ids != state["segment"]
+        start = jnp.where(starts, pos, state["start"])
+        caches, memories = state["layers"]
+        if restart:  # the memories of rows starting a document (their caches mask by document)
+            memories = self._restart_rows(starts, memories, part=lambda layers: layers[1])
+        kwargs = dict(segment_ids=ids[:, None], document_pos=pos - start)
+        logits, layers = self._run(tokens[:, None], (caches, memories), **kwargs)
+        return logits[:, 0], {"layers": layers, "segment": ids, "start": start, "pos": pos + 1}
 
     @staticmethod
     def forward_flops_per_token(cfg, seq_len: int) -> float:
@@ -412,7 +391,8 @@ def memory_flops_per_token(cfg) -> float:
 def _memory_layer_flops(cfg) -> float:
     heads, d, _ = memory_dims(cfg)
     hd = heads * d
-    proj = 2 * cfg.d_model * hd * 5 + 2 * cfg.d_model * heads * 3  # q k v gate out; three rates
+    rates = 3 if cfg.titans.memory.momentum else 2  # lr, forget (and momentum) gates
+    proj = 2 * cfg.d_model * hd * 5 + 2 * cfg.d_model * heads * rates  # q k v gate out; the rates
     conv = 3 * 2 * cfg.titans.memory.conv_width * hd
     return proj + conv + memory_flops_per_token(cfg)
 
@@ -440,3 +420,23 @@ def forward_flops_per_token(cfg, seq_len: int) -> float:
     if variant in ("mac", "mag"):
         layer += 2 * d * d  # the gate's output projection
     return float(cfg.num_layers * layer + 2 * d * cfg.vocab_size)
+
+
+class FixedMemoryLM(Titans):
+    """A Titans LMM model whose memory layout is fixed by its name (`dla`, `memora`): the memory's
+    `layout` = (objective, retention), no momentum; another config is one error line."""
+
+    model_name: str
+    layout: tuple[str, str]
+
+    def __init__(self, cfg, *, rngs):
+        mem = cfg.titans.memory
+        settings = (cfg.titans.variant, mem.get("objective", "l2"), mem.get("retention", "l2"), mem.momentum)
+        objective, retention = self.layout
+        if settings != ("lmm", objective, retention, False):
+            raise ValueError(
+                f"{self.model_name} is the lmm memory with titans.memory.objective='{objective}', "
+                f"retention='{retention}' and momentum=False (got variant, objective, retention, momentum "
+                f"= {settings}); start from experiments/configs/{self.model_name}_base.py"
+            )
+        super().__init__(cfg, rngs=rngs)

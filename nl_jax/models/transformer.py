@@ -6,12 +6,15 @@ rope_theta, sliding_window (0: full attention), tie_embeddings, norm_eps, dtype,
 scan_layers, remat_policy, init_std.
 
 Packed rows: with segment ids attention stays within a document; attention is the only token mixer,
-so that is both the "mask" and the "reset" of `data.document_boundaries`.
+so that is both the "mask" and the "reset" of `data.document_boundaries`. Decoding a packed row
+takes them too (`init_decode_state(..., documents=True)`, `decode_step(tokens, state, segment_ids)`):
+the KV cache keeps each slot's document.
 """
 
 from flax import nnx
 
-from nl_jax.layers import Attention, RMSNorm, SwiGLU, attention_dims, to_dtype
+from nl_jax.layers import RMSNorm, SwiGLU, to_dtype
+from nl_jax.mixers import Attention
 from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
 from nl_jax.parallel.rules import constrain
@@ -21,31 +24,22 @@ class TransformerBlock(nnx.Module):
     """h = x + Attn(Norm(x)); y = h + MLP(Norm(h)). Block state: a KVCache when decoding."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        heads, kv, head_dim = attention_dims(cfg)
         kw = dict(
             init_std=cfg.init_std, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype), rngs=rngs
         )
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=kw["param_dtype"])
-        self.attn = Attention(
-            cfg.d_model,
-            heads,
-            kv,
-            head_dim,
-            rope_theta=cfg.rope_theta,
-            sliding_window=cfg.sliding_window,
-            **kw,
-        )
+        self.attn = Attention.from_config(cfg, **kw)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=kw["param_dtype"])
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, **kw)
 
-    def init_state(self, batch_size: int, max_len: int | None = None):
-        return self.attn.init_cache(batch_size, max_len)
+    def init_state(self, batch_size: int, max_len: int | None = None, documents: bool = False):
+        return self.attn.init_cache(batch_size, max_len, documents)
 
     def __call__(self, x, state=None, segment_ids=None):
         if state is None:
             h = x + self.attn(self.attn_norm(x), segment_ids)
         else:
-            a, state = self.attn.decode(self.attn_norm(x), state)
+            a, state = self.attn.decode(self.attn_norm(x), state, segment_ids)
             h = x + a
         y = h + self.mlp(self.mlp_norm(h))
         return constrain(y, RESIDUAL), state
@@ -54,6 +48,7 @@ class TransformerBlock(nnx.Module):
 @register("transformer")
 class Transformer(CausalLM):
     document_boundaries = ("ignore", "mask", "reset")
+    documents_in_decoding = "blocks"
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         super().__init__(cfg, lambda r: TransformerBlock(cfg, rngs=r), rngs=rngs)

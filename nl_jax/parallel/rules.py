@@ -38,6 +38,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", "tensor"),  # only where the (kv) heads did not take 'tensor'
     ("norm", "fsdp"),  # norm scales and biases: all-gathered when used, like every FSDP weight
     ("conv_width", None),
+    ("lora", "fsdp"),  # LoRA widths (RWKV-7): FSDP where the other axes leave it free (up-projections)
     ("layers", None),
     # associative memories (meta-learned initial fast weights, CMS levels)
     ("memory_out", "fsdp"),
@@ -120,6 +121,14 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULE
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
+def batch_and_head_axes(batch: int, heads: int, mesh) -> tuple:
+    """The mesh axes that split a [batch, ..., heads, ...] array by the 'batch' and 'heads' rules
+    (None for a dimension left whole): the PartitionSpec entries for a kernel under `shard_map`,
+    which sees each device's block of sequences and heads."""
+    spec = tuple(logical_to_spec(("batch", "heads"), (batch, heads), mesh)) + (None, None)
+    return spec[0], spec[1]
 
 
 def constrain_batch(tree, axis: int = 0, rules=LOGICAL_AXIS_RULES):

@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from nl_jax.models.registry import upgrade_model_config
 from nl_jax.train.step import NonFiniteLossError, all_finite
 
 ITEMS = ("state", "data", "meta")
@@ -130,6 +131,7 @@ class Checkpointer:
 
     def _check_model(self, step: int, meta: dict) -> None:
         saved = meta.get("model")
+        saved = None if saved is None else upgrade_model_config(saved)
         if saved is not None and _comparable(saved) != _comparable(self.model_cfg):
             diff = sorted(
                 k

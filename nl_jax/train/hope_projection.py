@@ -46,7 +46,7 @@ class _Fwd:
 
 
 def _input_projections(mem) -> int:
-    from nl_jax.memory.self_modifying import input_projections  # noqa: PLC0415
+    from nl_jax.mixers.self_modifying import input_projections  # noqa: PLC0415
 
     return input_projections(**mem)
 
@@ -54,7 +54,7 @@ def _input_projections(mem) -> int:
 def _memory_fwd(mem, s: _Step, segment: int) -> list:
     """The self-modifying layer's memories per segment and layer, at their chunk shapes (the terms
     of SelfModifyingTitans.forward_flops_per_token, one product per term)."""
-    from nl_jax.memory.self_modifying import SelfModifyingTitans  # noqa: PLC0415
+    from nl_jax.mixers.self_modifying import SelfModifyingTitans  # noqa: PLC0415
 
     g = lambda key, default: mem.get(key, default)  # noqa: E731
     h = g("num_heads", 8) / s.tensor  # heads per device
@@ -143,7 +143,7 @@ def _hope_fwd(cfg, s: _Step, segment: int) -> list:
     )
     ops = []
     if cfg.name == "hope_attention":
-        from nl_jax.layers.attention import attention_dims  # noqa: PLC0415
+        from nl_jax.mixers.attention import attention_dims  # noqa: PLC0415
 
         heads, kv, hd = attention_dims(cfg)
         ops += [
@@ -218,7 +218,7 @@ def _hope_state_bytes(cfg, s: _Step, segment: int, segments: int, checkpoint: in
     accumulators = cms * (3 if cfg.cms.variant == "nested" else 1)
     per_token = _F32 * cfg.vocab_size / t / layers  # the segment's softmax, spread over the layers
     if cfg.name == "hope_attention":
-        from nl_jax.layers.attention import attention_dims  # noqa: PLC0415
+        from nl_jax.mixers.attention import attention_dims  # noqa: PLC0415
 
         heads, kv, hd = attention_dims(cfg)
         mixer = 2 * s.seq_len * kv * hd * _BF16 / t
@@ -292,7 +292,7 @@ def _hope_params(cfg) -> float:
     d = cfg.d_model
     cms = sum(3 * d * h for h in cfg.cms.hidden)
     if cfg.name == "hope_attention":
-        from nl_jax.layers.attention import attention_dims  # noqa: PLC0415
+        from nl_jax.mixers.attention import attention_dims  # noqa: PLC0415
 
         heads, kv, hd = attention_dims(cfg)
         mixer = d * hd * (2 * heads + 2 * kv)

@@ -31,7 +31,7 @@ from etils import epath
 
 from nl_jax import metrics as metrics_lib
 from nl_jax.data.config import from_config as data_from_config
-from nl_jax.models.registry import check_document_boundaries
+from nl_jax.models.registry import check_document_alignment, check_document_boundaries
 from nl_jax.parallel.mesh import make_mesh
 from nl_jax.parallel.rules import assert_params_sufficiently_sharded, sharding_table
 from nl_jax.train import banner as banner_lib
@@ -93,6 +93,9 @@ def check_config(config) -> None:
             f"data.vocab_size={d.vocab_size} differs from model.vocab_size={config.model.vocab_size}"
         )
     check_document_boundaries(config.model.name, d.get("document_boundaries", "ignore"))
+    check_document_alignment(
+        config.model, d.get("document_boundaries", "ignore"), d.get("document_alignment", 0)
+    )
     if t.get("wandb_project"):
         metrics_lib.import_wandb(t.wandb_project)  # a missing package fails before any compilation
     cms = config.model.get("cms")

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nl_jax.models.registry import check_document_boundaries
 from nl_jax.optim.factory import make_optimizer
 from nl_jax.train.state import ModelFn, abstract_train_state, state_shardings_for
 from nl_jax.train.step import make_eval_step, make_train_step
@@ -22,12 +21,14 @@ from nl_jax.train.step import make_eval_step, make_train_step
 
 def batch_keys(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(train, eval) keys the steps read of a batch. The pipeline's segment ids go to the device only
-    when the model reads them (data.document_boundaries other than "ignore"); else they stay on the
-    host."""
+    when the model reads them (data.document_boundaries other than "ignore", which
+    `nl_jax.train.loop.check_config` has checked the model supports); else they stay on the host.
+    Training reads the targets' weights only in the aligned layout (data.document_alignment > 1),
+    whose pads weigh 0."""
     mode = config.data.get("document_boundaries", "ignore")
-    check_document_boundaries(config.model.name, mode)
     segments = ("segment_ids",) if mode != "ignore" else ()
-    return ("tokens",) + segments, ("tokens", "weights") + segments
+    weights = ("weights",) if config.data.get("document_alignment", 0) > 1 else ()
+    return ("tokens",) + weights + segments, ("tokens", "weights") + segments
 
 
 @dataclasses.dataclass
@@ -41,7 +42,9 @@ class TrainProgram:
     shardings: dict  # NamedShardings of the train state, same tree as abstract_state
     abstract_state: dict  # ShapeDtypeStructs (with shardings) of the train state
     batch_sharding: NamedSharding
-    abstract_batch: dict  # train_keys -> ShapeDtypeStruct((global_batch, seq_len + 1), int32)
+    # train_keys -> ShapeDtypeStruct((global_batch, seq_len + 1), int32); weights: float32
+    # [global_batch, seq_len]
+    abstract_batch: dict
     train_keys: tuple[str, ...]  # what jit_train reads of a batch
     eval_keys: tuple[str, ...]  # what jit_eval reads of a batch
     jit_train: Callable
@@ -58,7 +61,9 @@ def build_train_program(config, mesh: Mesh) -> TrainProgram:
     """
     tcfg = config.train
     train_keys, eval_keys = batch_keys(config)
-    model = ModelFn.from_config(config.model, seed=tcfg.seed)
+    model = ModelFn.from_config(
+        config.model, seed=tcfg.seed, documents=config.data.get("document_boundaries", "ignore")
+    )
     total, accum = int(tcfg.steps), int(tcfg.grad_accum_steps)
     gbs, seq_len = int(config.data.global_batch_size), int(config.data.seq_len)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -78,7 +83,8 @@ def build_train_program(config, mesh: Mesh) -> TrainProgram:
         abstract = abstract_train_state(model, tx, shardings)
         train_step = make_train_step(model, tx, schedule, accum)
         row = jax.ShapeDtypeStruct((gbs, seq_len + 1), jnp.int32, sharding=batch_sharding)
-        abstract_batch = {k: row for k in train_keys}
+        targets = jax.ShapeDtypeStruct((gbs, seq_len), jnp.float32, sharding=batch_sharding)
+        abstract_batch = {k: targets if k == "weights" else row for k in train_keys}
         try:
             jax.eval_shape(train_step, abstract, abstract_batch)
         except ValueError as e:

@@ -209,7 +209,7 @@ def _param_train(kind, m, k, n, runs_fwd, runs_bwd, *, in_scan, extra_dx=0.0):
 def transformer_workload(config, slice_: Slice) -> Workload:
     """Transformer++ (attention + SwiGLU): the layer scan once per microbatch, rows = tokens per
     device per microbatch."""
-    from nl_jax.layers.attention import attention_dims  # noqa: PLC0415 (layers import jax)
+    from nl_jax.mixers.attention import attention_dims  # noqa: PLC0415 (layers import jax)
 
     cfg, s = config.model, _step(config, slice_)
     heads, kv, hd = attention_dims(cfg)
@@ -235,7 +235,7 @@ def transformer_workload(config, slice_: Slice) -> Workload:
 
 
 def _transformer_params(cfg) -> float:
-    from nl_jax.layers.attention import attention_dims  # noqa: PLC0415
+    from nl_jax.mixers.attention import attention_dims  # noqa: PLC0415
 
     heads, kv, hd = attention_dims(cfg)
     d = cfg.d_model

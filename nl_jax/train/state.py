@@ -36,15 +36,17 @@ class ModelFn:
     graphdef: Any
     template: Any  # abstract nnx.State of the Params (Variables with ShapeDtypeStruct values)
     rest: Any  # non-Param state (concrete; empty for most models)
+    documents: str = "reset"  # data.document_boundaries, read where "mask" and "reset" differ
 
     @classmethod
-    def from_config(cls, model_cfg, seed: int = 0) -> "ModelFn":
-        """Builds nothing: the graph and parameter shapes come from `nnx.eval_shape`."""
+    def from_config(cls, model_cfg, seed: int = 0, documents: str = "reset") -> "ModelFn":
+        """Builds nothing: the graph and parameter shapes come from `nnx.eval_shape`. `documents`:
+        what segment ids given to `apply` mean (data.document_boundaries)."""
         model_cls = get_model_class(model_cfg.name)
         make = lambda: build_model(model_cfg, nnx.Rngs(seed))
         graphdef, template, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
         _, _, rest = nnx.split(make(), nnx.Param, ...) if _has_rest(make) else (None, None, nnx.State({}))
-        return cls(model_cls, model_cfg, graphdef, template, rest)
+        return cls(model_cls, model_cfg, graphdef, template, rest, documents)
 
     def apply(self, params, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """logits float32 [B, T, V] for tokens int32 [B, T]; `segment_ids` int32 [B, T] only for a
@@ -52,7 +54,11 @@ class ModelFn:
         state = jax.tree.map(lambda x: x, self.template, is_leaf=_is_var)
         nnx.replace_by_pure_dict(state, params)
         module = self.module(state)
-        return module(tokens) if segment_ids is None else module(tokens, segment_ids=segment_ids)
+        if segment_ids is None:
+            return module(tokens)
+        if getattr(self.cls, "mask_carries_memory", False):
+            return module(tokens, segment_ids=segment_ids, restart=self.documents == "reset")
+        return module(tokens, segment_ids=segment_ids)
 
     def module(self, param_state) -> nnx.Module:
         return nnx.merge(self.graphdef, param_state, self.rest, copy=True)

@@ -1,7 +1,8 @@
 """Pure train / eval steps (jit-able, the train state donated).
 
 Loss: next-token cross entropy in float32, `inputs = tokens[:, :-1]`, `targets = tokens[:, 1:]`,
-averaged over every target of the global batch. A batch with `segment_ids` (data.document_boundaries
+averaged over every target of the global batch, or over their `weights` when the batch carries them
+(data.document_alignment > 1: pad targets weigh 0). A batch with `segment_ids` (data.document_boundaries
 other than "ignore") hands `segment_ids[:, :-1]`, those of the inputs, to the model. Gradient
 accumulation splits the global batch into `accum_steps` microbatches inside the step (`lax.scan`),
 so one call is one optimizer step and the step counter stays global (MaxText's choice over
@@ -54,17 +55,29 @@ def inputs_and_targets(batch: dict) -> tuple[dict, jax.Array]:
     return inputs, tokens[:, 1:]
 
 
+def weight_total(batch: dict) -> jax.Array:
+    """The loss's denominator of a weighted batch: its total weight (at least 1, so an all-pad batch
+    gives a loss of 0, not NaN)."""
+    return jnp.maximum(batch["weights"].sum(), 1.0)
+
+
 def make_loss_fn(model):
-    def loss_fn(params, batch):
+    """loss_fn(params, batch, total=None): the mean nll of the targets, or with `weights` in the batch
+    their weighted sum over `total` (default: the batch's own total weight)."""
+
+    def loss_fn(params, batch, total=None):
         inputs, targets = inputs_and_targets(batch)
-        return token_nll(model.apply(params, **inputs), targets).mean()
+        nll = token_nll(model.apply(params, **inputs), targets)
+        if "weights" not in batch:
+            return nll.mean()
+        return (nll * batch["weights"]).sum() / (weight_total(batch) if total is None else total)
 
     return loss_fn
 
 
 def make_train_step(model, tx, schedule, accum_steps: int = 1):
     """train_step(state, batch) -> (state, metrics {loss, grad_norm, lr, finite}); `batch` holds
-    "tokens" and optionally "segment_ids"."""
+    "tokens" and optionally "segment_ids" and "weights"."""
     loss_fn = make_loss_fn(model)
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -75,10 +88,13 @@ def make_train_step(model, tx, schedule, accum_steps: int = 1):
         # Row i * A + a goes to microbatch a: each device keeps its own rows of every microbatch,
         # so splitting the batch moves no data.
         micro = jax.tree.map(lambda x: x.reshape(b // accum_steps, accum_steps, -1).swapaxes(0, 1), batch)
+        # Weighted: each microbatch divides by the global batch's weight (over accum_steps, as the
+        # sum is averaged below), so the step's loss is the global batch's weighted mean exactly.
+        total = weight_total(batch) / accum_steps if "weights" in batch else None
 
         def body(carry, mb):
             loss_sum, grad_sum = carry
-            loss, grads = grad_fn(params, mb)
+            loss, grads = grad_fn(params, mb, total)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)

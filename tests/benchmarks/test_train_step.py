@@ -15,22 +15,23 @@ pytestmark = pytest.mark.e2e
 SCRIPT = textwrap.dedent(
     """
     import json
-    from benchmarks.train_step import _apply, _parse, matched_mlp_hidden
+    from benchmarks.config_overrides import apply_overrides, parse_value
+    from benchmarks.train_step import matched_mlp_hidden
     from experiments import configs
     from nl_jax.models import count_params
 
     out = {}
     extra = {"model.num_layers": 2}
-    target = count_params(_apply(configs.load("hope_tiny"), extra).model)
+    target = count_params(apply_overrides(configs.load("hope_tiny"), extra).model)
     for name in ("transformer_tiny", "titans_tiny"):
         width = matched_mlp_hidden(name, target, extra)
-        cfg = _apply(configs.load(name), {**extra, "model.mlp_hidden": width}).model
+        cfg = apply_overrides(configs.load(name), {**extra, "model.mlp_hidden": width}).model
         out[name] = [width, count_params(cfg), target]
     try:
-        _apply(configs.load("hope_tiny"), {"model.cms.no_such_field": 1})
+        apply_overrides(configs.load("hope_tiny"), {"model.cms.no_such_field": 1})
     except ValueError as e:
         out["error"] = str(e)
-    out["parsed"] = [_parse("(16,64)"), _parse("False"), _parse("ntp")]
+    out["parsed"] = [parse_value("(16,64)"), parse_value("False"), parse_value("ntp")]
     print(json.dumps(out))
     """
 )

@@ -229,3 +229,38 @@ def test_tokenization_is_cached(text_source):
     pipeline.clear_cache()
     a = data.tokenize_documents(text_source, TOK, "train")
     assert data.tokenize_documents(text_source, TOK, "train") is a
+
+
+def test_aligned_batches_carry_weights_and_resume(text_source):
+    """data.document_alignment: rows of the aligned stream, pads weighing 0 in training and eval,
+    the iterator state as small and exact as without it."""
+    kw = dict(seq_len=16, global_batch_size=4, seed=5, document_alignment=8)
+    it = data.make_train_iterator(text_source, TOK, **kw)
+    b = next(it)
+    assert set(b) == {"tokens", "segment_ids", "weights"} and b["weights"].shape == (4, 16)
+    aligned = data.tokenize_documents(text_source, TOK, "train", 8)
+    assert len(aligned) > len(data.tokenize_documents(text_source, TOK, "train"))  # pads were added
+    windows = {w.tobytes() for w in packing.windows(aligned, 16)}
+    assert all(row.tobytes() in windows for row in b["tokens"])
+    np.testing.assert_array_equal(b["weights"] == 0, b["tokens"][:, 1:] == TOK.pad_id)
+    expected = packing.aligned_segment_ids(b["tokens"], TOK.eos_id, TOK.pad_id)
+    np.testing.assert_array_equal(b["segment_ids"], expected)
+    seg = packing.aligned_segment_ids(packing.windows(aligned, 16), TOK.eos_id, TOK.pad_id)[:, :-1]
+    rows, cols = np.nonzero(seg[:, 1:] != seg[:, :-1])
+    assert len(cols) and ((cols + 1) % 8 == 0).all()  # documents start on the grid of 8
+    _take(it, 3)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    fresh = data.make_train_iterator(text_source, TOK, **kw)
+    fresh.set_state(state)
+    for x, y in zip([next(fresh) for _ in range(4)], expected):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    evals = data.make_eval_iterator(text_source, TOK, seq_len=16, global_batch_size=4, document_alignment=8)
+    ev = next(evals)
+    np.testing.assert_array_equal(ev["weights"] == 0, ev["tokens"][:, 1:] == TOK.pad_id)
+
+
+def test_alignment_is_refused_where_it_cannot_apply(text_source):
+    with pytest.raises(ValueError, match="data.document_alignment=6 must divide data.seq_len=16"):
+        data.make_train_iterator(text_source, TOK, seq_len=16, global_batch_size=4, document_alignment=6)

@@ -114,3 +114,17 @@ def test_command_line(tmp_path):
     store = data.ArrayRecordShards(str(out)).tokens("train")
     expected = data.tokenize_documents(data.TextFiles(str(src)), data.ByteTokenizer(), "train")
     np.testing.assert_array_equal(store.read(0, len(store)), expected)
+
+
+def test_alignment_on_shards_is_refused_naming_the_fix(jsonl_input, tmp_path):
+    """ArrayRecord shards hold prepare_data's unaligned stream: data.document_alignment is refused."""
+    out = str(tmp_path / "shards")
+    prepare_data.prepare(jsonl_input, out, "byte", "jsonl", num_shards=1, block_len=100)
+    match = "data.document_alignment=8 needs documents packed on the fly"
+    with pytest.raises(ValueError, match=match):
+        kw = dict(seq_len=32, global_batch_size=4, document_alignment=8)
+        data.make_train_iterator(data.ArrayRecordShards(out), data.ByteTokenizer(), **kw)
+    cfg = data.default_data_config()
+    cfg.update(source="array_record", path=out, seq_len=32, document_alignment=8)
+    with pytest.raises(ValueError, match=match):
+        data.from_config(cfg, process_index=0, process_count=1)

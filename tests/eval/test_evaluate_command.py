@@ -92,9 +92,20 @@ def test_evaluate_command_end_to_end(tmp_path):
     (data / "piqa.jsonl").write_text(json.dumps({"goal": "g", "sol1": "a", "sol2": "bb", "label": 1}) + "\n")
     (data / "lambada.jsonl").write_text(json.dumps({"text": "import os and import sys"}) + "\n")
     (data / "wikitext.txt").write_text(" = A = \n\n A is a letter .\n\n = B = \n\n B is next .\n")
+    (data / "recall").mkdir()
+    (data / "recall" / "swde.jsonl").write_text(json.dumps({"text": "Name: Ada. Name:", "value": "Ada"}) + "\n")
     rows = [{"text": t, "label": lab} for lab in ("io", "math") for t in (f"{lab} one", f"{lab} two")]
+    (data / "class_incremental" / "banking77").mkdir(parents=True)
     for split in ("train", "test"):
         (data / "continual" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (data / "class_incremental" / "banking77" / f"{split}.csv").write_text(
+            "text,category\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows)
+        )
+    (data / "babilong" / "1k").mkdir(parents=True)
+    (data / "babilong" / "1k" / "qa1.jsonl").write_text(
+        json.dumps({"input": "Mary went to the office.", "question": "Where is Mary?", "target": "office"})
+        + "\n"
+    )
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     cmd = [
         sys.executable,
@@ -121,9 +132,17 @@ def test_evaluate_command_end_to_end(tmp_path):
     )
     assert set(results["commonsense"]) == {"piqa", "lambada", "_skipped"}
     assert set(results["niah"]["accuracy"]) == {"s_niah_1"}
+    assert results["recall"]["swde"]["num_examples"] == 1 and "nq" in results["recall"]["_skipped"]
     assert results["continual"]["class_incremental"]["stages"] == [["io"], ["math"]]
+    assert (
+        results["babilong"]["qa1"]["1k"]["num_examples"] == 1 and "qa2/1k" in results["babilong"]["_skipped"]
+    )
+    ci = results["class_incremental"]
+    assert set(ci["banking77"]) == {"carried", "reset", "icl", "seconds"} and "clinc150" in ci["_skipped"]
+    assert ci["banking77"]["icl"]["stages"] == [["io"], ["math"]]
     md = open(os.path.join(out, "eval_results.md")).read()
-    assert "| Model | Wiki ppl |" in md and "S-NIAH-1" in md
+    assert "| Model | Wiki ppl |" in md and "S-NIAH-1" in md and "| Model | SWDE | Avg |" in md
+    assert "| Model | task | 1K |" in md and "| Model | memory | Banking77 |" in md
     assert os.path.isfile(os.path.join(out, "niah_s_niah_1.png"))
 
     # Two runs in one command: each run's results in its workdir, and one table with a row per run.
@@ -139,3 +158,45 @@ def test_evaluate_command_end_to_end(tmp_path):
     assert os.path.isfile(os.path.join(other, "eval", "step_5", "eval_results.json"))
     md = open(tmp_path / "eval" / "comparison.md").read()
     assert "| run | validation |" in md and "| other | validation |" in md
+
+
+@pytest.mark.e2e
+def test_evaluate_trains_per_task_for_mad_and_formal(tmp_path):
+    """--suite=mad,formal: a model per task from the run's config, the paper-layout tables of both."""
+    config = _config(tmp_path)
+    workdir, _ = _write_run(tmp_path, config)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        f"--workdir={workdir}",
+        "--suite=mad,formal",
+        "--task_steps=3",
+        "--task_batch_size=3",  # rounded up to the 2 devices
+        "--task_lrs=2e-3",
+        "--task_weight_decays=0.1",
+        "--mad_max_len=40",
+        "--mad_train_examples=16",
+        "--mad_test_examples=4",
+        "--formal_languages=parity,anbncn",
+        "--formal_train_len=9",
+        "--formal_train_examples=16",
+        "--formal_test_examples=4",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = os.path.join(workdir, "eval", "step_3")
+    results = json.load(open(os.path.join(out, "eval_results.json")))
+    assert set(results["mad"]) == {"compression", "recall", "fuzzy_recall", "selective_copy", "memorization"}
+    assert set(results["formal"]) == {"parity", "anbncn"}
+    assert all(r["steps"] == 3 and r["test_examples"] == 4 for r in results["mad"].values())
+    for r in [*results["mad"].values(), *results["formal"].values()]:
+        assert (r["lr"], r["weight_decay"], len(r["grid"])) == (2e-3, 0.1, 1)
+    assert (
+        results["mad"]["recall"]["seq_len"] == 40 and results["mad"]["memorization"]["train_examples"] == 256
+    )
+    md = open(os.path.join(out, "eval_results.md")).read()
+    assert "| Model | Compression | ICR | Fuzzy ICR | Selective Copying | Memorization | Avg |" in md
+    assert "| Model | Parity | a^n b^n c^n |" in md and "lengths 1-9, as trained / 10-18" in md
+    assert md.count("| run |") == 2

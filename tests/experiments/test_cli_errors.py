@@ -134,6 +134,18 @@ CASES = {
         2,
         ["--niah_depths", "[0, 1]"],
     ),
+    "eval_task_lrs_abc": (
+        "evaluate",
+        ["--workdir={d}/run", "--suite=mad", "--task_lrs=1e-3,abc"],
+        2,
+        ["--task_lrs", "['abc'] are not learning rates > 0", "1e-4,5e-4,1e-3"],
+    ),
+    "eval_task_weight_decays_negative": (
+        "evaluate",
+        ["--workdir={d}/run", "--suite=mad", "--task_weight_decays=0,-0.1"],
+        2,
+        ["--task_weight_decays", "['-0.1'] are not weight decays >= 0", "0,0.1"],
+    ),
     "eval_batch_size_0": (
         "evaluate",
         ["--workdir={d}/run", "--suite=lm", "--batch_size=0"],

@@ -212,3 +212,21 @@ def test_analytic_projection_names_the_transformer_of_the_same_size():
     assert "16 rows per weight matmul (MXU 128: 12% of its rows)" in out
     assert "vs            transformer_760m (analytic projection, not compiled)" in out
     assert "estimate: 14.2 kernels per matmul, as in compiled HOPE steps" in out
+
+
+@pytest.mark.parametrize(
+    "name,field,impl", [("gated_deltanet_tiny", "memory_impl", "pallas"), ("transformer_tiny", "attention_impl", "splash")]
+)
+def test_pallas_kernels_compile_with_mosaic_for_a_tpu_slice(name, field, impl):
+    """The memory kernel and splash attention in a sharded train step: each lowers to Mosaic (not
+    interpret mode, though the host is a CPU) inside a shard_map, and the step compiles for v5e-4."""
+    config = configs.load(name)
+    config.model.update({field: impl, "num_layers": 1})
+    config.data.update(global_batch_size=GLOBAL_BATCH, seq_len=128)
+    mesh = mesh_for_slice(config.mesh, parse_slice("v5e-4"))
+    program = build_train_program(config, mesh)
+    with jax.set_mesh(mesh):
+        lowered = program.jit_train.lower(program.abstract_state, program.abstract_batch)
+        text = lowered.as_text()
+        assert "tpu_custom_call" in text and "interpret" not in text.lower()
+        assert lowered.compile().memory_analysis() is not None

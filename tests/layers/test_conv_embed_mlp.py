@@ -88,3 +88,38 @@ def test_linear_multi_axis_contraction_and_shape_error():
     np.testing.assert_allclose(lin(x), jnp.einsum("bhd,hde->be", x, lin.kernel[...]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="trailing dims"):
         lin(jnp.ones((2, 4, 3)))
+
+
+@pytest.mark.parametrize(
+    "n,x_shape,out", [(1, (2, 5, 6), (7,)), (2, (3, 2, 4, 3), (2, 5)), (1, (4, 6), (3, 2))]
+)
+def test_rows_and_dot_general_forms_agree_with_their_gradients(n, x_shape, out):
+    """Linear's CPU form (flattened rows) and the accelerators' (one dot_general): same products,
+    same gradients of both operands, and the result dtype asked for."""
+    from nl_jax.layers.linear import contract_trailing, trailing_as_rows, trailing_dot_general
+
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, x_shape)
+    w = jax.random.normal(kw, x_shape[len(x_shape) - n :] + out)
+    lead = x_shape[: len(x_shape) - n]
+    spec = (
+        "abcd"[: len(lead)]
+        + "pq"[:n]
+        + ","
+        + "pq"[:n]
+        + "xy"[: len(out)]
+        + "->"
+        + "abcd"[: len(lead)]
+        + "xy"[: len(out)]
+    )
+    want = jnp.einsum(spec, x, w)
+    cot = jax.random.normal(kg, want.shape)
+    for form in (trailing_as_rows, trailing_dot_general, contract_trailing):
+        y, vjp = jax.vjp(lambda a, b, form=form: form(a, b, n=n), x, w)
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=form.__name__)
+        for got, ref in zip(vjp(cot), jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)[1](cot)):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5, err_msg=form.__name__)
+    low = contract_trailing(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), n, preferred_element_type=jnp.float32
+    )
+    assert low.dtype == jnp.float32 and low.shape == want.shape

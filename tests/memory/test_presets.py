@@ -150,3 +150,35 @@ def test_titans_lmm(structure):
             for got, want in zip(jax.tree.leaves(final.weights), jax.tree.leaves(w)):
                 assert rel_err(got[b, h], want) < 1e-5, seed
     assert rel_err(y, jnp.asarray(ys)) < 1e-5, seed
+
+
+def test_deep_linear_attention_is_hebbian_gd_on_an_mlp():
+    """DLA: M_t = alpha_t M_{t-1} - eta_t d(-<M(k_t), v_t>)/dM at the chunk-start state, read M_t(q_t);
+    M(z) = z + W1 silu(W2 z), its gradient written out by hand in float64."""
+    seed = fresh_seed()
+    q, k, v, (eta, alpha, _), _ = _data(seed)
+    m = presets.deep_linear_attention(eta, alpha)
+    w0 = ops.init_weights(m.spec, jax.random.key(seed), (B, H), D, hidden=5, scale=0.3)
+    state = ops.init_state(w0, momentum=False)
+    y, final = ops.memory_chunked(m.spec, state, q, k, v, m.rates, chunk_size=C, read=m.read)
+
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    q, k, v, eta, alpha = (f64(x) for x in (q, k, v, eta, alpha))
+    for b in range(B):
+        for h in range(H):
+            w1, w2 = f64(w0.w1[b, h]), f64(w0.w2[b, h])
+            b1, b2 = w1, w2
+            for t in range(T):
+                z = b2 @ k[b, t, h]
+                g1 = -np.outer(v[b, t, h], z * sig(z))  # -v silu(W2 k)^T
+                g2 = -np.outer((b1.T @ v[b, t, h]) * sig(z) * (1 + z * (1 - sig(z))), k[b, t, h])
+                w1 = alpha[b, t, h] * w1 - eta[b, t, h] * g1
+                w2 = alpha[b, t, h] * w2 - eta[b, t, h] * g2
+                zq = w2 @ q[b, t, h]
+                want = q[b, t, h] + w1 @ (zq * sig(zq))
+                assert rel_err(y[b, t, h], jnp.asarray(want, jnp.float32)) < 1e-5, seed
+                if (t + 1) % C == 0:
+                    b1, b2 = w1, w2
+            assert rel_err(final.weights.w1[b, h], jnp.asarray(w1, jnp.float32)) < 1e-5, seed
+            assert rel_err(final.weights.w2[b, h], jnp.asarray(w2, jnp.float32)) < 1e-5, seed

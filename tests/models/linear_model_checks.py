@@ -1,4 +1,4 @@
-"""Checks shared by the RetNet, DeltaNet and Gated DeltaNet tests (the three differ only in the mechanism).
+"""Checks shared by the RetNet, DeltaNet, Gated DeltaNet and Comba tests (they differ only in the mechanism).
 
 Each test file calls these with its model name. Inputs come from a fresh seed per run (set
 NL_JAX_TEST_SEED to replay one; the seed is in every failure message).
@@ -166,15 +166,19 @@ def reference_mixer(mixer, x, mechanism):
                     S = gamma * S + np.outer(vv, kk)
                 else:
                     beta = 1 / (1 + np.exp(-proj(mixer.b_proj)[bi, ti, hi]))
-                    alpha = 1.0
-                    if mechanism == "gated_delta_rule":
+                    alpha, pp = 1.0, kk
+                    if mechanism in ("gated_delta_rule", "comba"):
                         a = proj(mixer.a_proj)[bi, ti, hi] + _np(mixer.dt_bias)[hi]
                         alpha = np.exp(-np.exp(_np(mixer.A_log)[hi]) * np.log1p(np.exp(a)))
-                    S = alpha * S @ (np.eye(dk) - beta * np.outer(kk, kk)) + beta * np.outer(vv, kk)
+                    if mechanism == "comba":  # erase at p = sigmoid(lambda) k; read at q - d p
+                        pp = kk / (1 + np.exp(-_np(mixer.inner_decay)[hi]))
+                        qq = qq - _np(mixer.correction)[hi] * pp * dk**-0.5
+                    S = alpha * S @ (np.eye(dk) - beta * np.outer(pp, kk)) + beta * np.outer(vv, kk)
                 o[bi, ti, hi] = S @ qq
     o = o / np.sqrt(np.mean(o * o, -1, keepdims=True) + mixer.o_norm.eps) * _np(mixer.o_norm.scale)
     if s.output_gate:
-        o = o * _silu(proj(mixer.g_proj))
+        g = proj(mixer.g_proj)
+        o = o * (_silu(g) if s.output_gate_act == "silu" else 1 / (1 + np.exp(-g)))
     return np.einsum("bthv,hvd->btd", o, _np(mixer.o_proj.kernel))
 
 

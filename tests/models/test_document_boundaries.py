@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from experiments import configs
-from nl_jax.layers import Attention, attention_mask, dot_product_attention, segment_mask
+from nl_jax.mixers import Attention, attention_mask, dot_product_attention, segment_mask
 from nl_jax.models import DOCUMENT_BOUNDARIES, build_model, check_document_boundaries, registered_models
 from tests.memory.inputs import fresh_seed
 
@@ -23,17 +23,17 @@ T = 24
 ROWS = ((9, 15), (5, 11, 8))
 
 
-def _packed(seed, vocab):
-    tokens = jax.random.randint(jax.random.key(seed), (len(ROWS), T), 0, vocab)
-    segments = np.stack([np.repeat(np.arange(len(r)), r) for r in ROWS]).astype(np.int32)
+def _packed(seed, vocab, rows=ROWS):
+    tokens = jax.random.randint(jax.random.key(seed), (len(rows), sum(rows[0])), 0, vocab)
+    segments = np.stack([np.repeat(np.arange(len(r)), r) for r in rows]).astype(np.int32)
     return tokens, jnp.asarray(segments)
 
 
-def assert_packed_equals_apart(forward, seed, vocab):
+def assert_packed_equals_apart(forward, seed, vocab, rows=ROWS):
     """forward(tokens, segment_ids or None) -> logits; each document of a packed row alone."""
-    tokens, segments = _packed(seed, vocab)
+    tokens, segments = _packed(seed, vocab, rows)
     packed = np.asarray(forward(tokens, segments))
-    for row, lengths in enumerate(ROWS):
+    for row, lengths in enumerate(rows):
         start = 0
         for n in lengths:
             alone = np.asarray(forward(tokens[row : row + 1, start : start + n], None))[0]
@@ -67,7 +67,7 @@ def _linear_cfg(name):
     return cfg
 
 
-@pytest.mark.parametrize("name", ["retnet", "deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["retnet", "deltanet", "gated_deltanet", "comba"])
 def test_linear_reset_packed_equals_apart(name):
     """The chunked form (boundaries inside chunks) restarts the memory and the short convs."""
     seed = fresh_seed()
@@ -103,15 +103,31 @@ def test_segment_ids_change_what_crosses_a_boundary(name):
     np.testing.assert_allclose(one, ignore, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
 
 
-def test_samba_mask_keeps_attention_within_documents():
-    """Samba: attention masked, the Mamba state carried. With the Mamba branch cut off (its output
-    projection zero) the model is attention only, and a packed row equals its documents apart."""
-    seed = fresh_seed()
+def _samba_small():
     cfg = configs.load("samba_tiny").model
     cfg.update(vocab_size=64, d_model=32, num_layers=2, num_heads=4, mlp_hidden=64, sliding_window=5)
-    model = build_model(cfg, nnx.Rngs(seed))
+    return cfg
+
+
+def test_samba_mask_keeps_attention_within_documents():
+    """Samba "mask": attention masked, the Mamba state carried. With the Mamba branch cut off (its
+    output projection zero) the model is attention only, and a packed row equals its documents apart;
+    with it live, "mask" and "reset" differ (the carried state reaches the next document)."""
+    seed = fresh_seed()
+    model = build_model(_samba_small(), nnx.Rngs(seed))
+    tokens, segments = _packed(seed, 64)
+    live = np.abs(model(tokens, segments, restart=False) - model(tokens, segments)).max()
+    assert live > 1e-4, f"seed {seed}"
     out = model.blocks.layers.mamba.out_proj.kernel
     out[...] = jnp.zeros_like(out[...])
+    assert_packed_equals_apart(_jitted(model, restart=False), seed, 64)
+
+
+def test_samba_reset_packed_equals_apart():
+    """Samba "reset": Mamba's conv and SSM state restart at each document (its decay 0 there), so
+    with every branch live a packed row equals its documents apart."""
+    seed = fresh_seed()
+    model = build_model(_samba_small(), nnx.Rngs(seed))
     assert_packed_equals_apart(_jitted(model), seed, 64)
 
 
@@ -134,11 +150,15 @@ SUPPORT = {
     "retnet": ("ignore", "reset"),
     "deltanet": ("ignore", "reset"),
     "gated_deltanet": ("ignore", "reset"),
-    "samba": ("ignore", "mask"),
-    "titans": ("ignore",),
-    "ttt": ("ignore",),
-    "hope": ("ignore",),
-    "hope_attention": ("ignore",),
+    "comba": ("ignore", "reset"),
+    "samba": ("ignore", "mask", "reset"),
+    "titans": ("ignore", "mask", "reset"),
+    "dla": ("ignore", "mask", "reset"),
+    "memora": ("ignore", "mask", "reset"),
+    "ttt": ("ignore", "reset"),
+    "hope": ("ignore", "reset"),
+    "hope_attention": ("ignore", "mask", "reset"),
+    "rwkv7": ("ignore", "reset"),
 }
 
 
@@ -155,3 +175,94 @@ def test_every_model_states_its_modes_and_the_rest_are_rejected():
                     check_document_boundaries(name, mode)
     with pytest.raises(ValueError, match="must be one of"):
         check_document_boundaries("transformer", "split")
+
+
+def _samba_cfg():
+    cfg = configs.load("samba_tiny").model
+    cfg.update(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, sliding_window=6)
+    return cfg
+
+
+def _rwkv7_cfg():
+    cfg = configs.load("rwkv7_tiny").model
+    cfg.update(num_layers=2, chunk_size=8)
+    return cfg
+
+
+def _ttt_cfg():
+    cfg = configs.load("ttt_tiny").model
+    cfg.update(vocab_size=64, d_model=32, num_layers=2, num_heads=2, mlp_hidden=64, mini_batch_size=4)
+    return cfg
+
+
+LINEAR = ("retnet", "deltanet", "gated_deltanet", "comba")
+# (config, row lengths): attention models take documents anywhere; ttt restarts on its mini-batch grid
+DECODING_WITH_DOCUMENTS = {
+    "transformer": (lambda: _transformer_cfg(), ROWS),
+    "transformer_window": (lambda: _transformer_cfg(sliding_window=4), ROWS),  # a ring buffer < the row
+    "samba": (_samba_cfg, ROWS),
+    **{name: (lambda name=name: _linear_cfg(name), ROWS) for name in LINEAR},
+    "rwkv7": (_rwkv7_cfg, ROWS),
+    "ttt": (_ttt_cfg, ((8, 16), (4, 12, 8))),  # documents on the mini-batch grid, as "reset" needs
+    "titans_lmm": (lambda: _titans_like_cfg("lmm"), ((8, 16), (4, 12, 8))),  # and on the memory's chunks
+    "memora": (lambda: _memora_cfg(), ((8, 16), (4, 12, 8))),
+}
+
+
+def _memora_cfg():
+    from tests.models.lmm_model_checks import bench_cfg
+
+    return bench_cfg("memora")
+
+
+@pytest.mark.parametrize("case", sorted(DECODING_WITH_DOCUMENTS))
+def test_decoding_with_segment_ids_equals_the_training_forward(case):
+    """A packed row decoded token by token with its segment ids (a KV cache keeping each slot's
+    document, or recurrent states restarted where the document changes) gives the training forward's
+    logits with them."""
+    seed = fresh_seed()
+    make_cfg, rows = DECODING_WITH_DOCUMENTS[case]
+    cfg = make_cfg()
+    model = build_model(cfg, nnx.Rngs(seed))
+    tokens, segments = _packed(seed, cfg.vocab_size, rows)
+    full = model(tokens, segment_ids=segments)
+    step = jax.jit(lambda t, st, s: model.decode_step(t, st, segment_ids=s))
+    state = model.init_decode_state(tokens.shape[0], T, documents=True)
+    logits = []
+    for i in range(T):
+        out, state = step(tokens[:, i], state, segments[:, i])
+        logits.append(out)
+    # decoding sums a row's float32 updates token by token, training chunk by chunk: seed 1794104483
+    # (retnet) reached 2e-5 on 12 of 12,480 logits; a wrong restart costs 1e-2 and more
+    np.testing.assert_allclose(jnp.stack(logits, axis=1), full, rtol=1e-4, atol=5e-5, err_msg=f"seed {seed}")
+
+
+def _titans_like_cfg(variant):
+    cfg = configs.load("titans_tiny").model
+    cfg.update(vocab_size=64, d_model=32, num_layers=2, num_heads=2, mlp_hidden=64)
+    cfg.titans.update(variant=variant)
+    cfg.titans.memory.update(chunk_size=4)
+    return cfg
+
+
+def test_decoding_with_segment_ids_is_refused_where_unsupported():
+    seed = fresh_seed()
+    model = build_model(_titans_like_cfg("mac"), nnx.Rngs(seed))
+    with pytest.raises(ValueError, match="Titans decodes without segment ids"):
+        model.init_decode_state(2, T, documents=True)
+    for name in ("hope", "hope_attention"):
+        cfg = configs.load(f"{name}_tiny").model
+        hope = build_model(cfg, nnx.Rngs(seed))
+        with pytest.raises(ValueError, match=f"{type(hope).__name__} decodes without segment ids"):
+            hope.init_decode_state(2, T, documents=True)
+        with pytest.raises(ValueError, match=f"{type(hope).__name__} decodes without segment ids"):
+            zeros = jnp.zeros((2,), jnp.int32)
+            hope.decode_step(zeros, hope.init_decode_state(2, T), segment_ids=zeros)
+    deltanet = build_model(_linear_cfg("deltanet"), nnx.Rngs(seed))
+    with pytest.raises(ValueError, match="needs a state that keeps the last document"):
+        zeros = jnp.zeros((2,), jnp.int32)
+        deltanet.decode_step(zeros, deltanet.init_decode_state(2), segment_ids=zeros)
+    transformer = build_model(_transformer_cfg(), nnx.Rngs(seed))
+    plain = transformer.init_decode_state(2, T)
+    with pytest.raises(ValueError, match="needs a cache that keeps them"):
+        transformer.decode_step(jnp.zeros((2,), jnp.int32), plain, segment_ids=jnp.zeros((2,), jnp.int32))

@@ -10,8 +10,8 @@ from flax import nnx
 
 from experiments import configs
 from experiments.configs import hope_base
-from nl_jax.layers import Attention
-from nl_jax.memory.self_modifying import reference_forward
+from nl_jax.mixers import Attention
+from nl_jax.mixers.self_modifying import reference_forward
 from nl_jax.models import build_model
 from tests.memory.inputs import fresh_seed
 from tests.models.test_hope_ntp import V, small_cfg
@@ -103,7 +103,7 @@ def test_hope_with_chunks_of_one_equals_the_token_by_token_reference(read, signa
 ABLATIONS = {
     "memory.dgd=False": (),
     "memory.momentum=False": ("-beta_proj",),
-    "memory.weight_decay=False": ("-alpha_proj", "-alpha_readout", "-alpha_bias", "-memory_alpha"),
+    "memory.weight_decay=False": ("-alpha_readout", "-alpha_bias", "-memory_alpha"),
     "memory.adaptive_k=False": ("-memory_k",),
     "memory.adaptive_v=False": ("-memory_v",),
     "memory.adaptive_q=True": ("+memory_q",),

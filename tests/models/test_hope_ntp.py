@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from experiments import configs
-from nl_jax.memory.cms import ContinuumMemory
+from nl_jax.mixers.cms import ContinuumMemory
 from nl_jax.models import build_model
 from tests.memory.inputs import fresh_seed
 

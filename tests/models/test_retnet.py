@@ -5,8 +5,8 @@ import pytest
 from flax import nnx
 
 from experiments import configs
+from nl_jax.mixers.linear import retention_decays
 from nl_jax.models import build_model, count_params
-from nl_jax.models.linear_blocks import retention_decays
 from tests.models import linear_model_checks as checks
 
 NAME = "retnet"

@@ -10,8 +10,8 @@ from flax import nnx
 from experiments import configs
 from experiments.configs import samba_base
 from nl_jax.models import build_model
-from tests.models.overfit import overfit_losses
 from nl_jax.models.samba import Samba
+from tests.models.overfit import overfit_losses
 
 
 def _cfg(**overrides):

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from experiments.configs import titans_base
+from nl_jax.mixers import attention_mask
 from nl_jax.models import build_model
-from nl_jax.layers import attention_mask
 from nl_jax.models.titans import VARIANTS, PersistentAttention, Titans, memory_flops_per_token
 from tests.memory.inputs import fresh_seed, max_tree_rel_err, rel_err
 

@@ -20,7 +20,10 @@ def _hope(remat="none"):
     config = configs.load("hope_tiny")
     config.data.update(global_batch_size=GLOBAL_BATCH, seq_len=SEQ_LEN)
     config.model.update(d_model=128, num_layers=4, vocab_size=260, remat_policy=remat)
-    config.model.memory.update(num_heads=4, head_dim=32, chunk_size=8, memory_chunk_size=16)
+    # Per-memory projections: the hand counts below name each of them.
+    config.model.memory.update(
+        num_heads=4, head_dim=32, chunk_size=8, memory_chunk_size=16, memory_inputs="projected"
+    )
     config.model.cms.update(periods=(16, 64), hidden=(192, 192), signal="ntp", variant="sequential")
     return config
 

@@ -2,7 +2,7 @@
 
 Within a chunk of C tokens every gradient is taken at the boundary state W_0 (docs/design.md, Decision 6), so
 the rank-one factors e_i x_i^T of all tokens are known up front (`structures.token_errors`). The rule of
-`rules.py` is linear in the state, which gives closed forms for every weight matrix of the memory:
+`update_rule.py` is linear in the state, which gives closed forms for every weight matrix of the memory:
 
   W_i = a_i W_0 + mu_i S_0 - sum_{s<=i} Cm[i,s] eta_s e_s x_s^T - sum_{s<=i} A[i,s] gamma_s p_s k_s^T
   S_i = b_i S_0 - sum_{s<=i} Bm[i,s] eta_s e_s x_s^T
@@ -24,7 +24,7 @@ unit lower-triangular matrix (log2 C levels of batched matmuls).
 Fast biases are weight matrices on the constant input 1, so they get tracks like any other matrix.
 The inner LayerNorm is not a fast weight: it enters through the errors (`structures.token_errors`)
 and through the reads (`structures.forward` over the tracks' products). A `delta_scale` tau_i
-(TTT's token_idx, see `rules`) turns each product read into W_B q + tau_i (W q - W_B q), and the
+(TTT's token_idx, see `update_rule`) turns each product read into W_B q + tau_i (W q - W_B q), and the
 state handed on at the chunk's end into W_B + tau_last (W - W_B).
 
 The same closed form starts from a running state partway into a chunk (gradients still at the
@@ -42,7 +42,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nl_jax.memory.ops import rules
+from nl_jax.memory.ops import update_rule
 from nl_jax.memory.ops import structures as st
 
 IMPLS = ("xla", "pallas")  # memory_chunked's implementations
@@ -142,7 +142,7 @@ class _Coefs(NamedTuple):
     b: jax.Array | None  # [B, H, C]
 
 
-def _coefs(rates: rules.Rates) -> tuple[_Coefs, _Coefs]:
+def _coefs(rates: update_rule.Rates) -> tuple[_Coefs, _Coefs]:
     """Coefficients for W_i (post-update) and for W_{i-1} (before token i), in float32."""
     f32 = lambda r: r.astype(jnp.float32)  # noqa: E731  (bf16 rates would round the products)
     alpha = f32(rates.retention) if rates.retention is not None else jnp.ones(rates.lr.shape, jnp.float32)
@@ -246,7 +246,7 @@ def chunk_update(
     q,
     k,
     v,
-    rates: rules.Rates,
+    rates: update_rule.Rates,
     last=-1,
     *,
     norm: st.InnerNorm | None = None,
@@ -297,7 +297,7 @@ def chunk_update(
     new_w = type(weights)(**{n: f[0] for n, f in finals.items()})
     new_s = None if momentum is None else type(momentum)(**{n: f[1] for n, f in finals.items()})
     if tau is not None and close is not False:
-        new_w = _select(close, rules.scaled_weights(boundary, new_w, tau[..., last]), new_w)
+        new_w = _select(close, update_rule.scaled_weights(boundary, new_w, tau[..., last]), new_w)
     return y, new_w, new_s
 
 
@@ -325,6 +325,26 @@ def _select(pred, a, b):
     if isinstance(pred, bool):
         return a if pred else b
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def chunk_restarts(restart: jax.Array, chunk_size: int) -> jax.Array:
+    """bool [B, T] (a document starts at the token) -> [N, B], the flag of each chunk's first token.
+    Flags inside a chunk are not read: callers check that documents start on the chunk grid."""
+    return jnp.swapaxes(restart[:, ::chunk_size], 0, 1)
+
+
+def restart_where(flags: jax.Array, initial, current, batch_axis: int = 0):
+    """The rows whose flag [B] is set take `initial`, the others keep `current` (same pytrees).
+
+    A select, not a retention of 0: the state restarts from its meta-learned initial value, and the
+    outer gradient reaches that value from every restart."""
+
+    def pick(a, b):
+        shape = [1] * b.ndim
+        shape[batch_axis] = flags.shape[0]
+        return jnp.where(flags.reshape(shape), a.astype(b.dtype), b)
+
+    return jax.tree.map(pick, initial, current)
 
 
 def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int):
@@ -369,7 +389,18 @@ def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int):
     return jax.lax.cond(p < n, second, lambda args: (args[1], args[0]), (first, ys1))
 
 
-def stream_blocks(block_fn, states: dict, step, xs, chunk_size: int, *, remat: bool = False):
+def stream_blocks(
+    block_fn,
+    states: dict,
+    step,
+    xs,
+    chunk_size: int,
+    *,
+    remat: bool = False,
+    restart: jax.Array | None = None,
+    initial: dict | None = None,
+    batch_axis: int = 0,
+):
     """Run any number of tokens through memories that share one chunk size, from any position.
 
     `states` maps names to `MemoryState`s that are `step` tokens into the current chunk (a python
@@ -380,11 +411,17 @@ def stream_blocks(block_fn, states: dict, step, xs, chunk_size: int, *, remat: b
     Returns (ys [B, T, H, ...], new states). Full blocks of `chunk_size` tokens go through a
     `lax.scan`; each crosses at most one chunk boundary, so it costs one or two closed-form passes
     (`_advance_block`); the remainder is one more block.
+
+    `restart` bool [B, T] (documents of packed rows): at a flagged token, which must be a chunk's
+    first one, a row's states restart from `initial` (name -> (weights, momentum), the batch on
+    `batch_axis`). Only from a chunk boundary over whole chunks.
     """
     t = jax.tree.leaves(xs)[0].shape[1]
     n_full, rest = divmod(t, chunk_size)
     if isinstance(step, int) and step == 0 and not rest:
-        return _whole_chunks(block_fn, states, xs, chunk_size, remat)
+        return _whole_chunks(block_fn, states, xs, chunk_size, remat, restart, initial, batch_axis)
+    if restart is not None:
+        raise ValueError("restarts at document starts need whole chunks from a chunk boundary")
     outs = []
     if n_full:
 
@@ -405,12 +442,18 @@ def stream_blocks(block_fn, states: dict, step, xs, chunk_size: int, *, remat: b
     return ys, states
 
 
-def _whole_chunks(block_fn, states: dict, xs, chunk_size: int, remat: bool):
+def _whole_chunks(block_fn, states: dict, xs, chunk_size: int, remat: bool, restart, initial, batch_axis):
     """`stream_blocks` from a chunk boundary over whole chunks: every block starts at a boundary, so
     the boundary state is the running one and the scan carries the weights and momenta alone."""
     zero = jnp.zeros((), jnp.int32)
+    xs = jax.tree.map(lambda x: to_chunks(x, chunk_size), xs)
+    if restart is not None:
+        xs = (xs, chunk_restarts(restart, chunk_size))
 
     def body(carry, xs_block):
+        if restart is not None:
+            xs_block, flags = xs_block
+            carry = restart_where(flags, initial, carry, batch_axis)
         at_boundary = {n: st.MemoryState(w, m, w, zero) for n, (w, m) in carry.items()}
         ys, updates = block_fn(at_boundary, xs_block, chunk_size - 1)
         return updates, ys
@@ -418,7 +461,7 @@ def _whole_chunks(block_fn, states: dict, xs, chunk_size: int, remat: bool):
     if remat:
         body = jax.checkpoint(body)
     carry = {n: (s.weights, s.momentum) for n, s in states.items()}
-    carry, ys = jax.lax.scan(body, carry, jax.tree.map(lambda x: to_chunks(x, chunk_size), xs))
+    carry, ys = jax.lax.scan(body, carry, xs)
     return jax.tree.map(from_chunks, ys), {n: st.MemoryState(w, m, w, zero) for n, (w, m) in carry.items()}
 
 
@@ -428,7 +471,7 @@ def memory_chunked(
     q,
     k,
     v,
-    rates: rules.Rates,
+    rates: update_rule.Rates,
     *,
     chunk_size: int,
     read: str = "per_token",
@@ -436,6 +479,8 @@ def memory_chunked(
     norm: st.InnerNorm | None = None,
     impl: str = "xla",
     interpret: bool | None = None,
+    restart: jax.Array | None = None,
+    initial: st.MemoryState | None = None,
 ):
     """Training form. q, k [B, T, H, Dk], v [B, T, H, Dv], rates [B, T, H] -> (y [B, T, H, Dv], state).
 
@@ -444,8 +489,13 @@ def memory_chunked(
     `remat` recomputes each chunk in the backward pass instead of storing its intermediates.
     `norm`: the inner LayerNorm parameters of a `norm` memory.
     `impl`: "xla" (this module) or "pallas" (`pallas_chunked`: the linear memory without momentum;
-    other specs raise). `interpret` (pallas only): Pallas interpret mode; None picks it on CPU.
+    other specs raise). `interpret` (pallas only): Pallas interpret mode; None picks it when lowering for CPU.
     `remat` has no effect there (its backward kernel recomputes each chunk from the saved states).
+    `restart` bool [B, T] (documents of packed rows, xla only): a row's state restarts from `initial`
+    (a state at a boundary, e.g. the meta-learned one) at each flagged token, which must be a
+    chunk's first: restarts inside a chunk would change the chunk's gradient base, so the caller
+    checks that documents start on the chunk grid (flags inside a chunk are not read).
+    Vector gates (`update_rule`: per-channel retention, erase_key / erase_dir) run `vector_chunked`.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -454,18 +504,44 @@ def memory_chunked(
             f"memory_chunked needs a state at a chunk boundary, got one {int(state.step)} tokens into a chunk; "
             "continue it with memory_naive or memory_recurrent up to the boundary"
         )
+    if (restart is None) != (initial is None):
+        raise ValueError("restart and initial go together")
+    if update_rule.has_vector_gates(rates):
+        if impl != "xla":
+            raise ValueError("vector gates (per-channel retention, erase_key / erase_dir) need impl='xla'")
+        if restart is not None:
+            raise ValueError("vector gates do not take restart flags; restart with a retention of 0 instead")
+        # imported here: vector_chunked builds on this module's coefficients
+        from nl_jax.memory.ops.vector_chunked import memory_chunked_vector
+
+        return memory_chunked_vector(
+            spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, remat=remat, norm=norm
+        )
     if impl == "pallas":
+        if restart is not None:
+            raise ValueError("impl='pallas' does not restart at document starts; use impl='xla'")
         # imported here: pallas_chunked builds on this module's coefficients
         from nl_jax.memory.ops import pallas_chunked
 
         pallas_chunked.check_supported(spec, state, rates, norm)
         if interpret is None:
-            interpret = pallas_chunked.default_interpret()
+            pallas_chunked.check_backend()
         return pallas_chunked.memory_chunked_pallas(
             spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, interpret=interpret
         )
     return _memory_chunked(
-        spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, remat=remat, norm=norm
+        spec,
+        state,
+        q,
+        k,
+        v,
+        rates,
+        chunk_size=chunk_size,
+        read=read,
+        remat=remat,
+        norm=norm,
+        restart=restart,
+        initial=initial,
     )
 
 
@@ -476,19 +552,30 @@ def _memory_chunked(
     q,
     k,
     v,
-    rates: rules.Rates,
+    rates: update_rule.Rates,
     *,
     chunk_size: int,
     read: str = "per_token",
     remat: bool = False,
     norm: st.InnerNorm | None = None,
+    restart: jax.Array | None = None,
+    initial: st.MemoryState | None = None,
 ):
-    rules.check_call(spec, state, rates, read, chunk_size, norm)
+    update_rule.check_call(spec, state, rates, read, chunk_size, norm)
     t = q.shape[1]
     if t % chunk_size:
         raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {t}")
     xs = jax.tree.map(lambda x: to_chunks(x, chunk_size), (q, k, v, rates))
-    body = lambda carry, x: _chunk(spec, read, norm, carry, x)  # noqa: E731
+    if restart is None:
+        body = lambda carry, x: _chunk(spec, read, norm, carry, x)  # noqa: E731
+    else:
+        xs = (xs, chunk_restarts(restart, chunk_size))
+        start = (initial.weights, initial.momentum)
+
+        def body(carry, x):
+            x, flags = x
+            return _chunk(spec, read, norm, restart_where(flags, start, carry), x)
+
     if remat:
         body = jax.checkpoint(body)
     (weights, momentum), ys = jax.lax.scan(body, (state.weights, state.momentum), xs)
@@ -502,7 +589,7 @@ def memory_stream(
     q,
     k,
     v,
-    rates: rules.Rates,
+    rates: update_rule.Rates,
     *,
     chunk_size: int,
     read: str = "per_token",
@@ -517,7 +604,9 @@ def memory_stream(
     chunked form. Segments shorter than a chunk (a model run in segments, prefill, a decode step)
     continue exactly where the last call stopped.
     """
-    rules.check_call(spec, state, rates, read, chunk_size, norm)
+    update_rule.check_call(spec, state, rates, read, chunk_size, norm)
+    if update_rule.has_vector_gates(rates):
+        raise ValueError("memory_stream does not cover vector gates: use memory_chunked from a boundary")
 
     def block_fn(states, xs, last):
         s = states["m"]

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nl_jax.memory.ops import rules
+from nl_jax.memory.ops import update_rule
 from nl_jax.memory.ops import structures as st
 
 
@@ -28,10 +28,10 @@ def _head_step(spec: st.MemorySpec, chunk_size: int, read: str, state: st.Memory
         y = read_with(state.boundary if read == "boundary" else state.weights)
     target = st.targets(spec, state.boundary, v[None], norm)[0]  # a constant of the inner problem
     grads = st.clip_grads(spec, jax.grad(st.token_loss, argnums=1)(spec, state.boundary, k, target, norm))
-    weights, momentum = rules.apply_update(spec, state.weights, state.momentum, grads, k, rates)
+    weights, momentum = update_rule.apply_update(spec, state.weights, state.momentum, grads, k, rates)
     if read == "post_update":
         y = read_with(weights)
-    return y, rules.advance(state, weights, momentum, chunk_size, rates.delta_scale)
+    return y, update_rule.advance(state, weights, momentum, chunk_size, rates.delta_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read"))
@@ -41,7 +41,7 @@ def memory_naive(
     q,
     k,
     v,
-    rates: rules.Rates,
+    rates: update_rule.Rates,
     *,
     chunk_size: int = 1,
     read: str = "per_token",
@@ -52,7 +52,7 @@ def memory_naive(
     Streams across calls at any split point: the state carries the boundary weights and the
     position inside the current chunk. `norm`: the inner LayerNorm of a `norm` memory.
     """
-    rules.check_call(spec, state, rates, read, chunk_size, norm)
+    update_rule.check_call(spec, state, rates, read, chunk_size, norm)
     b, _, h = q.shape[:3]
     if norm is not None:  # one copy per batch row and head, for the vmaps below
         norm = jax.tree.map(lambda p: jnp.broadcast_to(p, (b, h, p.shape[-1])), norm)

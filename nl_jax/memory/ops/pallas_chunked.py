@@ -22,13 +22,13 @@ with N [C, C], R [C, Dv], Qs, Kd [C, Dk], Aq [C, C] and the scalar a built by `_
 
 Backward: a second Pallas kernel, a reverse scan over chunks carrying dL/dW (`_backward_step`),
 from the chunk-start states the forward kernel saves; the cotangents of the operands then flow
-through `_operands` by ordinary XLA autodiff. On CPU both kernels run in Pallas interpret mode
-(exact, slow: for tests); on TPU they are compiled with Mosaic. GPU is refused: Triton runs the
+through `_operands` by ordinary XLA autodiff. The interpret choice is made at lowering
+(`jax.lax.platform_dependent`): interpret mode when lowering for CPU (exact, slow: for tests),
+Mosaic otherwise, so an AOT compile for TPU from a CPU host gets the compiled kernel. Under a mesh
+the call runs inside a `shard_map` over the batch and head axes (Mosaic kernels are not
+partitioned automatically; every (batch, head) is independent). GPU is refused: Triton runs the
 grid's programs concurrently, so the chunk axis cannot carry the state there (a GPU variant would
-loop over chunks inside one program per (batch, head)). Not yet done for TPU training: the call
-is not wrapped in a `shard_map`, so inside a sharded train step Mosaic refuses to partition it
-(README, "A Pallas kernel of the chunked form"), and `interpret` follows `jax.default_backend()`
-rather than the lowering platform, so an AOT compile for TPU from a CPU host gets interpret mode.
+loop over chunks inside one program per (batch, head)).
 
 Supported: structure "linear", objectives l2 and dot, retention, DGD, every read mode (DeltaNet,
 the gated delta rule, linear attention / RetNet, the linear self-modifying update without
@@ -46,14 +46,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from nl_jax.memory.ops import rules
+from nl_jax.memory.ops import update_rule
 from nl_jax.memory.ops import structures as st
 from nl_jax.memory.ops.chunked import _coefs, unit_lower_inverse
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def unsupported(spec: st.MemorySpec, state: st.MemoryState, rates: rules.Rates, norm) -> list[str]:
+def unsupported(spec: st.MemorySpec, state: st.MemoryState, rates: update_rule.Rates, norm) -> list[str]:
     """What of this call the kernel does not cover (empty when it covers all of it)."""
     checks = {
         f"structure={spec.structure!r}": spec.structure != "linear",
@@ -105,7 +105,7 @@ def _from_kernel_layout(y: jax.Array, b: int, h: int) -> jax.Array:
     return jnp.moveaxis(y.reshape(b, h, n * c, d), 1, 2)
 
 
-def _operands(spec: st.MemorySpec, q, k, v, rates: rules.Rates, read: str) -> _Operands:
+def _operands(spec: st.MemorySpec, q, k, v, rates: update_rule.Rates, read: str) -> _Operands:
     """The state-independent matrices of every chunk (inputs in kernel layout, rates [BH, N, C]).
 
     From `chunked.chunk_update` with W_0 = W: the errors are lam (K W^T) - eta V (lam = eta for
@@ -204,19 +204,28 @@ def _state_spec(w: jax.Array) -> pl.BlockSpec:
     return pl.BlockSpec((pl.squeezed, *w.shape[1:]), lambda b, i: (b, 0, 0))
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool):
-    params = None
-    if not interpret:  # Mosaic (TPU): (batch * head) blocks independent, chunks in order
-        params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
-    return pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=params,
-    )
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool | None):
+    """The pallas_call; `interpret=None` decides by the platform the computation is lowered for
+    (interpret mode for CPU, Mosaic otherwise), so an AOT compile for TPU from a CPU host gets the
+    compiled kernel and the same jitted function still runs on the CPU."""
+
+    def build(interpret: bool):
+        params = None
+        if not interpret:  # Mosaic (TPU): (batch * head) blocks independent, chunks in order
+            params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+        return pl.pallas_call(
+            kernel,
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            interpret=interpret,
+            compiler_params=params,
+        )
+
+    if interpret is not None:
+        return build(interpret)
+    return lambda *args: jax.lax.platform_dependent(*args, cpu=build(True), default=build(False))
 
 
 def _forward_kernel(w0_ref, *refs, save_states: bool):
@@ -307,42 +316,82 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 # Entry
 
 
-def default_interpret() -> bool:
-    """Interpret mode on CPU (no Pallas compiler there); compiled on TPU; GPU is refused."""
-    backend = jax.default_backend()
-    if backend == "gpu":
+def check_backend() -> None:
+    """GPU is refused (interpret mode on CPU and Mosaic on TPU are chosen at lowering, `_call`)."""
+    if jax.default_backend() == "gpu":
         raise ValueError(
             "memory_chunked(impl='pallas') has no GPU lowering yet (the chunk axis of its grid carries "
             "the state, which Triton's concurrent programs cannot): use impl='xla' or interpret=True"
         )
-    return backend == "cpu"
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "interpret"))
+def _partitioned(fn, q, rates, state):
+    """`fn` under a `shard_map` when a mesh is set (`jax.set_mesh`): Mosaic kernels are not
+    partitioned automatically, and every (batch, head) is independent, so each device runs the
+    kernel on its own block of sequences and heads, laid out by the logical-axis rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+    from nl_jax.parallel.rules import batch_and_head_axes  # noqa: PLC0415 (only under a mesh)
+
+    batch_axes, head_axes = batch_and_head_axes(q.shape[0], q.shape[2], mesh)
+    tok = jax.sharding.PartitionSpec(batch_axes, None, head_axes, None)
+    per_head = jax.sharding.PartitionSpec(batch_axes, None, head_axes)
+    weights = jax.sharding.PartitionSpec(batch_axes, head_axes, None, None)
+    rate_specs = jax.tree.map(lambda _: per_head, rates)
+    state_specs = jax.tree.map(lambda _: weights, state)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(state_specs, tok, tok, tok, rate_specs),
+        out_specs=(tok, weights),
+        check_vma=False,
+    )
+
+
 def memory_chunked_pallas(
     spec: st.MemorySpec,
     state: st.MemoryState,
     q,
     k,
     v,
-    rates: rules.Rates,
+    rates: update_rule.Rates,
     *,
     chunk_size: int,
     read: str = "per_token",
-    interpret: bool,
+    interpret: bool | None = None,
 ):
     """`memory_chunked` with the Pallas kernel (same contract; call it through
-    `memory_chunked(..., impl="pallas")`, which checks the state and picks `interpret`)."""
-    rules.check_call(spec, state, rates, read, chunk_size)
+    `memory_chunked(..., impl="pallas")`, which checks the state). `interpret`: Pallas interpret
+    mode; None decides by the lowering platform (interpret for CPU, Mosaic for TPU)."""
+    update_rule.check_call(spec, state, rates, read, chunk_size)
     check_supported(spec, state, rates, None)
-    b, t, h = q.shape[:3]
-    if t % chunk_size:
-        raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {t}")
+    if q.shape[1] % chunk_size:
+        raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {q.shape[1]}")
+    run = functools.partial(_kernel_call, spec, chunk_size=chunk_size, read=read, interpret=interpret)
+    y, w = _partitioned(run, q, rates, state.weights.w)(state.weights.w, q, k, v, rates)
+    w = st.LinearWeights(w)
+    return y, st.MemoryState(w, None, w, jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "interpret"))
+def _kernel_call(
+    spec: st.MemorySpec,
+    w0,
+    q,
+    k,
+    v,
+    rates: update_rule.Rates,
+    *,
+    chunk_size: int,
+    read: str,
+    interpret: bool | None,
+):
+    """(y, final weights) of the kernel from the weights w0 [B, H, Dv, Dk] of the (local) batch."""
+    b, h = q.shape[0], q.shape[2]
     lay = lambda x: _kernel_layout(x, chunk_size)  # noqa: E731
     rates_k = jax.tree.map(lambda r: lay(r[..., None])[..., 0], rates)
     ops = _operands(spec, lay(q), lay(k), lay(v), rates_k, read)
-    w0 = state.weights.w
     y, w = _recurrence(w0.reshape(b * h, *w0.shape[2:]).astype(jnp.float32), ops, interpret)
     y = _from_kernel_layout(y, b, h).astype(jnp.result_type(q.dtype, v.dtype, w0.dtype))
-    w = st.LinearWeights(w.reshape(w0.shape).astype(w0.dtype))
-    return y, st.MemoryState(w, None, w, jnp.zeros((), jnp.int32))
+    return y, w.reshape(w0.shape).astype(w0.dtype)

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
-from nl_jax.memory.ops.rules import Rates
+from nl_jax.memory.ops.update_rule import Rates
 from nl_jax.memory.ops.structures import MemorySpec
 
 
@@ -32,6 +33,22 @@ def linear_attention(lr: jax.Array, decay: jax.Array | None = None) -> Mechanism
     return Mechanism(MemorySpec("linear", "dot"), Rates(lr=lr, retention=decay), "post_update")
 
 
+def deep_linear_attention(
+    lr: jax.Array, retention: jax.Array | None = None, structure: str = "mlp", activation: str = "silu"
+) -> Mechanism:
+    """DLA, deep linear attention (as the Nested Learning paper's Table 2 lists it): linear attention
+    whose memory is deep, one GD step per token on the dot-product (Hebbian) objective -<M(k), v>:
+
+        M_t = alpha_t M_{t-1} - eta_t d(-<M(k_t), v_t>)/dM,     o_t = M_t(q_t)
+
+    With `structure="linear"` it is `linear_attention` (the gradient -v k^T is the Hebbian write).
+    The MLP memory's gradient depends on the state, so it is taken at the chunk's start state (the
+    core's mini-batch semantics, docs/design.md, Decision 6).
+    """
+    spec = MemorySpec(structure, "dot", activation)
+    return Mechanism(spec, Rates(lr=lr, retention=retention), "post_update")
+
+
 def delta_rule(beta: jax.Array) -> Mechanism:
     """DeltaNet: S_t = S_{t-1} - beta_t (S_{t-1} k_t - v_t) k_t^T, o_t = S_t q_t.
 
@@ -46,6 +63,32 @@ def gated_delta_rule(alpha: jax.Array, beta: jax.Array) -> Mechanism:
     return Mechanism(
         MemorySpec("linear", "dot"), Rates(lr=beta, retention=alpha, dgd=alpha * beta), "post_update"
     )
+
+
+def generalized_delta_rule(decay: jax.Array, erase_key: jax.Array, erase_dir: jax.Array) -> Mechanism:
+    """RWKV-7's generalised delta rule ("Goose", arXiv 2503.14456):
+    S_t = S_{t-1} (diag(w_t) - c_t d_t^T) + v_t k_t^T, o_t = S_t q_t.
+
+    `decay` w_t is a vector per key channel [B, T, H, Dk]; `erase_key` c_t and `erase_dir` d_t
+    [B, T, H, Dk] shape the rank-one erase (RWKV-7: c = the normalised removal key, d = c times the
+    in-context learning rate). As for the delta rule, the dot objective's gradient -v k^T does not
+    depend on the state, so any chunking is exact; the chunked form is `vector_chunked`.
+    """
+    ones = jnp.ones(decay.shape[:-1], decay.dtype)
+    rates = Rates(lr=ones, retention=decay, dgd=ones, erase_key=erase_key, erase_dir=erase_dir)
+    return Mechanism(MemorySpec("linear", "dot"), rates, "post_update")
+
+
+def comba(alpha: jax.Array, beta: jax.Array, p: jax.Array) -> Mechanism:
+    """Comba ("Improving Bilinear RNNs with Closed-loop Control", arXiv 2506.02475), its state update:
+    S_t = alpha_t S_{t-1} (I - beta_t p_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t.
+
+    The gated delta rule whose erase reads the state at p_t [B, T, H, Dk] (Comba: a scaled key, the
+    state feedback) instead of k_t; alpha, beta [B, T, H]. The output correction (q_t - d p_t) is the
+    caller's query. Chunked by `vector_chunked` with one [C, C] decay matrix per head.
+    """
+    rates = Rates(lr=beta, retention=alpha, dgd=alpha * beta, erase_key=p)
+    return Mechanism(MemorySpec("linear", "dot"), rates, "post_update")
 
 
 def ttt(
@@ -72,15 +115,16 @@ def ttt(
 def titans(
     lr: jax.Array,
     forget: jax.Array,
-    surprise_decay: jax.Array,
+    surprise_decay: jax.Array | None,
     structure: str = "mlp",
     activation: str = "gelu",
 ) -> Mechanism:
     """Titans LMM (Titans, Section 3): S_t = eta_t S_{t-1} - theta_t dl(M_B; x_t),
     M_t = (1 - alpha_t) M_{t-1} + S_t.
 
-    `lr` is theta, `forget` is alpha (so retention = 1 - alpha), `surprise_decay` is eta. Retrieval
-    y_t = M_t(q_t) after the update, as in Titans.
+    `lr` is theta, `forget` is alpha (so retention = 1 - alpha), `surprise_decay` is eta (None: no
+    momentum, S_t = -theta_t dl, Titans' ablation). Retrieval y_t = M_t(q_t) after the update, as in
+    Titans.
     """
     return Mechanism(
         MemorySpec(structure, "l2", activation),

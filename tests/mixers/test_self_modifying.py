@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nl_jax.memory.self_modifying import SelfModifyingTitans, reference_forward
+from nl_jax.mixers.self_modifying import SelfModifyingTitans, reference_forward
 from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
 
 TOL = 1e-5
@@ -19,7 +19,7 @@ def _layer(seed, heads=2, head_dim=4, scale=0.1, **kw):
     """A layer whose Params are all moved off their init (so every path and gradient is exercised).
     Inner gradient clipping is off: its kink at the bound would make gradient comparisons flaky for a
     token whose norm sits on it (tests/memory/test_ops_grad_clip.py covers the clipped forms)."""
-    kw.setdefault("eta_max", 0.7)
+    kw.setdefault("max_lr", 0.7)
     kw.setdefault("max_grad_norm", 0.0)
     layer = SelfModifyingTitans(D, heads, head_dim, rngs=nnx.Rngs(seed), **kw)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -102,10 +102,11 @@ def test_streaming_any_split_and_decoding_equal_one_call():
         y, state = _call(layer, x[:, a : a + n], state)
         ys.append(y)
         a += n
-    assert rel_err(jnp.concatenate(ys, 1), y_full) < TOL, seed
+    # Streaming sums the float32 updates in a different block order, and the outputs read those
+    # states: seeds 197347986 (a state leaf) and 593865972 (the outputs) reached 1.4e-5 (a wrong
+    # split or a lost token costs 1e-2 and more).
+    assert rel_err(jnp.concatenate(ys, 1), y_full) < 5 * TOL, seed
     _, state_one = _call(layer, x, layer.init_state(2))
-    # The states sum 32 tokens of float32 updates in a different block order: seed 197347986 reached
-    # 1.4e-5 of a leaf's norm (a wrong split or a lost token costs 1e-2 and more).
     assert max_tree_rel_err(state, state_one) < 5 * TOL, seed
     assert int(state.memory.step) == 0 and int(state.memories["k"].step) == 0
 
@@ -116,7 +117,7 @@ def test_streaming_any_split_and_decoding_equal_one_call():
     for t in range(8):  # decode: the one-token case of the same path
         y, state = _call(small, x[:, t : t + 1], state)
         ys.append(y)
-    assert rel_err(jnp.concatenate(ys, 1), y_full) < TOL, seed
+    assert rel_err(jnp.concatenate(ys, 1), y_full) < 5 * TOL, seed
 
 
 def test_streaming_gradients_equal_training_gradients():
@@ -170,7 +171,7 @@ def _params(layer):
 
 def _like(src, **kw):
     """A layer with flags `kw` that shares every Param of `src` it has (same names)."""
-    kw = dict(eta_max=0.7, max_grad_norm=0.0, chunk_size=2, memory_chunk_size=8, **kw)
+    kw = dict(max_lr=0.7, max_grad_norm=0.0, chunk_size=2, memory_chunk_size=8, **kw)
     dst = SelfModifyingTitans(D, 2, 4, rngs=nnx.Rngs(0), **kw)
     src_params = _params(src)
     state = nnx.state(dst, nnx.Param)
@@ -185,10 +186,15 @@ def _like(src, **kw):
 FLAGS = [  # flag, Params that appear (+) or vanish (-), state memory that appears or vanishes
     (dict(dgd=False), set(), None),
     (dict(momentum=False), {"-beta_proj"}, None),
-    (dict(weight_decay=False), {"-alpha_proj", "-alpha_readout", "-alpha_bias", "-memory_alpha"}, "-alpha"),
+    (dict(weight_decay=False), {"-alpha_readout", "-alpha_bias", "-memory_alpha"}, "-alpha"),
     (dict(adaptive_k=False), {"-memory_k"}, "-k"),
     (dict(adaptive_v=False), {"-memory_v"}, "-v"),
     (dict(adaptive_q=True), {"+memory_q"}, "+q"),
+    (
+        dict(memory_inputs="projected"),
+        {f"+{n}_proj" for n in ("q", "k", "v", "eta", "alpha")} | {"+q_conv", "+k_conv", "+v_conv", "-in_proj", "-in_conv"},
+        None,
+    ),
 ]
 
 
@@ -239,7 +245,7 @@ def test_saturated_retention_equals_no_weight_decay():
 
 
 def test_memories_stay_bounded_with_rates_at_their_bounds():
-    """eta pinned at eta_max, retention at 1, inputs and projections far off their init: the fast
+    """eta pinned at max_lr, retention at 1, inputs and projections far off their init: the fast
     weights stay bounded over a long stream (the unbounded rate and raw values of the paper's form
     went to NaN here, as hope_tiny did on real text)."""
     seed = fresh_seed()
@@ -247,15 +253,21 @@ def test_memories_stay_bounded_with_rates_at_their_bounds():
     assert layer.spec.max_grad_norm == layer.out_spec.max_grad_norm == 1.0  # the default clips
     layer.eta_bias[...] = jnp.full(layer.eta_bias.shape, 20.0)
     layer.alpha_bias[...] = jnp.full(layer.alpha_bias.shape, 20.0)
-    for proj in (layer.k_proj, layer.v_proj, layer.eta_proj):
+    for proj in (layer.in_proj,):  # the one input every memory reads (memory_inputs="shared")
         proj.kernel[...] = proj.kernel[...] * 100
-    x = 10 * _x(seed, 256)
-    y, state = _call(layer, x, layer.init_state(2))
-    weights = [a for s in (*state.memories.values(), state.memory) for a in jax.tree.leaves(s.weights)]
+    length = 256
+    x = 10 * _x(seed, length)
+    start = layer.init_state(2)
+    y, state = _call(layer, x, start)
+    largest = lambda st: max(  # noqa: E731
+        float(jnp.abs(w).max()) for s in (*st.memories.values(), st.memory) for w in jax.tree.leaves(s.weights)
+    )
     assert bool(jnp.isfinite(y).all()), seed
-    assert max(float(jnp.abs(w).max()) for w in weights) < 10.0, seed
-    with pytest.raises(ValueError, match=r"eta_max must be in \(0, 1\]"):
-        SelfModifyingTitans(D, 2, 8, rngs=nnx.Rngs(0), eta_max=1.5)
+    # each clipped token moves a memory by at most max_lr * max_grad_norm (retention 1 lets the
+    # steps add up); the unbounded form reached 1e13 within 50 tokens
+    assert largest(state) < largest(start) + length * layer.max_lr * layer.spec.max_grad_norm, seed
+    with pytest.raises(ValueError, match=r"max_lr must be in \(0, 1\]"):
+        SelfModifyingTitans(D, 2, 8, rngs=nnx.Rngs(0), max_lr=1.5)
 
 
 # ------------------------------------------------------------------- linear memory = gated delta rule

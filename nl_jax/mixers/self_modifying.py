@@ -4,7 +4,7 @@ Per head (H heads of width dh), B(t) being the state at the last chunk boundary 
 
     z_q, z_k, z_v = SiLU(conv(x W_q)), SiLU(conv(x W_k)), SiLU(conv(x W_v))      z_eta, z_alpha = x W_eta, x W_alpha
     k_t = l2(M_k,B(t)(z_k,t))      v_t = M_v,B(t)(z_v,t)      q_t = l2(z_q,t)  (adaptive_q: l2(M_q,B(t)(z_q,t)))
-    eta_t   = eta_max * sigmoid(<r_eta, M_eta,B(t)(z_eta,t)> + b_eta)             inner learning rate
+    eta_t   = max_lr * sigmoid(<r_eta, M_eta,B(t)(z_eta,t)> + b_eta)             inner learning rate
         (normalize_values=True: v_t = l2(M_v,B(t)(z_v,t)); eta_param="paper": eta_t = softplus(<...> + b_eta);
          memory_inputs="shared": z_q = z_k = z_v = z_eta = z_alpha = SiLU(conv(x W_in)))
     alpha_t = sigmoid(<r_alpha, M_alpha,B(t)(z_alpha,t)> + b_alpha)               retention (weight decay)
@@ -28,12 +28,13 @@ feed each other), then the output memory over the keys, values and rates they pr
 
 Departures from the paper's literal form, each a constructor option (docs/design.md, Decision 11;
 the measurements that motivated them are under "stability" below):
-  - eta is bounded, eta_max * sigmoid(.) (the paper's eta_t = M_eta(x_t) has no cap): `eta_param`,
+  - eta is bounded, max_lr * sigmoid(.) (the paper's eta_t = M_eta(x_t) has no cap): `eta_param`,
     "bounded" (default) or "paper" = softplus(.) (the paper gives no output nonlinearity and a
-    learning rate must be positive; eta_max is then unused);
+    learning rate must be positive; max_lr is then unused);
   - each token's inner gradient is clipped to `max_grad_norm` (default 1.0; 0: off, the paper's form);
-  - each small memory reads its own projection of x (the paper's memories all read x_t):
-    `memory_inputs`, "projected" (default) or "shared" (one projection feeds every memory);
+  - (off by default) each small memory reads its own projection of x, where the paper's memories
+    all read x_t: `memory_inputs`, "shared" (default: one projection feeds every memory) or
+    "projected";
   - (off by default) v l2-normalised like q and k: `normalize_values=True` (the paper normalises q
     and k only).
 `paper_literal=True` selects the paper's form of all four (normalize_values=False, eta_param="paper",
@@ -43,21 +44,21 @@ max_grad_norm=0, memory_inputs="shared") and overrides whatever is passed for th
 Decisions on what the paper leaves open:
   - scalar rates from vector memories (docs/design.md, Decision 4): eta and alpha memories map dh -> dh like
     the others (so they can learn from (k, v_hat)); a learned read-out vector and bias per head turn
-    the memory's output into the scalar, then eta_max * sigmoid or softplus (eta, `eta_param`) or
+    the memory's output into the scalar, then max_lr * sigmoid or softplus (eta, `eta_param`) or
     sigmoid (alpha).
   - stability on real text (measured on hope_tiny with the embedded corpus): the paper's rates are
     unbounded and its values unnormalised, and both feed the inner loop back into itself: eta is read
     from a memory that eta itself updates, and self-generated targets M(v) grow with the memories.
     With eta = 0.1 softplus(.) and raw values, the four small memories of one layer went from ~1 to
     1e13 within 50 tokens once training had moved the parameters (NaN loss at outer step 13-17);
-    bounding eta alone moved the NaN from step 13 to 17. So eta is eta_max * sigmoid(.), which keeps
+    bounding eta alone moved the NaN from step 13 to 17. So eta is max_lr * sigmoid(.), which keeps
     the DGD factor (I - eta k k^T) a contraction for the unit keys, and v is l2-normalised like q and
     k, which bounds every self-generated target (the output's per-head RMSNorm makes the scale of v
     irrelevant to the layer's output anyway). That fixed the small memories; the output memory (chunk
     16, an MLP whose curvature grows with its hidden activations) then diverged at outer step 51
     (1 -> 3e8 within 32 tokens), so every token's inner gradient is also clipped to `max_grad_norm`
     (`ops.MemorySpec`, per-sample clipping as in Titans implementations), which bounds each chunk's
-    step by chunk * eta_max * max_grad_norm. Over hope_tiny's 200-step run with the bound and the
+    step by chunk * max_lr * max_grad_norm. Over hope_tiny's 200-step run with the bound and the
     clip on, normalising v makes no difference (validation loss 1.4443 with, 1.4452 without), so v
     is raw by default, as in the paper; without the clip the same run stops with a NaN at step 46.
   - targets v_hat are not stop-gradient: the outer gradient flows through the whole unrolled forward,
@@ -68,12 +69,19 @@ Decisions on what the paper leaves open:
     `memory_target="value"` trains it on v_t directly (the paper's Eq. 79-82).
   - initial states: MLP memories start as the identity map (W1 = 0, W2 ~ N(0, 1/dh)), so every adaptive
     projection starts as its static one; matrix memories start as the identity, the output one at 0.
-  - alpha's bias starts at 4 (retention ~0.98 per token); eta's at 0 (eta = eta_max / 2; "paper":
+  - alpha's bias starts at 4 (retention ~0.98 per token); eta's at 0 (eta = max_lr / 2; "paper":
     softplus(0) = log 2 ~ 0.69).
 
 Streaming: with a state the layer continues from any position, for any number of tokens, with the
 same closed forms (`ops.stream_blocks`): a segment shorter than a chunk, a prefill, or one decode
 token all equal the corresponding slice of one call over the whole sequence.
+
+Packed rows (segment ids, `core`): at each document's first token every memory restarts from its
+meta-learned initial state and the short convs stop at the boundary. Keys, values and gradients of
+a chunk come from its start state, so a restart must start a chunk of both grids (documents start at
+multiples of lcm(chunk_size, memory_chunk_size), checked by the model); the chunked forms run from
+a chunk boundary over whole chunks, and a streaming call restarts only at its first token
+(`document_start`).
 """
 
 from __future__ import annotations
@@ -84,21 +92,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.layers.conv import ShortConv
+from nl_jax.layers.conv import ShortConv, document_starts
 from nl_jax.layers.linear import Linear, logical_param, to_dtype
 from nl_jax.layers.norms import RMSNorm
 from nl_jax.memory import ops
-from nl_jax.memory.ops import chunked
+from nl_jax.memory.ops import chunked, presets
 from nl_jax.memory.ops import structures as st
+from nl_jax.mixers.front_end import conv_silu, gated_output, l2_normalize
 
 READ_MODES = ("boundary", "per_token")
 MEMORY_TARGETS = ("self", "value")
-ETA_PARAMS = ("bounded", "paper")  # eta = eta_max * sigmoid(.) | softplus(.) (see `eta_rate`)
+ETA_PARAMS = ("bounded", "paper")  # eta = max_lr * sigmoid(.) | softplus(.) (see `eta_rate`)
 MEMORY_INPUTS = ("projected", "shared")  # each memory reads its own projection of x | one shared input
 
 
 def input_projections(
-    *, weight_decay: bool = True, memory_inputs: str = "projected", paper_literal: bool = False, **_
+    *, weight_decay: bool = True, memory_inputs: str = "shared", paper_literal: bool = False, **_
 ) -> int:
     """How many static [D] -> [H, dh] projections read x, from the layer's keyword arguments: q, k,
     v, eta (, alpha) and the gate, or, with shared inputs, the one shared input and the gate."""
@@ -115,20 +124,16 @@ class SelfModifyingState(NamedTuple):
     memory: ops.MemoryState
 
 
-def _unit(z):
-    return z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-6)
-
-
-def eta_rate(logit, eta_param: str, eta_max: float):
+def eta_rate(logit, eta_param: str, max_lr: float):
     """The inner learning rate from its scalar read-out `logit` = <r_eta, M_eta(z_eta)> + b_eta.
 
-    "bounded": eta_max * sigmoid(logit), in (0, eta_max] (nl_jax's stabiliser, docs/design.md,
+    "bounded": max_lr * sigmoid(logit), in (0, max_lr] (nl_jax's stabiliser, docs/design.md,
     Decision 11). "paper": softplus(logit), positive and unbounded above: the paper's eta_t = M_eta(x_t)
     has no cap, and since it gives eta's memory no output nonlinearity while a learning rate must be
-    positive, softplus is the closest positive form; `eta_max` is unused.
+    positive, softplus is the closest positive form; `max_lr` is unused.
     """
     if eta_param == "bounded":
-        return eta_max * jax.nn.sigmoid(logit)
+        return max_lr * jax.nn.sigmoid(logit)
     if eta_param == "paper":
         return jax.nn.softplus(logit)
     raise ValueError(f"eta_param must be one of {ETA_PARAMS}, got {eta_param!r}")
@@ -176,20 +181,20 @@ class SelfModifyingTitans(nnx.Module):
       weight_decay=False   no retention gate (no alpha memory, no alpha projection)
       adaptive_k/v=False   k / v are the static projections (no k / v memory)
       adaptive_q=True      q is read from a memory too
-    Extra keyword arguments: `eta_max` (the bound of the inner learning rate, default 0.1),
+    Extra keyword arguments: `max_lr` (the bound of the inner learning rate, default 0.1),
     `max_grad_norm` (each token's inner gradient is clipped to this norm, default 1.0; 0: off) and
     `memory_target` ("self" or "value", the output memory's target).
 
     Departures from the paper's literal form (docs/design.md, Decision 11), each an option:
       normalize_values=False  raw v, the paper's form (True: l2-normalised like q and k)
-      eta_param="bounded"     eta = eta_max * sigmoid(.), eta_max in (0, 1]; "paper": eta = softplus(.),
-                              unbounded above (`eta_rate`), eta_max unused and not range-checked
+      eta_param="bounded"     eta = max_lr * sigmoid(.), max_lr in (0, 1]; "paper": eta = softplus(.),
+                              unbounded above (`eta_rate`), max_lr unused and not range-checked
       max_grad_norm=1.0       per-token inner gradient clipping (0: off, the paper's form)
-      memory_inputs="projected"  each small memory reads its own projection of x (q, k, v through a
-                              short conv and SiLU, eta and alpha linear); "shared": every memory reads
-                              one shared input SiLU(conv(x W_in)), as every memory of the paper's
-                              Eq. 83-88 reads x_t; the small memories then start from distinct random
-                              maps (`MemoryInit`, `distinct`)
+      memory_inputs="shared"  every memory reads one shared input SiLU(conv(x W_in)), as every
+                              memory of the paper's Eq. 83-88 reads x_t; the small memories start
+                              from distinct random maps (`MemoryInit`, `distinct`); "projected": each
+                              small memory reads its own projection of x (q, k, v through a short conv
+                              and SiLU, eta and alpha linear)
       paper_literal=False     True: the paper's form, i.e. normalize_values=False, eta_param="paper",
                               max_grad_norm=0, memory_inputs="shared". It overrides those four
                               options: values passed for them alongside paper_literal=True are ignored
@@ -215,11 +220,11 @@ class SelfModifyingTitans(nnx.Module):
         adaptive_k: bool = True,
         adaptive_v: bool = True,
         adaptive_q: bool = False,
-        eta_max: float = 0.1,
+        max_lr: float = 0.1,
         max_grad_norm: float = 1.0,
         normalize_values: bool = False,
         eta_param: str = "bounded",
-        memory_inputs: str = "projected",
+        memory_inputs: str = "shared",
         paper_literal: bool = False,
         conv_width: int = 4,
         remat_chunks: bool = False,
@@ -255,11 +260,11 @@ class SelfModifyingTitans(nnx.Module):
             "alpha": weight_decay,
         }
         self.small = tuple(name for name, on in self.adaptive.items() if on)  # memories on `chunk_size`
-        if eta_param == "bounded" and not 0 < eta_max <= 1:
+        if eta_param == "bounded" and not 0 < max_lr <= 1:
             raise ValueError(
-                f"eta_max must be in (0, 1] (the DGD step must not expand along k), got {eta_max}"
+                f"max_lr must be in (0, 1] (the DGD step must not expand along k), got {max_lr}"
             )
-        self.eta_max, self.remat_chunks = eta_max, remat_chunks
+        self.max_lr, self.remat_chunks = max_lr, remat_chunks
         self.paper_literal, self.normalize_values, self.eta_param = paper_literal, normalize_values, eta_param
         self.max_grad_norm, self.memory_inputs = max_grad_norm, memory_inputs
         self.dtype = to_dtype(dtype)
@@ -308,36 +313,26 @@ class SelfModifyingTitans(nnx.Module):
         mems = {n: getattr(self, f"memory_{n}").state(batch_size, self.momentum) for n in self.small}
         return SelfModifyingState(convs, mems, self.memory_out.state(batch_size, self.momentum))
 
-    def paths(self, x, conv_states):
-        """The memory inputs before any memory: z [B, T, H, dh] per path, beta [B, T, H], conv tails."""
-        b, t, _ = x.shape
-        h, dh = self.num_heads, self.head_dim
+    def paths(self, x, conv_states, segment_ids=None):
+        """The memory inputs before any memory: z [B, T, H, dh] per path, beta [B, T, H], conv tails
+        (`segment_ids`: the convs stop at documents' first tokens)."""
         if self.memory_inputs == "shared":
-            y, cs = self.in_conv.forward(self.in_proj(x).reshape(b, t, h * dh), conv_states[0])
-            shared = jax.nn.silu(y).reshape(b, t, h, dh).astype(jnp.float32)
-            z, convs = {name: shared for name in ("q", "k", "v", "eta", "alpha")[: 4 + self.weight_decay]}, (cs,)
+            (shared,), convs = conv_silu((self.in_proj,), (self.in_conv,), x, conv_states, segment_ids)
+            shared = shared.astype(jnp.float32)
+            z = {name: shared for name in ("q", "k", "v", "eta", "alpha")[: 4 + self.weight_decay]}
         else:
-            z, convs = self._projected_paths(x, conv_states)
+            z, convs = self._projected_paths(x, conv_states, segment_ids)
         beta = jax.nn.sigmoid(self.beta_proj(x).astype(jnp.float32)) if self.momentum else None
         return z, beta, convs
 
-    def _projected_paths(self, x, conv_states):
-        b, t, _ = x.shape
-        h, dh = self.num_heads, self.head_dim
-        z, convs = {}, []
-        for name, proj, conv, cs in zip(
-            "qkv",
-            (self.q_proj, self.k_proj, self.v_proj),
-            (self.q_conv, self.k_conv, self.v_conv),
-            conv_states,
-        ):
-            y, cs = conv.forward(proj(x).reshape(b, t, h * dh), cs)
-            z[name] = jax.nn.silu(y).reshape(b, t, h, dh).astype(jnp.float32)
-            convs.append(cs)
+    def _projected_paths(self, x, conv_states, segment_ids=None):
+        projections, convs = (self.q_proj, self.k_proj, self.v_proj), (self.q_conv, self.k_conv, self.v_conv)
+        outs, convs = conv_silu(projections, convs, x, conv_states, segment_ids)
+        z = {name: u.astype(jnp.float32) for name, u in zip("qkv", outs)}
         z["eta"] = self.eta_proj(x).astype(jnp.float32)
         if self.weight_decay:
             z["alpha"] = self.alpha_proj(x).astype(jnp.float32)
-        return z, tuple(convs)
+        return z, convs
 
     def generate(self, boundaries: dict, z: dict, beta):
         """q, k, v and the rates of a block of tokens, read from the small memories' boundary states.
@@ -349,18 +344,17 @@ class SelfModifyingTitans(nnx.Module):
         """
         read = lambda n: st.apply(self.spec, boundaries[n], z[n]) if n in boundaries else z[n]  # noqa: E731
         scalar = lambda u, r, b: jnp.einsum("bhnd,hd->bhn", u, r[...]) + b[...][:, None]  # noqa: E731
-        eta = eta_rate(scalar(read("eta"), self.eta_readout, self.eta_bias), self.eta_param, self.eta_max)
+        eta = eta_rate(scalar(read("eta"), self.eta_readout, self.eta_bias), self.eta_param, self.max_lr)
         alpha = None
         if self.weight_decay:
             alpha = jax.nn.sigmoid(scalar(read("alpha"), self.alpha_readout, self.alpha_bias))
-        rates = ops.Rates(lr=eta, retention=alpha, momentum=beta, dgd=eta if self.dgd else None)
-        v = _unit(read("v")) if self.normalize_values else read("v")
-        return _unit(read("q")), _unit(read("k")), v, rates
+        rates = presets.self_modifying(eta, alpha, beta, dgd=self.dgd).rates
+        v = l2_normalize(read("v")) if self.normalize_values else read("v")
+        return l2_normalize(read("q")), l2_normalize(read("k")), v, rates
 
     def output(self, x, y):
         """y [B, T, H, dh] -> the layer output [B, T, D]."""
-        y = self.out_norm(y.astype(self.dtype)) * jax.nn.silu(self.gate_proj(x))
-        return self.out_proj(y)
+        return gated_output(x, y, self.out_norm, self.gate_proj, self.out_proj, dtype=self.dtype)
 
     # ---------------------------------------------------------------- the chunked / streaming path
 
@@ -408,13 +402,25 @@ class SelfModifyingTitans(nnx.Module):
         so `core(..., aligned=True)` can run the chunked form from a carried state."""
         return length % self.chunk_size == 0 and length % self.memory_chunk_size == 0
 
-    def core(self, x: jax.Array, state: SelfModifyingState | None = None, *, aligned: bool = False):
+    def core(
+        self,
+        x: jax.Array,
+        state: SelfModifyingState | None = None,
+        *,
+        aligned: bool = False,
+        segment_ids: jax.Array | None = None,
+        document_start: jax.Array | None = None,
+    ):
         """The memory read y [B, T, H, dh] before the output head, and the new state (None in training).
 
         `aligned` (static): the caller guarantees that `state` sits at a boundary of both chunk grids
         and that T is a multiple of both chunk sizes (a model running whole segments); the chunked
         form then runs from the state with the chunk positions known at trace time, the values
-        being those of the streaming form."""
+        being those of the streaming form.
+
+        `segment_ids` [B, T] (training or `aligned`): restart at documents' first tokens (module
+        docstring), which must start chunks of both grids; `document_start` [B] bool (with a
+        state): x's first token starts a document, so the row's state restarts before it."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"SelfModifyingTitans expects x [B, T, {self.d_model}], got shape {x.shape}")
         b, t, _ = x.shape
@@ -426,13 +432,25 @@ class SelfModifyingTitans(nnx.Module):
                         f"{name} {c} does not divide the sequence length {t} (the training forward runs "
                         "whole chunks; pass a state from init_state to stream any length)"
                     )
+        if segment_ids is not None and not (training or aligned):
+            raise ValueError("segment ids (document restarts) need the training or the aligned chunked form")
         if training:
             state = self.init_state(b)
-        elif aligned:  # at a chunk boundary the boundary state is the running one
+        elif document_start is not None:  # scalars (the chunk positions) are those of every row
+            init = self.init_state(b)
+            state = jax.tree.map(
+                lambda a, s: s if s.ndim == 0 else chunked.restart_where(document_start, a, s), init, state
+            )
+        if aligned and not training:  # at a chunk boundary the boundary state is the running one
             memories = {n: m._replace(boundary=m.weights) for n, m in state.memories.items()}
             state = state._replace(memories=memories, memory=state.memory._replace(boundary=state.memory.weights))
-        z, beta, convs = self.paths(x, state.conv)
+        z, beta, convs = self.paths(x, state.conv, segment_ids)
         step = 0 if training or aligned else state.memories[self.small[0]].step
+        restarts = {}
+        if segment_ids is not None:
+            small = self._stack(self.init_state(b).memories)
+            initial = {"small": (small.weights, small.momentum)}
+            restarts = dict(restart=document_starts(segment_ids), initial=initial)
         (q, k, v, rates), mems = chunked.stream_blocks(
             self._small_block,
             {"small": self._stack(state.memories)},
@@ -440,8 +458,12 @@ class SelfModifyingTitans(nnx.Module):
             (z, beta),
             self.chunk_size,
             remat=self.remat_chunks,
+            batch_axis=1,  # the small memories are stacked ahead of the batch
+            **restarts,
         )
         mems = self._unstack(mems["small"])
+        if restarts:
+            restarts = dict(restart=restarts["restart"], initial=self.memory_out.state(b, self.momentum))
         run = ops.memory_chunked if training or aligned else ops.memory_stream
         y, memory = run(
             self.out_spec,
@@ -453,15 +475,26 @@ class SelfModifyingTitans(nnx.Module):
             chunk_size=self.memory_chunk_size,
             read=self.read,
             remat=self.remat_chunks,
+            **restarts,
         )
         return y, (None if training else SelfModifyingState(convs, mems, memory))
 
-    def __call__(self, x: jax.Array, state: SelfModifyingState | None = None, *, aligned: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        state: SelfModifyingState | None = None,
+        *,
+        aligned: bool = False,
+        segment_ids: jax.Array | None = None,
+        document_start: jax.Array | None = None,
+    ):
         """x [B, T, D] -> (y [B, T, D], state). Without a state: the training forward from the
         meta-learned initial memories (T a multiple of both chunk sizes), state None. With a state
-        (`init_state` or a previous call): continues from it, any number of tokens (`aligned`: see
-        `core`)."""
-        y, state = self.core(x, state, aligned=aligned)
+        (`init_state` or a previous call): continues from it, any number of tokens (`aligned`,
+        `segment_ids`, `document_start`: see `core`)."""
+        y, state = self.core(
+            x, state, aligned=aligned, segment_ids=segment_ids, document_start=document_start
+        )
         return self.output(x, y), state
 
     # ---------------------------------------------------------------- cost
@@ -474,7 +507,7 @@ class SelfModifyingTitans(nnx.Module):
         *,
         weight_decay: bool = True,
         momentum: bool = True,
-        memory_inputs: str = "projected",
+        memory_inputs: str = "shared",
         paper_literal: bool = False,
         **_,
     ) -> float:
@@ -505,7 +538,7 @@ class SelfModifyingTitans(nnx.Module):
         adaptive_q: bool = False,
         conv_width: int = 4,
         memory_target: str = "self",
-        memory_inputs: str = "projected",
+        memory_inputs: str = "shared",
         paper_literal: bool = False,
         **_,
     ) -> float:

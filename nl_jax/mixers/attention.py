@@ -16,6 +16,7 @@ from flax import nnx
 
 from nl_jax.layers.linear import Linear, to_dtype
 from nl_jax.layers.rotary import apply_rope
+from nl_jax.mixers.attention_kernels import check_impl, fused_attention
 
 
 def head_dim_of(cfg) -> int:
@@ -117,9 +118,28 @@ class KVCache(NamedTuple):
     k: jax.Array  # [B, S, KVH, D], RoPE already applied
     v: jax.Array  # [B, S, KVH, D]
     pos: jax.Array  # int32 []: position of the next token
+    # int32 [B, S]: the document (segment id) of each slot's token, for decoding packed rows; None
+    # in a cache made without `documents`
+    segments: jax.Array | None = None
 
 
 class Attention(nnx.Module):
+    @classmethod
+    def from_config(cls, cfg, **kw) -> "Attention":
+        """The attention of a `model` config section: head counts (`attention_dims`), rotary base,
+        window and kernel (`attention_impl`); `kw`: init_std, dtype, param_dtype, rngs."""
+        heads, kv, head_dim = attention_dims(cfg)
+        return cls(
+            cfg.d_model,
+            heads,
+            kv,
+            head_dim,
+            rope_theta=cfg.rope_theta,
+            sliding_window=cfg.sliding_window,
+            impl=cfg.get("attention_impl", "xla"),  # configs saved before the field existed
+            **kw,
+        )
+
     def __init__(
         self,
         d_model: int,
@@ -129,15 +149,17 @@ class Attention(nnx.Module):
         *,
         rope_theta: float = 10000.0,
         sliding_window: int = 0,
+        impl: str = "xla",
         init_std: float = 0.02,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_impl(impl)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rope_theta, self.sliding_window = rope_theta, sliding_window
+        self.rope_theta, self.sliding_window, self.impl = rope_theta, sliding_window, impl
         self.dtype = to_dtype(dtype)
         kw = dict(init_std=init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q = Linear((d_model,), (num_heads, head_dim), ("embed",), ("heads", "head_dim"), **kw)
@@ -154,9 +176,12 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """Training / prefill over a whole sequence: x [B, T, d_model] -> [B, T, d_model].
 
-        `segment_ids` int32 [B, T] (optional): queries see only keys of their own document."""
+        `segment_ids` int32 [B, T] (optional): queries see only keys of their own document.
+        `impl` other than "xla" runs a fused kernel (nl_jax/mixers/attention_kernels.py)."""
         pos = jnp.arange(x.shape[1])
         q, k, v = self._qkv(x, pos)
+        if self.impl != "xla":
+            return self.o(fused_attention(q, k, v, segment_ids, window=self.sliding_window, impl=self.impl))
         if self.sliding_window and x.shape[1] > 2 * self.sliding_window:
             # O(T W), not O(T^2)
             return self.o(local_attention(q, k, v, self.sliding_window, segment_ids))
@@ -165,9 +190,10 @@ class Attention(nnx.Module):
             mask = mask & segment_mask(segment_ids, segment_ids)
         return self.o(dot_product_attention(q, k, v, mask))
 
-    def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def init_cache(self, batch_size: int, max_len: int | None = None, documents: bool = False) -> KVCache:
         """Empty cache. Full attention needs max_len (the longest stream to decode); a sliding window
-        needs only its window. Past max_len a full cache wraps and behaves as a window of max_len."""
+        needs only its window. Past max_len a full cache wraps and behaves as a window of max_len.
+        `documents`: the cache also keeps each slot's segment id (`decode` with segment ids)."""
         if self.sliding_window and (max_len is None or max_len > self.sliding_window):
             size = self.sliding_window
         elif max_len is None:
@@ -175,10 +201,18 @@ class Attention(nnx.Module):
         else:
             size = max_len
         shape = (batch_size, size, self.num_kv_heads, self.head_dim)
-        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32))
+        segments = jnp.zeros((batch_size, size), jnp.int32) if documents else None
+        return KVCache(
+            jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32), segments
+        )
 
-    def decode(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """One token per sequence: x [B, 1, d_model] -> (y [B, 1, d_model], updated cache)."""
+    def decode(
+        self, x: jax.Array, cache: KVCache, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """One token per sequence: x [B, 1, d_model] -> (y [B, 1, d_model], updated cache).
+
+        `segment_ids` int32 [B, 1] (a cache made with `documents`): the token's document; it sees
+        only cached keys of that document, as in the training forward with the row's segment ids."""
         if x.shape[1] != 1:
             raise ValueError(f"decode takes one token at a time, got length {x.shape[1]}")
         t = cache.pos
@@ -189,16 +223,36 @@ class Attention(nnx.Module):
         vc = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), slot, axis=1)
         slot_pos = t - (t - jnp.arange(size)) % size  # newest position stored in each slot (< 0: empty)
         mask = attention_mask(t[None], slot_pos, self.sliding_window)
+        segments = cache.segments
+        if segment_ids is not None:
+            if segments is None:
+                raise ValueError(
+                    "decoding with segment ids needs a cache that keeps them: "
+                    "init_decode_state(batch_size, max_len, documents=True)"
+                )
+            ids = segment_ids.astype(jnp.int32)
+            segments = jax.lax.dynamic_update_slice_in_dim(segments, ids, slot, axis=1)
+            mask = mask & segment_mask(segment_ids, segments)
         y = self.o(dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask))
-        return y, KVCache(kc, vc, t + 1)
+        return y, KVCache(kc, vc, t + 1, segments)
 
-    def extend(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def extend(
+        self,
+        x: jax.Array,
+        cache: KVCache,
+        segment_ids: jax.Array | None = None,
+        cached_segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
         """A segment of T tokens against the cache (prefill / chunked decoding): x [B, T, d_model] ->
         (y [B, T, d_model], cache holding the segment too). Equals T calls of `decode`.
 
         Queries see the cached keys and the segment's own keys (causally), so a ring buffer shorter
         than the segment still gives every query its full window; then the newest min(T, S) keys
         are written into their slots.
+
+        `segment_ids` [B, T] with `cached_segment_ids` [B, P] (the ids of positions 0..P-1, P at
+        least the cache's position: a row run segment by segment from its start): queries see only
+        keys, cached or not, of their own document.
         """
         t0, t = cache.pos, x.shape[1]
         pos = t0 + jnp.arange(t)
@@ -210,6 +264,9 @@ class Attention(nnx.Module):
         keys = jnp.concatenate([cache.k.astype(q.dtype), k], axis=1)
         values = jnp.concatenate([cache.v.astype(q.dtype), v], axis=1)
         mask = attention_mask(pos, jnp.concatenate([cached_pos, pos]), self.sliding_window)
+        if segment_ids is not None:  # empty slots (position < 0) are hidden by position already
+            cached_ids = jnp.take(cached_segment_ids, jnp.maximum(cached_pos, 0), axis=1)
+            mask = mask & segment_mask(segment_ids, jnp.concatenate([cached_ids, segment_ids], axis=1))
         y = self.o(dot_product_attention(q, keys, values, mask))
         m = min(t, size)
         slots = (t0 + t - m + jnp.arange(m)) % size

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nl_jax.layers import Attention, attention_mask, dot_product_attention, local_attention
+from nl_jax.mixers import Attention, attention_mask, dot_product_attention, local_attention
 
 
 def _naive_attention(q, k, v, window):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from nl_jax.layers import RMSNorm, SwiGLU
-from nl_jax.memory.cms import LOCAL_MAX_GRAD_NORM, ContinuumMemory
+from nl_jax.mixers.cms import LOCAL_MAX_GRAD_NORM, ContinuumMemory
 from tests.memory.inputs import fresh_seed
 
 D, HID, PERIODS, LR = 16, (8, 12), (2, 4), (0.5, 0.3)

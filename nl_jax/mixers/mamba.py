@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nl_jax.layers.conv import ShortConv
+from nl_jax.layers.conv import ShortConv, document_starts
 from nl_jax.layers.linear import Linear, logical_param, to_dtype
 
 FORMS = ("chunked", "recurrent")
@@ -42,11 +42,18 @@ FORMS = ("chunked", "recurrent")
 # ----------------------------------------------------------------------------- functional core
 
 
-def selective_scan_step(x, dt, A, B, C, D, h):
-    """One token: x, dt [Bt, Din], A [Din, N], B, C [Bt, N], D [Din], h [Bt, Din, N] -> (y [Bt, Din], h)."""
-    h = jnp.exp(dt[..., None] * A) * h + (dt * x)[..., None] * B[:, None, :]
+def selective_scan_step(x, dt, A, B, C, D, h, reset=None):
+    """One token: x, dt [Bt, Din], A [Din, N], B, C [Bt, N], D [Din], h [Bt, Din, N] -> (y [Bt, Din], h).
+    `reset` bool [Bt] (optional): rows whose token starts a document, which forget h."""
+    h = _decay(dt, A, reset) * h + (dt * x)[..., None] * B[:, None, :]
     y = jnp.einsum("bdn,bn->bd", h, C) + D * x
     return y, h
+
+
+def _decay(dt, A, reset):
+    """exp(dt A) [..., Din, N], 0 where `reset` [...] marks a document's first token."""
+    decay = jnp.exp(dt[..., None] * A)
+    return decay if reset is None else jnp.where(reset[..., None, None], 0.0, decay)
 
 
 def _check(x, dt, A, B, C, D, h0):
@@ -62,16 +69,18 @@ def _check(x, dt, A, B, C, D, h0):
 
 
 @jax.jit
-def selective_scan_naive(x, dt, A, B, C, D, h0):
-    """Reference: token by token. x, dt [B, T, Din], A [Din, N], B, C [B, T, N], D [Din], h0 [B, Din, N]."""
+def selective_scan_naive(x, dt, A, B, C, D, h0, reset=None):
+    """Reference: token by token. x, dt [B, T, Din], A [Din, N], B, C [B, T, N], D [Din], h0 [B, Din, N];
+    `reset` bool [B, T] (optional): the state restarts from zero at the flagged tokens (documents)."""
     _check(x, dt, A, B, C, D, h0)
+    reset = jnp.zeros(x.shape[:2], bool) if reset is None else reset
 
     def step(h, inputs):
-        x_t, dt_t, b_t, c_t = inputs
-        y, h = selective_scan_step(x_t, dt_t, A, b_t, c_t, D, h)
+        x_t, dt_t, b_t, c_t, r_t = inputs
+        y, h = selective_scan_step(x_t, dt_t, A, b_t, c_t, D, h, r_t)
         return h, y
 
-    time_major = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (x, dt, B, C))
+    time_major = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (x, dt, B, C, reset))
     h, ys = jax.lax.scan(step, h0, time_major)
     return jnp.moveaxis(ys, 0, 1), h
 
@@ -83,7 +92,7 @@ def _combine(left, right):
     return a_l * a_r, a_r * b_l + b_r
 
 
-def selective_scan_chunked(x, dt, A, B, C, D, h0, *, chunk_size: int = 64, remat: bool = False):
+def selective_scan_chunked(x, dt, A, B, C, D, h0, reset=None, *, chunk_size: int = 64, remat: bool = False):
     """Training form, same contract as `selective_scan_naive`; any length T.
 
     A length that is not a multiple of `chunk_size` is padded with dt = 0 steps, which are the
@@ -93,11 +102,12 @@ def selective_scan_chunked(x, dt, A, B, C, D, h0, *, chunk_size: int = 64, remat
     _check(x, dt, A, B, C, D, h0)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _scan_chunked(x, dt, A, B, C, D, h0, chunk_size=chunk_size, remat=remat)
+    reset = jnp.zeros(x.shape[:2], bool) if reset is None else reset
+    return _scan_chunked(x, dt, A, B, C, D, h0, reset, chunk_size=chunk_size, remat=remat)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "remat"))
-def _scan_chunked(x, dt, A, B, C, D, h0, *, chunk_size, remat):
+def _scan_chunked(x, dt, A, B, C, D, h0, reset, *, chunk_size, remat):
     b, t, _ = x.shape
     c = min(chunk_size, t)
     pad = (-t) % c
@@ -108,8 +118,8 @@ def _scan_chunked(x, dt, A, B, C, D, h0, *, chunk_size, remat):
         return jnp.moveaxis(a.reshape(b, n, c, *a.shape[2:]), 1, 0)
 
     def body(h, inputs):
-        x_c, dt_c, b_c, c_c = inputs
-        decay = jnp.exp(dt_c[..., None] * A)  # [B, c, Din, N]
+        x_c, dt_c, b_c, c_c, r_c = inputs
+        decay = _decay(dt_c, A, r_c)  # [B, c, Din, N]; 0 at a document's first token
         drive = (dt_c * x_c)[..., None] * b_c[:, :, None, :]
         drive = drive.at[:, 0].add(decay[:, 0] * h)  # the carried state enters through token 0
         _, hs = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
@@ -118,7 +128,7 @@ def _scan_chunked(x, dt, A, B, C, D, h0, *, chunk_size, remat):
 
     if remat:
         body = jax.checkpoint(body)
-    h, ys = jax.lax.scan(body, h0, jax.tree.map(chunks, (x, dt, B, C)))
+    h, ys = jax.lax.scan(body, h0, jax.tree.map(chunks, (x, dt, B, C, reset)))
     y = jnp.moveaxis(ys, 0, 1).reshape(b, n * c, -1)[:, :t]
     return y, h
 
@@ -201,27 +211,32 @@ class Mamba(nnx.Module):
         a = -jnp.exp(self.A_log[...].astype(jnp.float32))
         return x.astype(jnp.float32), dt, a, b, c, self.D[...].astype(jnp.float32)
 
-    def __call__(self, u: jax.Array, state: MambaState | None = None, *, form: str = "chunked"):
+    def __call__(
+        self, u: jax.Array, state: MambaState | None = None, *, form: str = "chunked", segment_ids=None
+    ):
         """u [B, T, d_model] -> (y [B, T, d_model], new state; None when `state` is None).
 
         form: `chunked` (training) or `recurrent` (token by token: the reference and the decode path).
         With a state the call continues a stream from it, so two calls equal one over the concatenation.
+        `segment_ids` int32 [B, T] (packed rows): the conv and the SSM state restart at each
+        document's first token, so each document is computed as if it were alone.
         """
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         b = u.shape[0]
         xz = self.in_proj(u)
         x, z = xz[..., 0, :], xz[..., 1, :]
-        x, conv_state = self.conv.forward(x, None if state is None else state.conv)
+        x, conv_state = self.conv.forward(x, None if state is None else state.conv, segment_ids)
         x = jax.nn.silu(x + self.conv_bias[...].astype(x.dtype))
         h0 = jnp.zeros((b, self.d_inner, self.d_state), jnp.float32) if state is None else state.ssm
         inputs = self._scan_inputs(x)
+        reset = None if segment_ids is None else document_starts(segment_ids)
         if form == "chunked":
             y, h = selective_scan_chunked(
-                *inputs, h0.astype(jnp.float32), chunk_size=self.chunk_size, remat=self.remat_chunks
+                *inputs, h0.astype(jnp.float32), reset, chunk_size=self.chunk_size, remat=self.remat_chunks
             )
         else:
-            y, h = selective_scan_naive(*inputs, h0.astype(jnp.float32))
+            y, h = selective_scan_naive(*inputs, h0.astype(jnp.float32), reset)
         y = y.astype(self.dtype) * jax.nn.silu(z)
         out = self.out_proj(y)
         return out, (None if state is None else MambaState(conv_state, h))

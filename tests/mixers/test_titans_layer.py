@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from nl_jax.memory.titans import NeuralMemory
+from nl_jax.mixers.titans import NeuralMemory
 from tests.memory.inputs import fresh_seed, rel_err
 
 D, H, DH, T = 24, 2, 8, 16

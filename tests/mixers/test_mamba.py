@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nl_jax.layers.mamba import (
+from nl_jax.mixers.mamba import (
     Mamba,
     selective_scan_chunked,
     selective_scan_naive,
@@ -121,3 +121,21 @@ def test_layer_init_and_bad_form():
     assert layer.dt_rank == 1 and layer.d_inner == 16
     with pytest.raises(ValueError, match="form must be one of"):
         layer(jnp.zeros((1, 4, 8)), form="parallel")
+
+
+def test_reset_restarts_the_state_in_both_scan_forms():
+    """reset [B, T]: the flagged token forgets the state, so the scan from it on equals a scan of
+    the rest of the row from a zero state; the chunked form (reset inside and at the start of a
+    chunk) equals the token-by-token one."""
+    b, t, d, n, cut = 2, 21, 5, 3, 8  # row 0 restarts at a chunk start (chunks of 8), row 1 inside one
+    x, dt, a, bm, cm, dm, h0 = _scan_inputs(jax.random.key(7), b, t, d, n)
+    reset = jnp.zeros((b, t), bool).at[0, cut].set(True).at[1, 13].set(True)
+    y_ref, h_ref = selective_scan_naive(x, dt, a, bm, cm, dm, h0, reset)
+    y, h = selective_scan_chunked(x, dt, a, bm, cm, dm, h0, reset, chunk_size=8)
+    assert _rel(y, y_ref) < 1e-5 and _rel(h, h_ref) < 1e-5
+    for row, start in ((0, cut), (1, 13)):
+        rest = lambda z: z[row : row + 1, start:]  # noqa: E731
+        zero = jnp.zeros((1, d, n))
+        y_alone, h_alone = selective_scan_naive(rest(x), rest(dt), a, rest(bm), rest(cm), dm, zero)
+        assert _rel(y_ref[row : row + 1, start:], y_alone) < 1e-5 and _rel(h_ref[row : row + 1], h_alone) < 1e-5
+    assert _rel(y_ref[:, :cut], selective_scan_naive(x, dt, a, bm, cm, dm, h0)[0][:, :cut]) < 1e-6

@@ -11,6 +11,14 @@ eta is the inner learning rate, alpha the retention gate (weight decay: 1 keeps 
 momentum decay and gamma the DGD rate (Eq. 55-57, 86-88; the paper uses gamma = eta). Each is a
 per-token, per-head scalar. Leaving `retention`, `momentum` or `dgd` out switches that part off.
 
+Vector gates (the generalised delta rule of RWKV-7, "Goose", arXiv 2503.14456), linear memory only:
+
+  W_t = W_{t-1} diag(alpha_t) - gamma_t (W_{t-1} c_t) d_t^T + S_t
+
+`retention` may be a vector per token and head ([B, T, H, Dk]: a decay per key channel, acting on
+the input side), and the DGD term may read the state at `erase_key` c_t and remove along
+`erase_dir` d_t ([B, T, H, Dk] each) instead of c_t = d_t = k_t. Its chunked form is `vector_chunked`.
+
 `delta_scale` tau_t (optional) scales what token t sees of its chunk's updates: it reads with
 W_B + tau_t (W_read - W_B) instead of W_read, and the last token of a chunk hands on
 W_B + tau_t (W_t - W_B) as the next boundary state (momentum is not scaled). TTT's `token_idx`
@@ -45,6 +53,14 @@ class Rates(NamedTuple):
     momentum: jax.Array | None = None
     dgd: jax.Array | None = None
     delta_scale: jax.Array | None = None
+    erase_key: jax.Array | None = None  # c_t of the DGD term [.., Dk] (None: the key)
+    erase_dir: jax.Array | None = None  # d_t of the DGD term [.., Dk] (None: the key)
+
+
+def has_vector_gates(rates: Rates) -> bool:
+    """Whether the call uses a per-channel retention or a two-vector DGD term (module docstring)."""
+    vector_retention = rates.retention is not None and rates.retention.ndim > rates.lr.ndim
+    return vector_retention or rates.erase_key is not None or rates.erase_dir is not None
 
 
 def check_call(
@@ -56,6 +72,11 @@ def check_call(
         raise ValueError(f"read must be one of {READ_MODES}, got {read!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if has_vector_gates(rates):
+        if spec.structure != "linear" or spec.bias:
+            raise ValueError("vector retention and erase_key / erase_dir need the linear memory without bias")
+        if (rates.erase_key is not None or rates.erase_dir is not None) and rates.dgd is None:
+            raise ValueError("erase_key / erase_dir shape the DGD term: they need rates.dgd")
     if (rates.momentum is None) != (state.momentum is None):
         raise ValueError(
             "rates.momentum and state.momentum must both be given or both be None "
@@ -76,10 +97,17 @@ def apply_update(spec: st.MemorySpec, weights, momentum, grads, k, rates: Rates)
         momentum = jax.tree.map(lambda s, x: x.astype(s.dtype), momentum, u)
     new = {}
     for name, w in weights._asdict().items():
-        w_new = w if rates.retention is None else _bcast(rates.retention, w) * w
+        if rates.retention is None:
+            w_new = w
+        elif rates.retention.ndim > rates.lr.ndim:  # a decay per input channel: W diag(alpha)
+            w_new = w * rates.retention[..., None, :].astype(w.dtype)
+        else:
+            w_new = _bcast(rates.retention, w) * w
         if rates.dgd is not None and name == st.input_side(spec):
-            wk = jnp.einsum("...oi,...i->...o", w, k)
-            w_new = w_new - _bcast(rates.dgd, w) * jnp.einsum("...o,...i->...oi", wk, k)
+            c = k if rates.erase_key is None else rates.erase_key
+            d = k if rates.erase_dir is None else rates.erase_dir
+            wc = jnp.einsum("...oi,...i->...o", w, c)
+            w_new = w_new - _bcast(rates.dgd, w) * jnp.einsum("...o,...i->...oi", wc, d)
         new[name] = (w_new + getattr(u, name)).astype(w.dtype)  # the state keeps its dtype
     return type(weights)(**new), momentum
 
@@ -136,3 +164,27 @@ def memory_recurrent(
     if read == "post_update":
         y = read_with(weights)
     return y, advance(state, weights, momentum, chunk_size, rates.delta_scale)
+
+
+def memory_recurrent_scan(
+    spec: st.MemorySpec,
+    state: st.MemoryState,
+    q,
+    k,
+    v,
+    rates: Rates,
+    *,
+    chunk_size: int = 1,
+    read: str = "per_token",
+    norm: st.InnerNorm | None = None,
+):
+    """`memory_recurrent` over every token of q, k [B, T, H, Dk], v [B, T, H, Dv], rates [B, T, H]:
+    (y [B, T, H, Dv], state after the last token), what decoding the sequence computes, in one scan."""
+
+    def step(mem, xs):
+        y, mem = memory_recurrent(spec, mem, *xs, chunk_size=chunk_size, read=read, norm=norm)
+        return mem, y
+
+    time_major = jax.tree.map(lambda z: jnp.moveaxis(z, 1, 0), (q, k, v, rates))
+    state, ys = jax.lax.scan(step, state, time_major)
+    return jnp.moveaxis(ys, 0, 1), state
