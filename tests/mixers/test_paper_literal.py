@@ -20,7 +20,7 @@ from nl_jax.mixers.self_modifying import (
 )
 from nl_jax.models import build_model
 from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
-from tests.mixers.test_self_modifying import TOL, D, _call, _layer, _like, _params, _value_and_grads, _x
+from tests.mixers.test_self_modifying import MAX_LR, TOL, D, _call, _layer, _like, _params, _value_and_grads, _x
 
 
 def _rates_and_values(layer, x):
@@ -38,7 +38,9 @@ def _chunked_equals_reference(layer, x, seed):
     assert rel_err(y, y_ref) < TOL, seed
     assert max_grad_err(g, g_ref) < TOL and max_tree_rel_err(g, g_ref) < 1e-3, seed
     _, state = _call(layer, x, layer.init_state(x.shape[0]))
-    assert max_tree_rel_err(state, state_ref) < TOL, seed
+    # A momentum leaf that sums gradients of opposite signs is small by cancellation and carries the
+    # two forms' rounding at up to 8e-6 of its norm (normalised values, 600 draws).
+    assert max_tree_rel_err(state, state_ref) < 5 * TOL, seed
     return y
 
 
@@ -80,7 +82,7 @@ def test_paper_eta_exceeds_one_where_bounded_stays_below_max_lr():
         layer.eta_bias[...] = jnp.full(layer.eta_bias.shape, 5.0)
     eta_b = _rates_and_values(bounded, x)[3].lr
     eta_p = _rates_and_values(paper, x)[3].lr
-    assert float(eta_b.max()) <= float(jnp.float32(bounded.max_lr)) and bounded.max_lr == 0.7, seed
+    assert float(eta_b.max()) <= float(jnp.float32(bounded.max_lr)) and bounded.max_lr == MAX_LR, seed
     assert float(eta_p.min()) > 1.0, seed  # softplus(~5) ~ 5
 
 
