@@ -122,22 +122,27 @@ def lm_eval_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def recall_table(rows: dict[str, dict]) -> str:
-    """Markdown table: model x recall task accuracy (%), Avg over the tasks present (* when some
-    are missing)."""
-    from nl_jax.eval.recall import TASKS, TITLES
-
-    tasks = [t for t in TASKS if any(t in r.get("recall", {}) for r in rows.values())]
+def _task_accuracy_table(rows: dict[str, dict], suite: str, metric: str, all_tasks, titles) -> str:
+    """Markdown table: model x task accuracy (%) of one suite, Avg over the tasks present (* when
+    some are missing)."""
+    tasks = [t for t in all_tasks if any(t in r.get(suite, {}) for r in rows.values())]
     if not tasks:
         return ""
-    lines = ["| Model | " + " | ".join(TITLES[t] for t in tasks) + " | Avg |", "|---" * (len(tasks) + 2) + "|"]
+    lines = ["| Model | " + " | ".join(titles[t] for t in tasks) + " | Avg |", "|---" * (len(tasks) + 2) + "|"]
     for name, results in rows.items():
-        accs = [results.get("recall", {}).get(t, {}).get("contains") for t in tasks]
+        accs = [results.get(suite, {}).get(t, {}).get(metric) for t in tasks]
         present = [a for a in accs if a is not None]
         avg = _fmt(sum(present) / len(present), 1) if present else "-"
-        avg += "*" if present and len(present) < len(TASKS) else ""
+        avg += "*" if present and len(present) < len(all_tasks) else ""
         lines.append(f"| {name} | " + " | ".join(_fmt(a, 1) for a in accs) + f" | {avg} |")
     return "\n".join(lines)
+
+
+def recall_table(rows: dict[str, dict]) -> str:
+    """Model x recall task accuracy (%), the "contains" metric (`_task_accuracy_table`)."""
+    from nl_jax.eval.recall import TASKS, TITLES
+
+    return _task_accuracy_table(rows, "recall", "contains", TASKS, TITLES)
 
 
 def babilong_table(rows: dict[str, dict]) -> str:
@@ -199,24 +204,10 @@ def class_incremental_summary(rows: dict[str, dict]) -> str:
 
 
 def mad_table(rows: dict[str, dict]) -> str:
-    """Markdown table: model x MAD task accuracy (%), Avg over the tasks present (* when some are
-    missing)."""
+    """Model x MAD task accuracy (%) (`_task_accuracy_table`)."""
     from nl_jax.eval.mad import TASKS, TITLES
 
-    tasks = [t for t in TASKS if any(t in r.get("mad", {}) for r in rows.values())]
-    if not tasks:
-        return ""
-    lines = [
-        "| Model | " + " | ".join(TITLES[t] for t in tasks) + " | Avg |",
-        "|---" * (len(tasks) + 2) + "|",
-    ]
-    for name, results in rows.items():
-        accs = [results.get("mad", {}).get(t, {}).get("accuracy") for t in tasks]
-        present = [a for a in accs if a is not None]
-        avg = _fmt(sum(present) / len(present), 1) if present else "-"
-        avg += "*" if present and len(present) < len(TASKS) else ""
-        lines.append(f"| {name} | " + " | ".join(_fmt(a, 1) for a in accs) + f" | {avg} |")
-    return "\n".join(lines)
+    return _task_accuracy_table(rows, "mad", "accuracy", TASKS, TITLES)
 
 
 def formal_table(rows: dict[str, dict]) -> str:
