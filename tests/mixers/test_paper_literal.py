@@ -203,10 +203,15 @@ def _tiny(paper_literal):
 def test_hope_tiny_with_paper_literal_runs_forward_and_gradient():
     """configs.load("hope_tiny") with model.memory.paper_literal=True (what the command-line flag
     --config.model.memory.paper_literal=True sets), shrunk: the flag reaches the layer, and the forward
-    and the gradient are finite and differ from the default model's."""
+    and the gradient are finite and differ from the default model's.
+
+    8 tokens (two memory chunks, one period of the slowest level): over 16, the paper's unclipped
+    inner loop with its unbounded eta diverges on about 1 random init in 100 (10 of 1,001 seeds: the
+    per-token form NaN, the chunked form's forward finite and its gradient NaN); over 8, on 0 of 4,000.
+    """
     assert configs.load("hope_tiny").model.memory.paper_literal is False
     seed = fresh_seed()
-    tokens = jax.random.randint(jax.random.key(seed), (2, 16), 0, 32)
+    tokens = jax.random.randint(jax.random.key(seed), (2, 8), 0, 32)
 
     def loss(model):
         logits = model(tokens)
