@@ -2,6 +2,7 @@
 lines, and Weights & Biases in its offline mode."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -38,6 +39,19 @@ def test_metric_writer_jsonl_tensorboard_and_png(tmp_path):
     png = plot_loss_curve(rows, str(tmp_path / "curve.png"), "t")
     assert open(png, "rb").read(4) == b"\x89PNG"
     assert plot_loss_curve([], str(tmp_path / "none.png")) is None
+
+
+def test_an_enabled_writer_imports_tensorboardx_when_built_not_at_its_first_row(tmp_path):
+    """The trainer times its steps from the first; the import (about 1 s where torch is installed)
+    must not fall into the step that writes the first row. A fresh process: this one has imported it."""
+    probe = (
+        "import sys; from nl_jax.metrics import MetricWriter; "
+        "before = 'tensorboardX' in sys.modules; "
+        f"MetricWriter({str(tmp_path / 'off')!r}, enabled=False); off = 'tensorboardX' in sys.modules; "
+        f"MetricWriter({str(tmp_path / 'on')!r}); print(before, off, 'tensorboardX' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "True"], out.stderr[-2000:]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
