@@ -71,6 +71,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
+CAUSAL_BLOCK = 64  # smallest query block of `causal_attention`; at most CAUSAL_BLOCKS blocks
+CAUSAL_BLOCKS = 16
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Full causal attention by blocks of queries, each against the keys up to its last query: the
+    same result as dot_product_attention with attention_mask(pos, pos) (and segment_mask when
+    `segment_ids` [B, T] are given), without the key blocks the causal mask hides entirely.
+
+    n blocks compute (n + 1) / 2n of the [T, T] scores; blocks of max(64, T / 16) queries keep the
+    blocks few. Its gradient against the single einsum on the CPU (`python -m benchmarks.attention`):
+    1.5x at 4 x 256, 1.7x at 8 x 256, 3.6x at 1 x 2048, 4 heads of 32. Shapes as in
+    dot_product_attention."""
+    t = q.shape[1]
+    block = max(CAUSAL_BLOCK, -(-t // CAUSAL_BLOCKS))
+    pos = jnp.arange(t)
+    out = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        mask = attention_mask(pos[start:end], pos[:end])
+        if segment_ids is not None:
+            mask = mask & segment_mask(segment_ids[:, start:end], segment_ids[:, :end])
+        out.append(dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask))
+    return jnp.concatenate(out, axis=1)
+
+
 def local_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, window: int, segment_ids: jax.Array | None = None
 ) -> jax.Array:
@@ -185,6 +211,8 @@ class Attention(nnx.Module):
         if self.sliding_window and x.shape[1] > 2 * self.sliding_window:
             # O(T W), not O(T^2)
             return self.o(local_attention(q, k, v, self.sliding_window, segment_ids))
+        if not self.sliding_window:
+            return self.o(causal_attention(q, k, v, segment_ids))
         mask = attention_mask(pos, pos, self.sliding_window)
         if segment_ids is not None:
             mask = mask & segment_mask(segment_ids, segment_ids)

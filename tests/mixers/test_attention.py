@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nl_jax.mixers import Attention, attention_mask, dot_product_attention, local_attention
+from nl_jax.mixers import (
+    Attention,
+    attention_mask,
+    causal_attention,
+    dot_product_attention,
+    local_attention,
+    segment_mask,
+)
+from tests.memory.inputs import fresh_seed
 
 
 def _naive_attention(q, k, v, window):
@@ -129,3 +137,28 @@ def test_local_attention_equals_masked_attention(t, window, kvh):
     np.testing.assert_allclose(
         jax.jit(local_attention, static_argnums=3)(q, k, v, window), want, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("t,kvh,documents", [(40, 2, False), (150, 4, True), (1100, 1, True)])
+def test_causal_attention_by_blocks_equals_the_masked_einsum(t, kvh, documents):
+    """One block (40 < 64), blocks of 64 with a ragged last one (150), and the block count capped at
+    16 (1100: blocks of 69); outputs and gradients of q, k, v, with and without documents."""
+    seed = fresh_seed()
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (2, t, 4, 8))
+    k, v = (jax.random.normal(key, (2, t, kvh, 8)) for key in keys[1:3])
+    segs = jnp.cumsum(jax.random.bernoulli(keys[3], 0.02, (2, t)), axis=1) if documents else None
+    pos = jnp.arange(t)
+    mask = attention_mask(pos, pos) if segs is None else attention_mask(pos, pos) & segment_mask(segs, segs)
+    cot = jax.random.normal(jax.random.fold_in(keys[0], 1), q.shape)
+
+    def loss(form):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(form(q, k, v) * cot), argnums=(0, 1, 2)))
+
+    want, want_grads = loss(lambda q, k, v: dot_product_attention(q, k, v, mask))(q, k, v)
+    got, got_grads = loss(lambda q, k, v: causal_attention(q, k, v, segs))(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=str(seed))
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5 * float(jnp.abs(w).max()), err_msg=str(seed))
+    out = causal_attention(q, k, v, segs)
+    np.testing.assert_allclose(out, dot_product_attention(q, k, v, mask), rtol=1e-5, atol=1e-5, err_msg=str(seed))
