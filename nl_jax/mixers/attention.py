@@ -82,8 +82,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
     n blocks compute (n + 1) / 2n of the [T, T] scores; blocks of max(64, T / 16) queries keep the
     blocks few. Its gradient against the single einsum on the CPU (`python -m benchmarks.attention`):
-    1.5x at 4 x 256, 1.7x at 8 x 256, 3.6x at 1 x 2048, 4 heads of 32. Shapes as in
-    dot_product_attention."""
+    1.5x at 4 x 256, 1.7x at 8 x 256, 3.6x at 1 x 2048, 4 heads of 32. `Attention` runs it on the
+    CPU only (not timed on an accelerator). Shapes as in dot_product_attention."""
     t = q.shape[1]
     block = max(CAUSAL_BLOCK, -(-t // CAUSAL_BLOCKS))
     pos = jnp.arange(t)
@@ -211,12 +211,21 @@ class Attention(nnx.Module):
         if self.sliding_window and x.shape[1] > 2 * self.sliding_window:
             # O(T W), not O(T^2)
             return self.o(local_attention(q, k, v, self.sliding_window, segment_ids))
-        if not self.sliding_window:
-            return self.o(causal_attention(q, k, v, segment_ids))
         mask = attention_mask(pos, pos, self.sliding_window)
         if segment_ids is not None:
             mask = mask & segment_mask(segment_ids, segment_ids)
-        return self.o(dot_product_attention(q, k, v, mask))
+        if self.sliding_window:
+            return self.o(dot_product_attention(q, k, v, mask))
+        # By blocks on the CPU, where it was measured; accelerators keep one einsum (their fused
+        # kernels are `impl`), chosen at lowering, so a TPU program compiled from a CPU host keeps it.
+        out = jax.lax.platform_dependent(
+            q,
+            k,
+            v,
+            cpu=lambda q, k, v: causal_attention(q, k, v, segment_ids),
+            default=lambda q, k, v: dot_product_attention(q, k, v, mask),
+        )
+        return self.o(out)
 
     def init_cache(self, batch_size: int, max_len: int | None = None, documents: bool = False) -> KVCache:
         """Empty cache. Full attention needs max_len (the longest stream to decode); a sliding window
