@@ -238,7 +238,7 @@ class MetricWriter:
         if enabled:
             # tensorboardX's import (seconds where torch is installed, which it imports) is paid here,
             # before the first step, not by the step whose row is written first, which the trainer times.
-            import tensorboardX.event_file_writer  # noqa: F401, PLC0415
+            import tensorboardX.event_file_writer  # noqa: F401
 
             supersede_rows(self.jsonl_path, self._first_step)
             self._jsonl = JsonlWriter(self.jsonl_path)

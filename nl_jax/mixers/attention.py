@@ -75,7 +75,9 @@ CAUSAL_BLOCK = 64  # smallest query block of `causal_attention`; at most CAUSAL_
 CAUSAL_BLOCKS = 16
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
     """Full causal attention by blocks of queries, each against the keys up to its last query: the
     same result as dot_product_attention with attention_mask(pos, pos) (and segment_mask when
     `segment_ids` [B, T] are given), without the key blocks the causal mask hides entirely.

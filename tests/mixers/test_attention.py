@@ -160,4 +160,6 @@ def test_causal_attention_by_blocks_equals_the_masked_einsum(t, kvh, documents):
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5 * float(jnp.abs(w).max()), err_msg=str(seed))
     out = causal_attention(q, k, v, segs)
-    np.testing.assert_allclose(out, dot_product_attention(q, k, v, mask), rtol=1e-5, atol=1e-5, err_msg=str(seed))
+    np.testing.assert_allclose(
+        out, dot_product_attention(q, k, v, mask), rtol=1e-5, atol=1e-5, err_msg=str(seed)
+    )

@@ -206,8 +206,9 @@ def test_hope_tiny_with_paper_literal_runs_forward_and_gradient():
     and the gradient are finite and differ from the default model's.
 
     8 tokens (two memory chunks, one period of the slowest level): over 16, the paper's unclipped
-    inner loop with its unbounded eta diverges on about 1 random init in 100 (10 of 1,001 seeds: the
-    per-token form NaN, the chunked form's forward finite and its gradient NaN); over 8, on 0 of 4,000.
+    inner loop with its unbounded eta diverges on about 1 random init in 100 (10 of 1,001 seeds; on
+    the seed examined the per-token form's forward is NaN, the chunked form's forward finite and its
+    gradient NaN); over 8, on 0 of 4,000.
     """
     assert configs.load("hope_tiny").model.memory.paper_literal is False
     seed = fresh_seed()
