@@ -19,7 +19,7 @@ from absl import logging
 from flax import nnx
 
 from nl_jax.data.tokenizers import check_vocab, load_tokenizer
-from nl_jax.eval import report, restore, suites
+from nl_jax.eval import report, restore, suites, trained_suites
 from nl_jax.eval.runner import ModelRunner
 from nl_jax.eval.suites import SuiteOptions
 from nl_jax.models import build_model
@@ -111,9 +111,9 @@ def evaluate_workdir(
                 runner, tokenizer, context_len, options
             )
         elif suite == "mad":
-            results["mad"] = suites.run_mad(config, mesh, options)
+            results["mad"] = trained_suites.run_mad(config, mesh, options)
         elif suite == "formal":
-            results["formal"] = suites.run_formal(config, mesh, options)
+            results["formal"] = trained_suites.run_formal(config, mesh, options)
         elif suite == suites.LM_EVAL:
             results[suites.LM_EVAL] = suites.run_lm_eval(runner, tokenizer, context_len, options)
         print(f"  {suite}: {time.time() - t0:.1f}s", flush=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import configs
-from nl_jax.eval import report, suites
+from nl_jax.eval import report, suites, trained_suites
 from nl_jax.eval.task_training import TaskTrainer, _class_args, _loss, task_config
 from nl_jax.parallel.mesh import make_mesh
 
@@ -93,7 +93,9 @@ def test_best_of_grid_keeps_every_point_and_reports_the_best():
         calls.append(trainer)
         return {"accuracy": scores[trainer.lr, trainer.weight_decay]}
 
-    out = suites._best_of_grid(trainers, train_and_score, lambda p: suites._finite(p["accuracy"]))
+    out = trained_suites._best_of_grid(
+        trainers, train_and_score, lambda p: trained_suites._finite(p["accuracy"])
+    )
     assert calls == trainers  # each point trained once, in order
     assert (out["lr"], out["weight_decay"], out["accuracy"]) == (1e-4, 0.1, 40.0)  # a tie: the first
     assert [(p["lr"], p["weight_decay"]) for p in out["grid"]] == list(scores)
@@ -101,10 +103,15 @@ def test_best_of_grid_keeps_every_point_and_reports_the_best():
 
 
 def test_the_grid_is_every_learning_rate_with_every_weight_decay():
-    grid = suites.task_grid(suites.SuiteOptions(task_lrs=(1e-4, 5e-4, 1e-3), task_weight_decays=(0.0, 0.1)))
+    grid = trained_suites.task_grid(
+        suites.SuiteOptions(task_lrs=(1e-4, 5e-4, 1e-3), task_weight_decays=(0.0, 0.1))
+    )
     assert grid == [(1e-4, 0.0), (1e-4, 0.1), (5e-4, 0.0), (5e-4, 0.1), (1e-3, 0.0), (1e-3, 0.1)]
-    assert suites.task_grid(suites.SuiteOptions()) == [(None, None)]  # the run's optimizer, once
-    assert suites.task_grid(suites.SuiteOptions(task_weight_decays=(0.0, 0.1))) == [(None, 0.0), (None, 0.1)]
+    assert trained_suites.task_grid(suites.SuiteOptions()) == [(None, None)]  # the run's optimizer, once
+    assert trained_suites.task_grid(suites.SuiteOptions(task_weight_decays=(0.0, 0.1))) == [
+        (None, 0.0),
+        (None, 0.1),
+    ]
 
 
 def test_mad_trains_a_task_at_each_grid_point_and_reports_the_best(tiny_config):
@@ -119,7 +126,7 @@ def test_mad_trains_a_task_at_each_grid_point_and_reports_the_best(tiny_config):
         mad_train_examples=32,
         mad_test_examples=8,
     )
-    r = suites.run_mad(tiny_config, mesh, options)["selective_copy"]
+    r = trained_suites.run_mad(tiny_config, mesh, options)["selective_copy"]
     grid = r["grid"]
     assert [(p["lr"], p["weight_decay"]) for p in grid] == [(3e-3, 0.0), (3e-3, 0.5)]
     # the same weights and batches at every point: the first loss agrees, the decay changes the rest
@@ -148,8 +155,8 @@ def test_suites_train_each_task_and_write_table_rows(tiny_config):
         formal_train_examples=64,
         formal_test_examples=16,
     )
-    results = {"mad": suites.run_mad(tiny_config, mesh, options)}
-    results["formal"] = suites.run_formal(tiny_config, mesh, options)
+    results = {"mad": trained_suites.run_mad(tiny_config, mesh, options)}
+    results["formal"] = trained_suites.run_formal(tiny_config, mesh, options)
     assert set(results["mad"]) == {"recall", "selective_copy"}
     assert set(results["formal"]) == {"anbn", "shuffle2"}
     for r in [*results["mad"].values(), *results["formal"].values()]:
@@ -165,7 +172,9 @@ def test_suites_train_each_task_and_write_table_rows(tiny_config):
     assert f"| tiny | {acc:.1f} |" in md
     assert "Best (learning rate" not in md  # one grid point: nothing to choose between
     # a task's data and weights come from the seed and the task, not from the other tasks asked
-    alone = suites.run_mad(tiny_config, mesh, dataclasses.replace(options, mad_tasks=("selective_copy",)))
+    alone = trained_suites.run_mad(
+        tiny_config, mesh, dataclasses.replace(options, mad_tasks=("selective_copy",))
+    )
     for key in ("first_loss", "last_loss", "accuracy"):
         assert alone["selective_copy"][key] == pytest.approx(results["mad"]["selective_copy"][key], rel=1e-5)
 
@@ -174,7 +183,7 @@ def test_a_task_whose_vocabulary_the_model_lacks_is_skipped(tiny_config):
     config = tiny_config.copy_and_resolve_references()
     config.model.vocab_size = 64
     mesh = make_mesh(config.mesh)
-    out = suites.run_mad(config, mesh, suites.SuiteOptions(mad_tasks=("memorization",)))
+    out = trained_suites.run_mad(config, mesh, suites.SuiteOptions(mad_tasks=("memorization",)))
     assert set(out) == {"_skipped"} and "256" in out["_skipped"]["memorization"]
 
 
@@ -199,12 +208,12 @@ def test_formal_examples_of_zero_are_the_published_sizes(tiny_config, monkeypatc
         raise _Stop  # the sizes are all this test asks about
 
     monkeypatch.setattr(suites.formal, "make_split", split)
-    monkeypatch.setattr(suites, "_trainers", lambda *args: [])
+    monkeypatch.setattr(trained_suites, "_trainers", lambda *args: [])
     options = suites.SuiteOptions(
         formal_languages=("parity",), formal_train_examples=0, formal_test_examples=0
     )
     with pytest.raises(_Stop):
-        suites.run_formal(tiny_config, None, options)
+        trained_suites.run_formal(tiny_config, None, options)
     with pytest.raises(_Stop):
-        suites.run_formal(tiny_config, None, suites.SuiteOptions(formal_languages=("parity",)))
+        trained_suites.run_formal(tiny_config, None, suites.SuiteOptions(formal_languages=("parity",)))
     assert seen == [(50, 10_000, 2_000), (50, 1_000, 64)]
