@@ -84,14 +84,15 @@ def test_splash_under_a_mesh_runs_per_device():
     q, k, v, seg, cot = _inputs(seed, 4, 128, 4, 2, documents=True)
     mesh = make_mesh({"ici_data_parallelism": 2, "ici_fsdp_parallelism": 2, "ici_tensor_parallelism": 2})
     splash = lambda q, k, v: splash_attention(q, k, v, seg)  # noqa: E731
-    fn = jax.jit(lambda q, k, v: _value_and_grad(splash, q, k, v, cot))
+    fn = jax.jit(lambda q, k, v: (splash(q, k, v), _value_and_grad(splash, q, k, v, cot)[1]))
     with jax.set_mesh(mesh):
         got = fn(q, k, v)
         text = fn.lower(q, k, v).as_text()
-    want = _value_and_grad(lambda q, k, v: _reference(q, k, v, seg, 0), q, k, v, cot)
+    reference = lambda q, k, v: _reference(q, k, v, seg, 0)  # noqa: E731
     assert "shard_map" in text or "manual" in text
-    assert rel_err(got[0], want[0]) < TOL, seed
-    assert max_grad_err(got[1], want[1]) < TOL, seed
+    # the outputs, not <out, cot>, which cancels: 8e-4 of itself for seed 432280681
+    assert rel_err(got[0], reference(q, k, v)) < TOL, seed
+    assert max_grad_err(got[1], _value_and_grad(reference, q, k, v, cot)[1]) < TOL, seed
 
 
 def test_splash_interpret_mode_follows_the_lowering_platform():
