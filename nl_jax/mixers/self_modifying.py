@@ -334,15 +334,22 @@ class SelfModifyingTitans(nnx.Module):
             z["alpha"] = self.alpha_proj(x).astype(jnp.float32)
         return z, convs
 
-    def generate(self, boundaries: dict, z: dict, beta):
+    def generate(self, boundary, z: dict, beta):
         """q, k, v and the rates of a block of tokens, read from the small memories' boundary states.
 
-        Chunk layout: z [B, H, n, dh], beta [B, H, n]; boundaries maps a memory name to its weights.
+        Chunk layout: z [B, H, n, dh], beta [B, H, n]; `boundary`: the small memories' weights
+        stacked on a leading axis in `self.small` order, all read by one batched apply (one shared
+        input, or their inputs stacked).
         The one place where v's normalisation and eta's form (`normalize_values`, `eta_param`) are
         applied: the training forward, streaming / decoding (both through `_small_block`) and
         `reference_forward` all call it.
         """
-        read = lambda n: st.apply(self.spec, boundaries[n], z[n]) if n in boundaries else z[n]  # noqa: E731
+        if self.memory_inputs == "shared":
+            u = z[self.small[0]][None]  # every path holds the same input
+        else:
+            u = jnp.stack([z[n] for n in self.small])
+        reads = dict(zip(self.small, st.apply(self.spec, boundary, u)))
+        read = lambda n: reads[n] if n in reads else z[n]  # noqa: E731
         scalar = lambda u, r, b: jnp.einsum("bhnd,hd->bhn", u, r[...]) + b[...][:, None]  # noqa: E731
         eta = eta_rate(scalar(read("eta"), self.eta_readout, self.eta_bias), self.eta_param, self.max_lr)
         alpha = None
@@ -362,13 +369,15 @@ class SelfModifyingTitans(nnx.Module):
         """`stream_blocks` callback: one block of tokens inside one `chunk_size` chunk.
 
         The small memories are stacked on a leading axis (`_stack`): they share keys and rates, so
-        one batched closed-form update serves them all.
+        one batched closed-form update serves them all. The shared inputs enter with a unit leading
+        axis, not copied per memory: what depends on them alone (their Gram matrices, the rates'
+        products) is computed once, and their gradient is one contraction over (memory, width)
+        rather than a product per memory and a sum.
         """
         z, beta = xs
         s = mems["small"]
-        boundaries = {n: jax.tree.map(lambda w: w[i], s.boundary) for i, n in enumerate(self.small)}
-        q, k, v, rates = self.generate(boundaries, z, beta)
-        rep = lambda a: jnp.broadcast_to(a, (len(self.small), *a.shape))
+        q, k, v, rates = self.generate(s.boundary, z, beta)
+        shared = lambda a: a[None]  # noqa: E731
         _, w, m = chunked.chunk_update(
             self.spec,
             None,
@@ -376,9 +385,9 @@ class SelfModifyingTitans(nnx.Module):
             s.momentum,
             s.boundary,
             None,
-            rep(k),
-            rep(v),
-            jax.tree.map(rep, rates),
+            shared(k),
+            shared(v),
+            jax.tree.map(shared, rates),
             last=last,
         )
         return (q, k, v, rates), {"small": (w, m)}
@@ -603,9 +612,8 @@ def reference_forward(layer: SelfModifyingTitans, x: jax.Array, state: SelfModif
     def step(carry, inputs):
         mems, memory = carry
         zt, bt = inputs
-        q, k, v, rates = layer.generate(
-            {n: s.boundary for n, s in mems.items()}, jax.tree.map(to_block, zt), jax.tree.map(to_block, bt)
-        )
+        boundary = layer._stack(mems).boundary
+        q, k, v, rates = layer.generate(boundary, jax.tree.map(to_block, zt), jax.tree.map(to_block, bt))
         q, k, v, rates = jax.tree.map(to_seq, (q, k, v, rates))
         naive = lambda spec, s, c, read: ops.memory_naive(spec, s, q, k, v, rates, chunk_size=c, read=read)  # noqa: E731
         mems = {n: naive(layer.spec, s, layer.chunk_size, "boundary")[1] for n, s in mems.items()}

@@ -234,10 +234,42 @@ def test_static_k_and_v_are_the_projections():
     x = _x(0, 8)
     z, beta, _ = layer.paths(x, layer.init_state(2).conv)
     blocks = jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), (z, beta))
-    q, k, v, _ = layer.generate({n: s.boundary for n, s in layer.init_state(2).memories.items()}, *blocks)
+    q, k, v, _ = layer.generate(layer._stack(layer.init_state(2).memories).boundary, *blocks)
     unit = lambda u: u / jnp.sqrt(jnp.sum(u * u, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
     assert rel_err(k, unit(blocks[0]["k"])) < 1e-6
     assert rel_err(v, blocks[0]["v"]) < 1e-6
+
+
+@pytest.mark.parametrize("memory_inputs", ["shared", "projected"])
+def test_generate_reads_each_memory_with_its_own_weights_and_input(memory_inputs):
+    """`generate` reads the small memories in one batched apply; each read must be that memory's
+    own boundary weights applied to its own path (one apply per memory, as written out here). The
+    memories get distinct random weights, so a read from the wrong one shows."""
+    from nl_jax.memory.ops import structures as st  # noqa: PLC0415
+
+    seed = fresh_seed()
+    layer = _layer(seed, memory_inputs=memory_inputs)
+    x = _x(seed, 8)
+    z, beta, _ = layer.paths(x, layer.init_state(2).conv)
+    z, beta = jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), (z, beta))
+    boundary = layer._stack(layer.init_state(2).memories).boundary
+    keys = iter(jax.random.split(jax.random.key(seed + 11), 8))
+    boundary = jax.tree.map(lambda w: w + 0.3 * jax.random.normal(next(keys), w.shape), boundary)
+    q, k, v, rates = layer.generate(boundary, z, beta)
+
+    def read(name):
+        i = layer.small.index(name)
+        return st.apply(layer.spec, jax.tree.map(lambda w: w[i], boundary), z[name])
+
+    unit = lambda u: u / jnp.sqrt(jnp.sum(u * u, axis=-1, keepdims=True) + 1e-6)  # noqa: E731
+    readout = lambda u, r, b: jnp.einsum("bhnd,hd->bhn", u, r[...]) + b[...][:, None]  # noqa: E731
+    eta = MAX_LR * jax.nn.sigmoid(readout(read("eta"), layer.eta_readout, layer.eta_bias))
+    alpha = jax.nn.sigmoid(readout(read("alpha"), layer.alpha_readout, layer.alpha_bias))
+    assert rel_err(k, unit(read("k"))) < 1e-6, seed
+    assert rel_err(v, read("v")) < 1e-6, seed
+    assert rel_err(q, unit(z["q"])) < 1e-6, seed  # q static by default
+    assert rel_err(rates.lr, eta) < 1e-6, seed
+    assert rel_err(rates.retention, alpha) < 1e-6, seed
 
 
 def test_saturated_retention_equals_no_weight_decay():

@@ -253,7 +253,8 @@ def chunk_update(
     close=False,
 ):
     """A block of tokens that all lie in one chunk, in chunk layout: q, k [B, H, C, Dk], v [B, H, C, Dv],
-    rates [B, H, C].
+    rates [B, H, C]; their leading axes broadcast against the state's (memories stacked ahead of B
+    that share their inputs pass those with a unit leading axis).
 
     Starts from the running state (`weights`, `momentum`), which may be partway into the chunk, and
     takes every gradient (and self-generated target) at `boundary`, the state at the chunk's start.
