@@ -20,7 +20,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from nl_jax.mixers.self_modifying import SelfModifyingTitans, reference_forward  # noqa: E402
+from nl_jax.mixers.self_modifying import SelfModifyingTitans  # noqa: E402
+from nl_jax.mixers.self_modifying_reference import reference_forward  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["256", "1024"], "sequence lengths")

@@ -342,7 +342,7 @@ class SelfModifyingTitans(nnx.Module):
         input, or their inputs stacked).
         The one place where v's normalisation and eta's form (`normalize_values`, `eta_param`) are
         applied: the training forward, streaming / decoding (both through `_small_block`) and
-        `reference_forward` all call it.
+        `reference_forward` (self_modifying_reference.py) all call it.
         """
         if self.memory_inputs == "shared":
             u = z[self.small[0]][None]  # every path holds the same input
@@ -377,7 +377,6 @@ class SelfModifyingTitans(nnx.Module):
         z, beta = xs
         s = mems["small"]
         q, k, v, rates = self.generate(s.boundary, z, beta)
-        shared = lambda a: a[None]  # noqa: E731
         _, w, m = chunked.chunk_update(
             self.spec,
             None,
@@ -385,9 +384,9 @@ class SelfModifyingTitans(nnx.Module):
             s.momentum,
             s.boundary,
             None,
-            shared(k),
-            shared(v),
-            jax.tree.map(shared, rates),
+            k[None],
+            v[None],
+            jax.tree.map(lambda a: a[None], rates),
             last=last,
         )
         return (q, k, v, rates), {"small": (w, m)}
@@ -598,29 +597,3 @@ class SelfModifyingTitans(nnx.Module):
         out = update(memory_chunk_size, memory_target == "self", read)
         return float(proj + conv + readouts + generate + small + out)
 
-
-def reference_forward(layer: SelfModifyingTitans, x: jax.Array, state: SelfModifyingState | None = None):
-    """The token-by-token reference of the whole layer: a `lax.scan` over tokens, each memory updated
-    by `ops.memory_naive` (inner gradients by `jax.grad`), built apart from the chunked path.
-    Same contract as the layer's call, except that it always returns the final state."""
-    b = x.shape[0]
-    state = layer.init_state(b) if state is None else state
-    z, beta, convs = layer.paths(x, state.conv)
-    to_block = lambda a: a[:, :, None]  # noqa: E731  [B, H, ...] -> [B, H, 1, ...]
-    to_seq = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, H, 1, ...] -> [B, 1, H, ...]
-
-    def step(carry, inputs):
-        mems, memory = carry
-        zt, bt = inputs
-        boundary = layer._stack(mems).boundary
-        q, k, v, rates = layer.generate(boundary, jax.tree.map(to_block, zt), jax.tree.map(to_block, bt))
-        q, k, v, rates = jax.tree.map(to_seq, (q, k, v, rates))
-        naive = lambda spec, s, c, read: ops.memory_naive(spec, s, q, k, v, rates, chunk_size=c, read=read)  # noqa: E731
-        mems = {n: naive(layer.spec, s, layer.chunk_size, "boundary")[1] for n, s in mems.items()}
-        y, memory = naive(layer.out_spec, memory, layer.memory_chunk_size, layer.read)
-        return (mems, memory), y[:, 0]
-
-    time_major = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (z, beta))
-    (mems, memory), ys = jax.lax.scan(step, (state.memories, state.memory), time_major)
-    y = jnp.moveaxis(ys, 0, 1)
-    return layer.output(x, y), SelfModifyingState(convs, mems, memory)

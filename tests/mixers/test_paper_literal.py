@@ -16,8 +16,8 @@ from nl_jax.mixers.self_modifying import (
     SelfModifyingTitans,
     eta_rate,
     input_projections,
-    reference_forward,
 )
+from nl_jax.mixers.self_modifying_reference import reference_forward
 from nl_jax.models import build_model
 from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
 from tests.mixers.test_self_modifying import MAX_LR, TOL, D, _call, _layer, _like, _params, _value_and_grads, _x

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nl_jax.mixers.self_modifying import SelfModifyingTitans, reference_forward
+from nl_jax.mixers.self_modifying import SelfModifyingTitans
+from nl_jax.mixers.self_modifying_reference import reference_forward
 from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
 
 TOL = 1e-5

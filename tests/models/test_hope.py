@@ -11,7 +11,7 @@ from flax import nnx
 from experiments import configs
 from experiments.configs import hope_base
 from nl_jax.mixers import Attention
-from nl_jax.mixers.self_modifying import reference_forward
+from nl_jax.mixers.self_modifying_reference import reference_forward
 from nl_jax.models import build_model
 from tests.memory.inputs import fresh_seed
 from tests.models.test_hope_ntp import V, small_cfg
