@@ -3,8 +3,8 @@
 # hope_340m (d_model 1024, memory heads 8 x 128, CMS 4 x 320; 4 layers so that each row compiles in
 # under a minute) against Transformer++ and Titans of the same parameter count, at T = 2048 and 4096,
 # the memory core's chunked form against its token-by-token reference at HOPE's head width, and the
-# Pallas kernel of the chunked form against the XLA one at T = 4096 (benchmarks/kernels.py; it says
-# so and stops where the kernel has no lowering, as on GPU for now).
+# Pallas kernels of the chunked form against the XLA one at T = 4096 (benchmarks/kernels.py: the
+# gated delta rule and Titans' linear memory; Triton on GPU).
 #
 #   bash benchmarks/device_check.sh [OUT_DIR]   # OUT_DIR/{train_step,memory_ops}.{txt,json}, kernels.txt
 #

@@ -1,5 +1,6 @@
-"""The Pallas kernel of the chunked form against the XLA chunked form: the gated delta rule
-(`presets.gated_delta_rule`, what Gated DeltaNet runs), forward and forward+backward.
+"""The Pallas kernels of the chunked form against the XLA chunked form, forward and forward+backward:
+the gated delta rule (`presets.gated_delta_rule`, what Gated DeltaNet runs) and Titans' update on a
+linear memory (`presets.titans(structure="linear")`: weight decay and momentum).
 
     python -m benchmarks.kernels                                   # T 2048..16384, head widths 64,128,256
     python -m benchmarks.kernels --lengths=4096 --head_dims=128
@@ -9,8 +10,8 @@ Both implementations compute the same function (tests/memory/test_pallas_chunked
 medians over repetitions that alternate between the two, so machine noise hits both alike; the
 ratios (xla time / pallas time, > 1: the kernel is faster) are measured in this one run. On CPU the
 kernel only runs in Pallas interpret mode, which is no speed measurement, so the script refuses
-unless --allow_interpret (a smoke run at tiny shapes). The kernel has no GPU lowering yet
-(nl_jax/memory/ops/pallas_chunked.py), so on GPU the script says so and stops.
+unless --allow_interpret (a smoke run at tiny shapes). On GPU the kernels run through Triton in
+their loop layout, on TPU through Mosaic in their grid layout (nl_jax/memory/ops/pallas_chunked.py).
 """
 
 import sys
@@ -30,6 +31,7 @@ flags.DEFINE_list("head_dims", ["64", "128", "256"], "key width per head (values
 flags.DEFINE_integer("batch", 4, "batch size")
 flags.DEFINE_integer("heads", 8, "heads")
 flags.DEFINE_integer("chunk", 64, "chunk size")
+flags.DEFINE_list("rules", ["gated_delta", "titans_linear"], "update rules: gated_delta, titans_linear")
 flags.DEFINE_integer("reps", 5, "timed repetitions per implementation and shape")
 flags.DEFINE_bool("allow_interpret", False, "on CPU, run the kernel in interpret mode anyway (smoke run)")
 
@@ -46,10 +48,19 @@ def _inputs(length, dim):
     return w0, q, k, v, alpha, beta
 
 
-def _fns(impl):
+RULES = {
+    # (mechanism from the gates, whether it carries momentum)
+    "gated_delta": (lambda alpha, beta: presets.gated_delta_rule(alpha, beta), False),
+    "titans_linear": (lambda alpha, beta: presets.titans(0.1 * beta, 1 - alpha, beta, structure="linear"), True),
+}
+
+
+def _fns(impl, rule):
+    mechanism, momentum = RULES[rule]
+
     def run(w0, q, k, v, alpha, beta):
-        m = presets.gated_delta_rule(alpha, beta)
-        state = ops.init_state(ops.LinearWeights(w0), momentum=False)
+        m = mechanism(alpha, beta)
+        state = ops.init_state(ops.LinearWeights(w0), momentum=momentum)
         kw = dict(chunk_size=FLAGS.chunk, read=m.read, impl=impl)
         y, s = ops.memory_chunked(m.spec, state, q, k, v, m.rates, **kw)
         return y, s.weights.w
@@ -70,9 +81,9 @@ def _time(f, args):
 
 def main(_):
     backend = jax.default_backend()
-    if backend == "gpu":
-        print("kernels: skipped, the kernel has no GPU lowering yet (nl_jax/memory/ops/pallas_chunked.py)")
-        return
+    unknown = sorted(set(FLAGS.rules) - set(RULES))
+    if unknown:
+        raise app.UsageError(f"--rules: unknown {unknown}; choose from {sorted(RULES)}")
     if backend == "cpu" and not FLAGS.allow_interpret:
         print(
             "kernels: refused on CPU, the kernel runs in Pallas interpret mode there, which is no speed "
@@ -80,18 +91,20 @@ def main(_):
         )
         sys.exit(1)
     print(f"backend {backend}, batch {FLAGS.batch}, heads {FLAGS.heads}, chunk {FLAGS.chunk}")
-    print(f"{'T':>6} {'D':>4} {'pass':>8} {'xla ms':>9} {'pallas ms':>10} {'xla/pallas':>10}")
-    fns = {impl: _fns(impl) for impl in ops.IMPLS}
-    for dim in map(int, FLAGS.head_dims):
-        for length in map(int, FLAGS.lengths):
-            args = _inputs(length, dim)
-            for name in ("fwd", "fwd+bwd"):
-                times = {impl: [] for impl in ops.IMPLS}
-                for _ in range(FLAGS.reps):
-                    for impl in ops.IMPLS:
-                        times[impl].append(_time(fns[impl][name], args))
-                x, p = (float(np.median(times[i])) * 1e3 for i in ops.IMPLS)
-                print(f"{length:>6} {dim:>4} {name:>8} {x:>9.2f} {p:>10.2f} {x / p:>10.2f}", flush=True)
+    print(f"{'rule':>13} {'T':>6} {'D':>4} {'pass':>8} {'xla ms':>9} {'pallas ms':>10} {'xla/pallas':>10}")
+    for rule in FLAGS.rules:
+        fns = {impl: _fns(impl, rule) for impl in ops.IMPLS}
+        for dim in map(int, FLAGS.head_dims):
+            for length in map(int, FLAGS.lengths):
+                args = _inputs(length, dim)
+                for name in ("fwd", "fwd+bwd"):
+                    times = {impl: [] for impl in ops.IMPLS}
+                    for _ in range(FLAGS.reps):
+                        for impl in ops.IMPLS:
+                            times[impl].append(_time(fns[impl][name], args))
+                    x, p = (float(np.median(times[i])) * 1e3 for i in ops.IMPLS)
+                    row = f"{rule:>13} {length:>6} {dim:>4} {name:>8} {x:>9.2f} {p:>10.2f} {x / p:>10.2f}"
+                    print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class MemoraMemory(NeuralMemory):
         if kwargs.get("read", "post_update") != "post_update":
             read = kwargs["read"]
             raise ValueError(f"memora reads after each token's update (read='post_update'), got {read!r}")
+        if kwargs.get("impl", "xla") != "xla":
+            raise ValueError(f"memora runs its own chunked form (impl='xla'), got impl={kwargs['impl']!r}")
         self.scale = float(scale)
         super().__init__(*args, momentum=False, objective="l2", **kwargs)
 

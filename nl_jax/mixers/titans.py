@@ -16,8 +16,9 @@ state the layer continues from that state token by token.
 
 `form` picks the op that runs a training forward: `chunked` (the fast path) or `naive` (the
 token-by-token reference with the same chunk semantics), so a whole model can be checked against its
-reference by building it twice. `forward(x, state)` runs that op from a carried state (segment by
-segment, as Titans MAC updates its memory).
+reference by building it twice. `impl` picks the chunked form's implementation (`ops.memory_chunked`:
+`xla`, or `pallas`, the kernels of the linear memory). `forward(x, state)` runs that op from a
+carried state (segment by segment, as Titans MAC updates its memory).
 
 Packed rows: with segment ids the training forward restarts the memory from `memory_init` at each
 document's first token (which must start a chunk: the caller checks) and the short convs stop at
@@ -67,6 +68,7 @@ class NeuralMemory(nnx.Module):
         conv_width: int = 4,
         remat_chunks: bool = False,
         form: str = "chunked",
+        impl: str = "xla",
         init_std: float = 0.02,
         dtype="float32",
         param_dtype="float32",
@@ -74,6 +76,14 @@ class NeuralMemory(nnx.Module):
     ):
         if form not in FORMS:
             raise ValueError(f"memory form must be one of {FORMS}, got {form!r}")
+        if impl not in ops.IMPLS:
+            raise ValueError(f"memory impl must be one of {ops.IMPLS}, got {impl!r}")
+        if impl == "pallas" and structure != "linear":
+            raise ValueError(
+                f"memory impl='pallas' runs the linear memory only, got structure={structure!r}: set "
+                "structure='linear' or impl='xla'"
+            )
+        self.impl = impl
         self.spec = ops.MemorySpec(structure, objective, activation)
         self.form = form
         self.num_heads, self.head_dim, self.chunk_size, self.read = num_heads, head_dim, chunk_size, read
@@ -175,7 +185,7 @@ class NeuralMemory(nnx.Module):
 
     def _chunked(self, q, k, v, rates, memory, **restart):
         """`restart`: the flags and initial state of `ops.memory_chunked`'s document restarts."""
-        kw = dict(chunk_size=self.chunk_size, read=self.read, remat=self.remat_chunks)
+        kw = dict(chunk_size=self.chunk_size, read=self.read, remat=self.remat_chunks, impl=self.impl)
         return ops.memory_chunked(self.spec, memory, q, k, v, rates, **kw, **restart)
 
     def _step(self, memory: ops.MemoryState, q, k, v, rates):

@@ -42,7 +42,7 @@ mlp_hidden, rope_theta, sliding_window (MAG / MAL attention window; 0 = full cau
 norm_eps, dtype, param_dtype, scan_layers, remat_policy, init_std) plus a `titans` section, see
 experiments/configs/titans_base.py: variant, segment_size, persistent_tokens and `memory` (num_heads,
 head_dim, structure, hidden, activation, chunk_size, read, momentum, objective, retention,
-simplex_scale, max_lr, conv_width, remat_chunks, form). The same LMM shell, with other memory
+simplex_scale, max_lr, conv_width, remat_chunks, form, impl). The same LMM shell, with other memory
 settings, is the `dla` (objective 'dot', nl_jax/models/dla.py) and `memora` (retention 'kl',
 nl_jax/models/memora.py) models.
 """
@@ -114,6 +114,7 @@ def _memory(cfg, rngs) -> NeuralMemory:
         conv_width=mem.conv_width,
         remat_chunks=mem.remat_chunks,
         form=mem.form,
+        impl=mem.get("impl", "xla"),  # configs saved before the field existed
         **_kw(cfg, rngs),
     )
     retention = mem.get("retention", "l2")  # configs saved before the field existed

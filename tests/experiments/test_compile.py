@@ -214,14 +214,25 @@ def test_analytic_projection_names_the_transformer_of_the_same_size():
     assert "estimate: 14.2 kernels per matmul, as in compiled HOPE steps" in out
 
 
-@pytest.mark.parametrize(
-    "name,field,impl", [("gated_deltanet_tiny", "memory_impl", "pallas"), ("transformer_tiny", "attention_impl", "splash")]
-)
-def test_pallas_kernels_compile_with_mosaic_for_a_tpu_slice(name, field, impl):
-    """The memory kernel and splash attention in a sharded train step: each lowers to Mosaic (not
+KERNEL_SWITCHES = [
+    ("gated_deltanet_tiny", {"memory_impl": "pallas"}),
+    ("titans_tiny", {"titans.memory.impl": "pallas", "titans.memory.structure": "linear"}),  # momentum
+    ("transformer_tiny", {"attention_impl": "splash"}),
+]
+
+
+@pytest.mark.parametrize("name,switches", KERNEL_SWITCHES)
+def test_pallas_kernels_compile_with_mosaic_for_a_tpu_slice(name, switches):
+    """The memory kernels and splash attention in a sharded train step: each lowers to Mosaic (not
     interpret mode, though the host is a CPU) inside a shard_map, and the step compiles for v5e-4."""
     config = configs.load(name)
-    config.model.update({field: impl, "num_layers": 1})
+    config.model.num_layers = 1
+    for path, value in switches.items():
+        *parents, leaf = path.split(".")
+        section = config.model
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
     config.data.update(global_batch_size=GLOBAL_BATCH, seq_len=128)
     mesh = mesh_for_slice(config.mesh, parse_slice("v5e-4"))
     program = build_train_program(config, mesh)

@@ -1,6 +1,7 @@
-"""The Pallas kernel of the chunked form (`memory_chunked(impl="pallas")`, run in interpret mode on
-CPU) against the XLA chunked form: outputs, final states and gradients with respect to q, k, v,
-every rate and the initial state, float32, to a relative error under 1e-5.
+"""The Pallas kernels of the chunked form (`memory_chunked(impl="pallas")`, run in interpret mode on
+CPU, in both layouts) against the XLA chunked form: outputs, final states (weights and momentum)
+and gradients with respect to q, k, v, every rate and the initial state, float32, to a relative
+error under 1e-5.
 
 Interpret mode runs the kernel's grid step by step in Python, so shapes are tiny.
 """
@@ -20,22 +21,33 @@ from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_
 TOL = 1e-5
 # (batch, length, heads, key width, value width, chunk): several chunks, one chunk, Dv != Dk, chunk 1
 SHAPES = [(2, 16, 2, 8, 8, 4), (1, 8, 1, 4, 6, 8), (1, 6, 2, 6, 4, 3), (1, 3, 1, 4, 4, 1)]
-# (objective, retention, dgd): the gated delta rule (dot + retention + dgd), DeltaNet (dot + dgd),
-# linear attention with decay (dot + retention), the l2 rules with and without DGD
+# (objective, retention, dgd, momentum): the gated delta rule (dot + retention + dgd), DeltaNet
+# (dot + dgd), linear attention with decay (dot + retention), the l2 rules with and without DGD;
+# with momentum: Titans' linear memory (l2 + retention), deep linear attention (dot + retention),
+# the linear self-modifying rule (l2 + retention + dgd), and DGD with momentum alone
 RULES = [
-    ("dot", True, True),
-    ("dot", False, True),
-    ("dot", True, False),
-    ("l2", True, False),
-    ("l2", True, True),
+    ("dot", True, True, False),
+    ("dot", False, True, False),
+    ("dot", True, False, False),
+    ("l2", True, False, False),
+    ("l2", True, True, False),
+    ("l2", True, False, True),
+    ("dot", True, False, True),
+    ("l2", True, True, True),
+    ("dot", False, True, True),
 ]
-CASES = [(shape, rule, ops.READ_MODES[i % 3]) for i, (shape, rule) in enumerate(zip(SHAPES * 2, RULES * 2))]
+# every rule in both kernel layouts, shapes and reads rotating
+_N = len(RULES)
+CASES = [
+    (SHAPES[i % len(SHAPES)], RULES[i % _N], ops.READ_MODES[i % 3], pallas_chunked.LAYOUTS[i // _N])
+    for i in range(2 * _N)
+]
 
 
-def _inputs(seed, shape, objective, retention, dgd):
+def _inputs(seed, shape, objective, retention, dgd, momentum=False):
     """Random inputs whose gates include exact 0s and 1s (a saturated gate reaches both in float32)."""
     b, t, h, dk, dv, _ = shape
-    ks = jax.random.split(jax.random.key(seed), 8)
+    ks = jax.random.split(jax.random.key(seed), 9)
     q, k = unit(jax.random.normal(ks[0], (b, t, h, dk))), unit(jax.random.normal(ks[1], (b, t, h, dk)))
     v = jax.random.normal(ks[2], (b, t, h, dv))
 
@@ -48,52 +60,113 @@ def _inputs(seed, shape, objective, retention, dgd):
         lr=gate(ks[3], 0.0),
         retention=gate(ks[4], 0.5) if retention else None,
         dgd=gate(ks[5], 0.0) if dgd else None,
+        momentum=gate(ks[7], 0.0) if momentum else None,
     )
     w0 = 0.3 * jax.random.normal(ks[6], (b, h, dv, dk))
-    return ops.MemorySpec("linear", objective), w0, q, k, v, rates
+    s0 = 0.3 * jax.random.normal(ks[8], (b, h, dv, dk)) if momentum else None
+    return ops.MemorySpec("linear", objective), (w0, s0), q, k, v, rates
 
 
-def _loss(impl, spec, chunk, read, cot_y, cot_w):
+def _state(ws):
+    w0, s0 = ws
+    state = ops.init_state(ops.LinearWeights(w0), momentum=s0 is not None)
+    return state if s0 is None else state._replace(momentum=ops.LinearWeights(s0))
+
+
+def _loss(impl, spec, chunk, read, cot_y, cot_ws, layout="grid"):
     """A scalar of the outputs and the final state with fixed random cotangents."""
 
-    def loss(w0, q, k, v, rates):
-        state = ops.init_state(ops.LinearWeights(w0), momentum=False)
-        y, s = ops.memory_chunked(spec, state, q, k, v, rates, chunk_size=chunk, read=read, impl=impl)
-        return jnp.sum(y * cot_y) + jnp.sum(s.weights.w * cot_w), (y, s)
+    def loss(ws, q, k, v, rates):
+        kw = dict(chunk_size=chunk, read=read)
+        if impl == "xla":
+            y, s = ops.memory_chunked(spec, _state(ws), q, k, v, rates, **kw)
+        else:
+            y, s = pallas_chunked.memory_chunked_pallas(spec, _state(ws), q, k, v, rates, **kw, layout=layout)
+        final = (s.weights.w, None if s.momentum is None else s.momentum.w)
+        scalar = jnp.sum(y * cot_y) + sum(jnp.sum(a * c) for a, c in zip(final, cot_ws) if c is not None)
+        return scalar, (y, s)
 
     return loss
 
 
-@pytest.mark.parametrize("shape,rule,read", CASES)
-def test_kernel_equals_xla_chunked(shape, rule, read):
-    seed = fresh_seed()
-    spec, w0, q, k, v, rates = _inputs(seed, shape, *rule)
+def _cotangents(seed, v, ws):
     key = jax.random.key(seed + 1)
-    cot_y, cot_w = jax.random.normal(key, v.shape), jax.random.normal(jax.random.fold_in(key, 1), w0.shape)
-    args = (w0, q, k, v, rates)
-    grads = {
-        impl: jax.grad(_loss(impl, spec, shape[-1], read, cot_y, cot_w), range(5), has_aux=True)(*args)
-        for impl in ops.IMPLS
-    }
+    normal = lambda i, x: jax.random.normal(jax.random.fold_in(key, i), x.shape)  # noqa: E731
+    cot_ws = tuple(None if x is None else normal(i, x) for i, x in enumerate(ws))
+    return jax.random.normal(key, v.shape), cot_ws
+
+
+@pytest.mark.parametrize("shape,rule,read,layout", CASES)
+def test_kernel_equals_xla_chunked(shape, rule, read, layout):
+    seed = fresh_seed()
+    spec, ws, q, k, v, rates = _inputs(seed, shape, *rule)
+    cot_y, cot_ws = _cotangents(seed, v, ws)
+    args = (ws, q, k, v, rates)
+    loss = {impl: _loss(impl, spec, shape[-1], read, cot_y, cot_ws, layout) for impl in ops.IMPLS}
+    grads = {impl: jax.grad(fn, range(5), has_aux=True)(*args) for impl, fn in loss.items()}
     g_ref, (y_ref, s_ref) = grads["xla"]
     g, (y, s) = grads["pallas"]
     assert rel_err(y, y_ref) < TOL, seed
     assert rel_err(s.weights.w, s_ref.weights.w) < TOL, seed
+    if rule[-1]:  # momentum
+        assert rel_err(s.momentum.w, s_ref.momentum.w) < TOL, seed
     assert int(s.step) == 0 and rel_err(s.boundary.w, s.weights.w) == 0
     assert max_grad_err(g, g_ref) < TOL, seed
     assert max_tree_rel_err(g, g_ref) < 1e-3, seed  # each leaf on its own (see max_grad_err)
 
 
-def test_kernel_equals_naive_gated_delta_rule():
+@pytest.mark.parametrize("rule", [RULES[0], RULES[-2]])
+@pytest.mark.parametrize("read", ops.READ_MODES)
+def test_backward_step_is_the_vjp_of_the_forward_step(rule, read):
+    """The kernels' hand-written chunk backward equals autodiff of their chunk forward, for every
+    operand and the state, with and without momentum."""
+    seed = fresh_seed()
+    spec, ws, q, k, v, rates = _inputs(seed, (1, 8, 1, 4, 6, 8), *rule)
+    lay = lambda x: pallas_chunked._kernel_layout(x, 8)[0, 0]  # noqa: E731  (the one chunk)
+    rates_k = jax.tree.map(lambda r: lay(r[..., None])[None, None, ..., 0], rates)
+    ops_ = pallas_chunked._operands(spec, *(lay(x)[None, None] for x in (q, k, v)), rates_k, read)
+    ops_ = jax.tree.map(lambda x: x[0, 0], ops_)
+    state = tuple(x[0, 0] for x in ws if x is not None)
+    (y, new), vjp = jax.vjp(pallas_chunked._forward_step, state, ops_)
+    dy, dnew = _cotangents(seed, y, new)
+    want = vjp((dy, dnew))
+    got = pallas_chunked._backward_step(state, dnew, dy, ops_)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    assert max_tree_rel_err(got, want) < TOL, seed
+
+
+@pytest.mark.parametrize("layout", pallas_chunked.LAYOUTS)
+def test_kernel_equals_naive_gated_delta_rule(layout):
     """The kernel against the token-by-token reference too, through the gated delta rule preset."""
     seed = fresh_seed()
-    _, w0, q, k, v, rates = _inputs(seed, (1, 8, 2, 4, 4, 4), "dot", True, True)
+    _, ws, q, k, v, rates = _inputs(seed, (1, 8, 2, 4, 4, 4), "dot", True, True)
     m = presets.gated_delta_rule(rates.retention, rates.lr)
-    state = ops.init_state(ops.LinearWeights(w0), momentum=False)
+    state = _state(ws)
     y_ref, s_ref = ops.memory_naive(m.spec, state, q, k, v, m.rates, chunk_size=1, read=m.read)
+    kw = dict(chunk_size=4, read=m.read, layout=layout)
+    y, s = pallas_chunked.memory_chunked_pallas(m.spec, state, q, k, v, m.rates, **kw)
+    assert rel_err(y, y_ref) < TOL, seed
+    assert rel_err(s.weights.w, s_ref.weights.w) < TOL, seed
+
+
+@pytest.mark.parametrize("preset", ["titans", "self_modifying"])
+def test_kernel_equals_naive_momentum_rules(preset):
+    """Titans' update (weight decay and surprise momentum, post-update reads) and the self-modifying
+    update (DGD, weight decay, momentum, per-token reads) on a linear memory: the kernel against the
+    token-by-token reference with the same chunk (gradients at each chunk's first state): outputs,
+    weights and momentum."""
+    seed = fresh_seed()
+    _, ws, q, k, v, rates = _inputs(seed, (2, 12, 2, 4, 4, 4), "l2", True, False, True)
+    if preset == "titans":
+        m = presets.titans(rates.lr, 1.0 - rates.retention, rates.momentum, structure="linear")
+    else:
+        m = presets.self_modifying(rates.lr, rates.retention, rates.momentum, structure="linear")
+    state = _state(ws)
+    y_ref, s_ref = ops.memory_naive(m.spec, state, q, k, v, m.rates, chunk_size=4, read=m.read)
     y, s = ops.memory_chunked(m.spec, state, q, k, v, m.rates, chunk_size=4, read=m.read, impl="pallas")
     assert rel_err(y, y_ref) < TOL, seed
     assert rel_err(s.weights.w, s_ref.weights.w) < TOL, seed
+    assert rel_err(s.momentum.w, s_ref.momentum.w) < TOL, seed
 
 
 def test_unsupported_spec_raises_one_clear_error():
@@ -102,7 +175,7 @@ def test_unsupported_spec_raises_one_clear_error():
     state = ops.init_state(weights, momentum=True)
     x = jnp.ones((1, 4, 1, 4))
     rates = ops.Rates(lr=jnp.ones((1, 4, 1)), momentum=jnp.ones((1, 4, 1)))
-    with pytest.raises(ValueError, match=r"structure='mlp', bias=True, momentum: use impl='xla'"):
+    with pytest.raises(ValueError, match=r"structure='mlp', bias=True: use impl='xla'"):
         ops.memory_chunked(spec, state, x, x, x, rates, chunk_size=4, impl="pallas")
     with pytest.raises(ValueError, match="impl must be one of"):
         ops.memory_chunked(spec, state, x, x, x, rates, chunk_size=4, impl="triton")
@@ -114,9 +187,25 @@ def test_unsupported_lists_nothing_for_the_gated_delta_rule():
     assert pallas_chunked.unsupported(m.spec, state, m.rates, None) == []
 
 
-def test_gated_deltanet_model_pallas_equals_xla(monkeypatch):
-    """A tiny Gated DeltaNet (1 layer, chunks of 8 over 12 tokens: padding and two chunks) with
-    memory_impl='pallas' has the loss and parameter gradients of memory_impl='xla'."""
+def _gated_deltanet(cfg):
+    cfg.update(num_layers=1, chunk_size=8, d_model=32, num_heads=2, head_dim=8, mlp_hidden=32)
+    return cfg, "memory_impl"
+
+
+def _titans_linear(cfg):
+    cfg.update(num_layers=1, d_model=32, num_heads=2, mlp_hidden=32)
+    cfg.titans.memory.update(structure="linear", chunk_size=8)
+    return cfg.titans.memory, "impl"
+
+
+MODELS = [("gated_deltanet_tiny", _gated_deltanet), ("titans_tiny", _titans_linear)]
+
+
+@pytest.mark.parametrize("name,shrink", MODELS)
+def test_model_with_pallas_equals_xla(monkeypatch, name, shrink):
+    """A tiny Gated DeltaNet, and a tiny Titans LMM with a linear memory (momentum and weight decay),
+    1 layer, chunks of 8 over 12 tokens (padding and two chunks for the Gated DeltaNet), with the
+    Pallas kernels has the loss and parameter gradients of the XLA form."""
     calls = []
     kernel_path = pallas_chunked.memory_chunked_pallas
     monkeypatch.setattr(
@@ -125,14 +214,15 @@ def test_gated_deltanet_model_pallas_equals_xla(monkeypatch):
     from experiments import configs
 
     seed = fresh_seed()
-    cfg = configs.load("gated_deltanet_tiny").model
-    cfg.update(num_layers=1, chunk_size=8, d_model=32, num_heads=2, head_dim=8, mlp_hidden=32)
-    tokens = jax.random.randint(jax.random.key(seed), (2, 13), 0, cfg.vocab_size)
+    cfg = configs.load(name).model
+    section, field = shrink(cfg)
+    length = 13 if name == "gated_deltanet_tiny" else 17  # Titans runs whole chunks
+    tokens = jax.random.randint(jax.random.key(seed), (2, length), 0, cfg.vocab_size)
     model = build_model(cfg, nnx.Rngs(seed))
     params = nnx.state(model, nnx.Param)
 
     def loss_and_grad(impl):
-        cfg.memory_impl = impl
+        section[field] = impl
         gdef = nnx.graphdef(build_model(cfg, nnx.Rngs(0)))  # same parameter tree, the other impl
 
         def loss(p):
@@ -141,7 +231,7 @@ def test_gated_deltanet_model_pallas_equals_xla(monkeypatch):
 
         return jax.value_and_grad(loss)(params)
 
-    assert cfg.memory_impl == "xla"  # the default
+    assert section[field] == "xla"  # the default
     loss_x, g_x = loss_and_grad("xla")
     assert not calls
     loss_p, g_p = loss_and_grad("pallas")
@@ -151,41 +241,61 @@ def test_gated_deltanet_model_pallas_equals_xla(monkeypatch):
     assert max_tree_rel_err(g_p, g_x) < 1e-3, seed
 
 
+def test_titans_pallas_needs_the_linear_memory_and_memora_refuses_it():
+    from experiments import configs
+
+    cfg = configs.load("titans_tiny").model
+    cfg.titans.memory.impl = "pallas"  # with the default MLP memory
+    with pytest.raises(ValueError, match="impl='pallas' runs the linear memory only, got structure='mlp'"):
+        build_model(cfg, nnx.Rngs(0))
+    cfg = configs.load("memora_tiny").model
+    cfg.titans.memory.update(impl="pallas", structure="linear")
+    with pytest.raises(ValueError, match="memora runs its own chunked form"):
+        build_model(cfg, nnx.Rngs(0))
+
+
 def test_kernel_under_a_mesh_runs_per_device_and_equals_xla_chunked():
     """With a mesh set, the kernel runs under a shard_map over the batch and head axes (Mosaic does
-    not partition a kernel itself); outputs, final state and gradients equal the XLA form."""
+    not partition a kernel itself); outputs, final states and gradients equal the XLA form (the
+    linear self-modifying rule: momentum and DGD, the most operands)."""
     seed = fresh_seed()
     shape = (4, 8, 2, 4, 4, 4)  # batch over data x fsdp (4), heads over tensor (2)
-    spec, w0, q, k, v, rates = _inputs(seed, shape, "dot", True, True)
-    key = jax.random.key(seed + 1)
-    cot_y, cot_w = jax.random.normal(key, v.shape), jax.random.normal(jax.random.fold_in(key, 1), w0.shape)
+    spec, ws, q, k, v, rates = _inputs(seed, shape, "l2", True, True, True)
+    cot_y, cot_ws = _cotangents(seed, v, ws)
     sizes = {"data": 2, "fsdp": 2, "tensor": 2}
     mesh = make_mesh({f"ici_{a}_parallelism": n for a, n in sizes.items()}, jax.devices()[:8])
     grad = {
-        impl: jax.jit(jax.grad(_loss(impl, spec, 4, "boundary", cot_y, cot_w), range(5), has_aux=True))
+        impl: jax.jit(jax.grad(_loss(impl, spec, 4, "post_update", cot_y, cot_ws), range(5), has_aux=True))
         for impl in ops.IMPLS
     }
     with jax.set_mesh(mesh):
-        g, (y, s) = grad["pallas"](w0, q, k, v, rates)
-        text = grad["pallas"].lower(w0, q, k, v, rates).as_text()
-    g_ref, (y_ref, s_ref) = grad["xla"](w0, q, k, v, rates)
+        g, (y, s) = grad["pallas"](ws, q, k, v, rates)
+        text = grad["pallas"].lower(ws, q, k, v, rates).as_text()
+    g_ref, (y_ref, s_ref) = grad["xla"](ws, q, k, v, rates)
     assert "shard_map" in text or "manual" in text  # the kernel ran per device
     assert rel_err(y, y_ref) < TOL, seed
     assert rel_err(s.weights.w, s_ref.weights.w) < TOL, seed
+    assert rel_err(s.momentum.w, s_ref.momentum.w) < TOL, seed
     assert max_grad_err(g, g_ref) < TOL, seed
 
 
-def test_interpret_mode_follows_the_lowering_platform():
-    """interpret=None: the same jitted call lowers to the interpreted kernel (plain HLO) for CPU and
-    to a Mosaic custom call for TPU, so an AOT compile for TPU from a CPU host gets the kernel."""
-    spec, w0, q, k, v, rates = _inputs(0, (1, 8, 1, 4, 4, 4), "dot", True, True)
+def test_kernel_follows_the_lowering_platform():
+    """interpret=None: the same jitted call lowers to the interpreted kernel (plain HLO) for CPU, to
+    a Mosaic custom call for TPU and to a Triton custom call (the loop layout) for GPU, so an AOT
+    compile from a CPU host gets the compiled kernel. Widths of 16: Triton's smallest matmul."""
+    spec, ws, q, k, v, rates = _inputs(0, (1, 32, 1, 16, 16, 16), "l2", True, True, True)
 
-    def f(w0, q, k, v, rates):
-        state = ops.init_state(ops.LinearWeights(w0), momentum=False)
-        return ops.memory_chunked(spec, state, q, k, v, rates, chunk_size=4, impl="pallas")[0]
+    def f(ws, q, k, v, rates):
+        y, s = ops.memory_chunked(spec, _state(ws), q, k, v, rates, chunk_size=16, impl="pallas")
+        return y, s.weights.w
 
-    traced = jax.jit(f).trace(w0, q, k, v, rates)
-    for_tpu = traced.lower(lowering_platforms=("tpu",)).as_text()
-    for_cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-    assert "tpu_custom_call" in for_tpu
-    assert "tpu_custom_call" not in for_cpu
+    def loss(*args):
+        y, w = f(*args)
+        return jnp.sum(y) + jnp.sum(w)
+
+    for fn in (f, jax.grad(loss)):
+        traced = jax.jit(fn).trace(ws, q, k, v, rates)
+        text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
+        assert "tpu_custom_call" in text["tpu"] and "triton" not in text["tpu"]
+        assert "xla.gpu.triton" in text["cuda"] and "tpu_custom_call" not in text["cuda"]
+        assert "tpu_custom_call" not in text["cpu"] and "triton" not in text["cpu"]

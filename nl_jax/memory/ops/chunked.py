@@ -489,8 +489,9 @@ def memory_chunked(
     when the state is concrete), and the sequence length must be a multiple of `chunk_size`.
     `remat` recomputes each chunk in the backward pass instead of storing its intermediates.
     `norm`: the inner LayerNorm parameters of a `norm` memory.
-    `impl`: "xla" (this module) or "pallas" (`pallas_chunked`: the linear memory without momentum;
-    other specs raise). `interpret` (pallas only): Pallas interpret mode; None picks it when lowering for CPU.
+    `impl`: "xla" (this module) or "pallas" (`pallas_chunked`: the linear memory, with or without
+    momentum; other specs raise). `interpret` (pallas only): Pallas interpret mode; None picks it
+    when lowering for CPU.
     `remat` has no effect there (its backward kernel recomputes each chunk from the saved states).
     `restart` bool [B, T] (documents of packed rows, xla only): a row's state restarts from `initial`
     (a state at a boundary, e.g. the meta-learned one) at each flagged token, which must be a
@@ -525,8 +526,6 @@ def memory_chunked(
         from nl_jax.memory.ops import pallas_chunked
 
         pallas_chunked.check_supported(spec, state, rates, norm)
-        if interpret is None:
-            pallas_chunked.check_backend()
         return pallas_chunked.memory_chunked_pallas(
             spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, interpret=interpret
         )

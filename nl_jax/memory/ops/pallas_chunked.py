@@ -1,39 +1,50 @@
-"""A Pallas kernel for the sequential part of the chunked form, for the linear memory (the gated
-delta rule family): `memory_chunked(..., impl="pallas")`.
+"""Pallas kernels for the sequential part of the chunked form, for the linear memory (the gated
+delta rule family, with or without momentum): `memory_chunked(..., impl="pallas")`.
 
 It lives next to `chunked.py` because it is the same closed form split in two, and reuses that
-module's coefficients (`segment_products`, `unit_lower_inverse`):
+module's coefficients (`_coefs`, `unit_lower_inverse`):
 
   XLA, all chunks at once   everything that does not depend on the running state: the retention
-                            products, the DGD unit lower-triangular inverse (the UT/WY algebra) and
-                            the read masks, folded into a few matrices per chunk (`_operands`)
+                            and momentum products, the DGD unit lower-triangular inverse (the UT/WY
+                            algebra) and the read masks, folded into a few matrices per chunk
+                            (`_operands`)
   Pallas, chunk after chunk the state recurrence and the reads, with the per-(batch, head) state
-                            kept in the kernel across chunks (grid (B*H, chunks): the first axis
-                            parallel, the second sequential)
+                            (W, and the momentum S) kept in the kernel across chunks
 
-For the linear memory without momentum every quantity of chunk_update is linear in the chunk's
-starting state W [Dv, Dk], so per chunk (C tokens) the kernel only does
+Every quantity of `chunked.chunk_update` for the linear memory is linear in the chunk's starting
+state (W [Dv, Dk], S), so per chunk (C tokens) the kernel only does
 
-  U  = N (K W^T) + R              the per-token updates (eta e_s + gamma p_s of `chunked`), [C, Dv]
-  Y  = Qs W^T - Aq U              the reads
-  W' = a W - U^T Kd               the state after the chunk
+  U  = Ne (K W^T) + Re                    eta_s e_s, the per-token gradient factors      [C, Dv]
+  G  = Nw (K W^T) + Ns (K S^T) + Rg       gamma_s p_s, the DGD factors (momentum and DGD only)
+  Y  = Qa W^T + Qm S^T - Aq U - Ag G      the reads
+  W' = a W + mu S - U^T Kd - G^T Kg       the state after the chunk
+  S' = b S - U^T Kb
 
-with N [C, C], R [C, Dv], Qs, Kd [C, Dk], Aq [C, C] and the scalar a built by `_operands`.
+with the C x C matrices Ne, Nw, Ns, Aq, Ag, the [C, D] matrices Re, Rg, Qa, Qm, Kd, Kg, Kb and the
+scalars a, mu, b built by `_operands`. Without momentum (Cm = A in `chunked`) the DGD factors share
+U's coefficients, so G folds into U and S, Qm, Ns, Ag, Kg, Kb, mu, b are absent (None).
 
-Backward: a second Pallas kernel, a reverse scan over chunks carrying dL/dW (`_backward_step`),
-from the chunk-start states the forward kernel saves; the cotangents of the operands then flow
-through `_operands` by ordinary XLA autodiff. The interpret choice is made at lowering
-(`jax.lax.platform_dependent`): interpret mode when lowering for CPU (exact, slow: for tests),
-Mosaic otherwise, so an AOT compile for TPU from a CPU host gets the compiled kernel. Under a mesh
-the call runs inside a `shard_map` over the batch and head axes (Mosaic kernels are not
-partitioned automatically; every (batch, head) is independent). GPU is refused: Triton runs the
-grid's programs concurrently, so the chunk axis cannot carry the state there (a GPU variant would
-loop over chunks inside one program per (batch, head)).
+Backward: the same kernel shape run in reverse over chunks, carrying dL/dW (and dL/dS), from the
+chunk-start states the forward saves (`_backward_step`, checked against autodiff of
+`_forward_step` in the tests); the cotangents of the operands then flow through `_operands` by
+ordinary XLA autodiff.
 
-Supported: structure "linear", objectives l2 and dot, retention, DGD, every read mode (DeltaNet,
-the gated delta rule, linear attention / RetNet, the linear self-modifying update without
-momentum). Not supported: momentum, fast biases, the inner LayerNorm, self_target,
-max_grad_norm, delta_scale, the MLP memory.
+Two kernel layouts of the same step functions, chosen by the platform lowered for:
+
+  grid   grid (B*H, chunks), the chunk axis sequential, the state resident in an output block
+         across it; each chunk's operands are streamed in by the pipeline. Mosaic (TPU), and
+         interpret mode on CPU.
+  loop   grid (B*H,), one program per (batch, head) looping over its chunks with the state in the
+         loop carry: Triton runs a grid's programs concurrently, so no grid axis can carry the
+         state there. Triton (GPU); `layout="loop"` runs it in interpret mode on CPU.
+
+Under a mesh the call runs inside a `shard_map` over the batch and head axes (Pallas kernels are
+not partitioned automatically; every (batch, head) is independent).
+
+Supported: structure "linear", objectives l2 and dot, retention, momentum, DGD, every read mode
+(DeltaNet, the gated delta rule, linear attention / RetNet, Titans' and deep linear attention's
+linear memories, the linear self-modifying update). Not supported: fast biases, the inner
+LayerNorm, self_target, max_grad_norm, delta_scale, the MLP memory.
 """
 
 from __future__ import annotations
@@ -45,23 +56,24 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from nl_jax.memory.ops import update_rule
 from nl_jax.memory.ops import structures as st
 from nl_jax.memory.ops.chunked import _coefs, unit_lower_inverse
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+LAYOUTS = ("grid", "loop")
 
 
 def unsupported(spec: st.MemorySpec, state: st.MemoryState, rates: update_rule.Rates, norm) -> list[str]:
-    """What of this call the kernel does not cover (empty when it covers all of it)."""
+    """What of this call the kernels do not cover (empty when they cover all of it)."""
     checks = {
         f"structure={spec.structure!r}": spec.structure != "linear",
         "bias=True": spec.bias,
         "norm=True": spec.norm or norm is not None,
         "self_target=True": spec.self_target,
         f"max_grad_norm={spec.max_grad_norm}": spec.max_grad_norm > 0,
-        "momentum": rates.momentum is not None or state.momentum is not None,
         "delta_scale": rates.delta_scale is not None,
     }
     return [name for name, bad in checks.items() if bad]
@@ -71,8 +83,8 @@ def check_supported(spec, state, rates, norm) -> None:
     missing = unsupported(spec, state, rates, norm)
     if missing:
         raise ValueError(
-            f"memory_chunked(impl='pallas') covers the linear memory without momentum; this call has "
-            f"{', '.join(missing)}: use impl='xla'"
+            f"memory_chunked(impl='pallas') covers the linear memory (with or without momentum); this call "
+            f"has {', '.join(missing)}: use impl='xla'"
         )
 
 
@@ -81,15 +93,25 @@ def check_supported(spec, state, rates, norm) -> None:
 
 
 class _Operands(NamedTuple):
-    """Per chunk, in kernel layout [B*H, N, ...], float32 (see the module docstring)."""
+    """Per chunk, in kernel layout [B*H, N, ...], float32 (see the module docstring); the fields of
+    momentum (and of DGD with momentum) are None without it, the read's masks None for `boundary`."""
 
-    qs: jax.Array  # [BH, N, C, Dk] queries scaled by the read's prefix retention
+    qa: jax.Array  # [BH, N, C, Dk] queries scaled by the read's prefix retention
     k: jax.Array  # [BH, N, C, Dk]
-    n: jax.Array  # [BH, N, C, C]  U's dependence on K W^T
-    r: jax.Array  # [BH, N, C, Dv] U's part that does not depend on the state
-    aq: jax.Array  # [BH, N, C, C]  the read's retention-masked Q K^T
-    kd: jax.Array  # [BH, N, C, Dk] keys scaled by their retention to the chunk's end
+    ne: jax.Array  # [BH, N, C, C]  U's dependence on K W^T
+    re: jax.Array  # [BH, N, C, Dv] U's part that does not depend on the state
+    kd: jax.Array  # [BH, N, C, Dk] keys scaled by U's coefficient in the chunk's last state
     a: jax.Array  # [BH, N, 1, 1]  retention over the whole chunk
+    aq: jax.Array | None  # [BH, N, C, C] the read's masked Q K^T against U
+    qm: jax.Array | None = None  # [BH, N, C, Dk] queries scaled by the read's momentum coefficient
+    mu: jax.Array | None = None  # [BH, N, 1, 1] S's coefficient in the chunk's last W
+    b: jax.Array | None = None  # [BH, N, 1, 1] momentum decay over the whole chunk
+    kb: jax.Array | None = None  # [BH, N, C, Dk] keys scaled by U's coefficient in the last S
+    nw: jax.Array | None = None  # [BH, N, C, C] G's dependence on K W^T
+    ns: jax.Array | None = None  # [BH, N, C, C] G's dependence on K S^T
+    rg: jax.Array | None = None  # [BH, N, C, Dv]
+    ag: jax.Array | None = None  # [BH, N, C, C] the read's masked Q K^T against G
+    kg: jax.Array | None = None  # [BH, N, C, Dk]
 
 
 def _kernel_layout(x: jax.Array, c: int) -> jax.Array:
@@ -108,35 +130,47 @@ def _from_kernel_layout(y: jax.Array, b: int, h: int) -> jax.Array:
 def _operands(spec: st.MemorySpec, q, k, v, rates: update_rule.Rates, read: str) -> _Operands:
     """The state-independent matrices of every chunk (inputs in kernel layout, rates [BH, N, C]).
 
-    From `chunked.chunk_update` with W_0 = W: the errors are lam (K W^T) - eta V (lam = eta for
-    l2, 0 for dot), the DGD predictions P = T^-1 (a' (K W^T) - (A' * K K^T) E) with
-    T = I + (A' * K K^T) diag(gamma), and U = eta E + gamma P; so U = N (K W^T) + R.
+    From `chunked.chunk_update` with W_0 = W, S_0 = S: U = eta E with the errors
+    E = lam (K W^T) - V (lam = 1 for l2, 0 for dot), and the DGD predictions
+    P = T^-1 (a' (K W^T) + mu' (K S^T) - (Cm' * K K^T) U) with T = I + (A' * K K^T) diag(gamma),
+    G = gamma P (primes: the coefficients of the state before each token).
     """
     post, pre = _coefs(rates)
     eta = rates.lr
     lam = eta if spec.objective == "l2" else jnp.zeros_like(eta)
     eye = jnp.eye(k.shape[-2], dtype=k.dtype)
-    n = lam[..., :, None] * eye
-    r = -eta[..., None] * v
+    mm = functools.partial(jnp.matmul, precision=_HIGHEST)
+    ne = lam[..., :, None] * eye
+    re = -eta[..., None] * v
+    momentum = rates.momentum is not None
+    nw = ns = rg = None
     if rates.dgd is not None:
-        gamma = rates.dgd
+        gamma = rates.dgd[..., :, None]
         gram = jnp.einsum("...ti,...si->...ts", k, k, precision=_HIGHEST)
-        lower = pre.A * gram  # (A' * K K^T)
-        t_inv = unit_lower_inverse(eye + lower * gamma[..., None, :])
-        m1 = jnp.matmul(t_inv, pre.a[..., :, None] * eye - lower * lam[..., None, :], precision=_HIGHEST)
-        m2v = jnp.matmul(
-            t_inv, jnp.matmul(lower * eta[..., None, :], v, precision=_HIGHEST), precision=_HIGHEST
-        )
-        n = n + gamma[..., :, None] * m1
-        r = r + gamma[..., None] * m2v
+        t_inv = unit_lower_inverse(eye + (pre.A * gram) * rates.dgd[..., None, :])
+        cg = pre.Cm * gram  # (Cm' * K K^T)
+        nw = gamma * mm(t_inv, pre.a[..., :, None] * eye - cg * lam[..., None, :])
+        rg = gamma * mm(t_inv, mm(cg, eta[..., None] * v))
+        if momentum:
+            ns = gamma * (t_inv * pre.mu[..., None, :])
+        else:  # U and G share their coefficients: fold G into U
+            ne, re, nw, rg = ne + nw, re + rg, None, None
+    ops = dict(k=k, ne=ne, re=re, kd=post.Cm[..., -1, :, None] * k, a=post.a[..., -1, None, None])
+    if momentum:
+        last = lambda x: x[..., -1, None, None]  # noqa: E731  (a coefficient over the whole chunk)
+        ops.update(mu=last(post.mu), b=last(post.b), kb=post.Bm[..., -1, :, None] * k)
+        if nw is not None:
+            ops.update(nw=nw, ns=ns, rg=rg, kg=post.A[..., -1, :, None] * k)
     if read == "boundary":
-        qs, aq = q, jnp.zeros_like(n)
-    else:
-        co = pre if read == "per_token" else post
-        qs = co.a[..., None] * q
-        aq = co.A * jnp.einsum("...ti,...si->...ts", q, k, precision=_HIGHEST)
-    kd = post.A[..., -1, :, None] * k
-    return _Operands(qs, k, n, r, aq, kd, post.a[..., -1, None, None])
+        return _Operands(qa=q, aq=None, **ops)
+    co = pre if read == "per_token" else post
+    qk = jnp.einsum("...ti,...si->...ts", q, k, precision=_HIGHEST)
+    ops.update(qa=co.a[..., None] * q, aq=co.Cm * qk)
+    if momentum:
+        ops.update(qm=co.mu[..., None] * q)
+        if nw is not None:
+            ops.update(ag=co.A * qk)
+    return _Operands(**ops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,151 +196,255 @@ def _t_mm(a, b):  # a^T b
     return _dot(a, b, (0, 0))
 
 
-def _forward_step(w, qs, k, n, r, aq, kd, a):
-    """(Y [C, Dv], W' [Dv, Dk]) of one chunk from its starting state w [Dv, Dk]."""
-    u = _mm(n, _mm_t(k, w)) + r
-    y = _mm_t(qs, w) - _mm(aq, u)
-    return y, a * w - _t_mm(u, kd)
+def _forward_step(state, o: _Operands):
+    """(Y [C, Dv], state after the chunk) of one chunk from its starting state (W,) or (W, S)."""
+    w, s = state if len(state) == 2 else (state[0], None)
+    kw = _mm_t(o.k, w)
+    u = _mm(o.ne, kw) + o.re
+    y = _mm_t(o.qa, w)
+    if o.aq is not None:
+        y = y - _mm(o.aq, u)
+    w_next = o.a * w - _t_mm(u, o.kd)
+    if s is None:
+        return y, (w_next,)
+    if o.qm is not None:
+        y = y + _mm_t(o.qm, s)
+    w_next = w_next + o.mu * s
+    s_next = o.b * s - _t_mm(u, o.kb)
+    if o.nw is not None:
+        g = _mm(o.nw, kw) + _mm(o.ns, _mm_t(o.k, s)) + o.rg
+        if o.ag is not None:
+            y = y - _mm(o.ag, g)
+        w_next = w_next - _t_mm(g, o.kg)
+    return y, (w_next, s_next)
 
 
-def _backward_step(w, dw_next, dy, qs, k, n, r, aq, kd, a):
-    """The VJP of `_forward_step`: (dL/dw, dL/d(qs, k, n, r, aq, kd, a)) from dL/dY and dL/dW'."""
-    kw = _mm_t(k, w)
-    u = _mm(n, kw) + r
-    du = -_t_mm(aq, dy) - _mm_t(kd, dw_next)
-    dkw = _t_mm(n, du)
-    dw = a * dw_next + _t_mm(dy, qs) + _t_mm(dkw, k)
-    grads = (
-        _mm(dy, w),  # qs
-        _mm(dkw, w),  # k
-        _mm_t(du, kw),  # n
-        du,  # r
-        -_mm_t(dy, u),  # aq
-        -_mm(u, dw_next),  # kd
-        jnp.sum(dw_next * w, keepdims=True),  # a
-    )
-    return dw, grads
+def _backward_step(state, dstate_next, dy, o: _Operands):
+    """The VJP of `_forward_step`: (dL/d state, dL/d operands) from dL/dY and dL/d(state after)."""
+    w, s = state if len(state) == 2 else (state[0], None)
+    dw_next, ds_next = dstate_next if len(dstate_next) == 2 else (dstate_next[0], None)
+    d = {}
+    kw = _mm_t(o.k, w)
+    u = _mm(o.ne, kw) + o.re
+    du = -_mm_t(o.kd, dw_next)
+    if o.aq is not None:
+        du = du - _t_mm(o.aq, dy)
+        d["aq"] = -_mm_t(dy, u)
+    dw = o.a * dw_next + _t_mm(dy, o.qa)
+    d["qa"], d["kd"], d["a"] = _mm(dy, w), -_mm(u, dw_next), jnp.sum(dw_next * w, keepdims=True)
+    if s is not None:
+        du = du - _mm_t(o.kb, ds_next)
+        ds = o.mu * dw_next + o.b * ds_next
+        d["mu"], d["b"] = jnp.sum(dw_next * s, keepdims=True), jnp.sum(ds_next * s, keepdims=True)
+        d["kb"] = -_mm(u, ds_next)
+        if o.qm is not None:
+            ds = ds + _t_mm(dy, o.qm)
+            d["qm"] = _mm(dy, s)
+    dkw = _t_mm(o.ne, du)
+    d["ne"], d["re"] = _mm_t(du, kw), du
+    dk = 0.0
+    if o.nw is not None:
+        ks = _mm_t(o.k, s)
+        g = _mm(o.nw, kw) + _mm(o.ns, ks) + o.rg
+        dg = -_mm_t(o.kg, dw_next)
+        if o.ag is not None:
+            dg = dg - _t_mm(o.ag, dy)
+            d["ag"] = -_mm_t(dy, g)
+        dkw = dkw + _t_mm(o.nw, dg)
+        dks = _t_mm(o.ns, dg)
+        ds = ds + _t_mm(dks, o.k)
+        dk = _mm(dks, s)
+        d["nw"], d["ns"], d["rg"], d["kg"] = _mm_t(dg, kw), _mm_t(dg, ks), dg, -_mm(g, dw_next)
+    dw = dw + _t_mm(dkw, o.k)
+    d["k"] = dk + _mm(dkw, w)
+    grads = _Operands(**{f: (None if getattr(o, f) is None else d[f]) for f in _Operands._fields})
+    return ((dw,) if s is None else (dw, ds)), grads
 
 
 # ---------------------------------------------------------------------------------------------
-# The kernels: grid (B*H, chunks), the state resident in an output block across the chunk axis
+# The kernels. Refs arrive flat: the operands' leaves (None fields dropped) are rebuilt with the
+# operands' treedef. One body per pass runs a chunk; the layout decides what feeds it (module
+# docstring): in `grid` the blocks are one chunk (index `...`) and the state is an output block
+# that stays resident across the sequential chunk axis, in `loop` the blocks hold every chunk of one
+# (batch, head) (index i) and the state is a loop carry.
 
 
-def _chunk_spec(x: jax.Array, reverse: bool = False) -> pl.BlockSpec:
-    """One chunk of a [BH, N, C, D] array per grid step (in reverse chunk order for the backward)."""
+def _split(refs, *sizes):
+    """refs cut into consecutive groups of the given sizes, the rest last."""
+    groups, at = [], 0
+    for size in sizes:
+        groups.append(refs[at : at + size])
+        at += size
+    return (*groups, refs[at:])
+
+
+def _forward_kernel(*refs, ns: int, treedef, save: bool, layout: str):
+    s0, op_refs, (y_ref,), st_refs, saved = _split(refs, ns, treedef.num_leaves, 1, ns)
+
+    def chunk(i, state):
+        for ref, x in zip(saved, state if save else ()):
+            ref[i] = x
+        y, new = _forward_step(state, jax.tree.unflatten(treedef, [ref[i] for ref in op_refs]))
+        y_ref[i] = y
+        return new
+
+    if layout == "loop":
+        final = jax.lax.fori_loop(0, op_refs[0].shape[0], chunk, tuple(ref[...] for ref in s0))
+    else:
+
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            for ref, ref0 in zip(st_refs, s0):
+                ref[...] = ref0[...]
+
+        final = chunk(..., tuple(ref[...] for ref in st_refs))
+    for ref, x in zip(st_refs, final):
+        ref[...] = x
+
+
+def _backward_kernel(*refs, ns: int, treedef, layout: str):
+    no = treedef.num_leaves
+    saved, (dy_ref,), d_final, op_refs, dop_refs, d_refs = _split(refs, ns, 1, ns, no, no)
+
+    def chunk(i, dstate):
+        ops = jax.tree.unflatten(treedef, [ref[i] for ref in op_refs])
+        dstate, grads = _backward_step(tuple(ref[i] for ref in saved), dstate, dy_ref[i], ops)
+        for ref, g in zip(dop_refs, jax.tree.leaves(grads)):
+            ref[i] = g
+        return dstate
+
+    if layout == "loop":
+        n = op_refs[0].shape[0]
+        d0 = jax.lax.fori_loop(0, n, lambda j, d: chunk(n - 1 - j, d), tuple(ref[...] for ref in d_final))
+    else:  # the blocks arrive in reverse chunk order
+
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            for ref, ref0 in zip(d_refs, d_final):
+                ref[...] = ref0[...]
+
+        d0 = chunk(..., tuple(ref[...] for ref in d_refs))
+    for ref, x in zip(d_refs, d0):
+        ref[...] = x
+
+
+def _chunk_spec(x: jax.Array, layout: str, reverse: bool = False) -> pl.BlockSpec:
+    """A [BH, N, ...] array: one chunk per grid step (`grid`; in reverse chunk order for the
+    backward), or all chunks of one (batch, head) per program (`loop`)."""
+    if layout == "loop":
+        return pl.BlockSpec((pl.squeezed, *x.shape[1:]), lambda b: (b,) + (0,) * (len(x.shape) - 1))
     nc = x.shape[1]
     index = (lambda b, i: (b, nc - 1 - i, 0, 0)) if reverse else (lambda b, i: (b, i, 0, 0))
     return pl.BlockSpec((pl.squeezed, pl.squeezed, *x.shape[2:]), index)
 
 
-def _state_spec(w: jax.Array) -> pl.BlockSpec:
+def _state_spec(w: jax.Array, layout: str) -> pl.BlockSpec:
     """The [Dv, Dk] state of one (batch, head), the same block for every chunk (so it stays resident)."""
-    return pl.BlockSpec((pl.squeezed, *w.shape[1:]), lambda b, i: (b, 0, 0))
+    index = (lambda b: (b, 0, 0)) if layout == "loop" else (lambda b, i: (b, 0, 0))
+    return pl.BlockSpec((pl.squeezed, *w.shape[1:]), index)
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool | None):
-    """The pallas_call; `interpret=None` decides by the platform the computation is lowered for
-    (interpret mode for CPU, Mosaic otherwise), so an AOT compile for TPU from a CPU host gets the
-    compiled kernel and the same jitted function still runs on the CPU."""
+class _How(NamedTuple):
+    """How the kernels run: `interpret` True, Pallas interpret mode in `layout`; otherwise by the
+    platform lowered for: interpret mode in `layout` on CPU, Triton in the loop layout on GPU,
+    Mosaic in the grid layout otherwise."""
 
-    def build(interpret: bool):
+    interpret: bool | None
+    layout: str
+
+
+def _call(kernel, how: _How, grid_of, in_specs_of, out_specs_of, out_shape):
+    """The pallas_call of `kernel` (a function of refs and `layout`) for the way `how` says (see
+    `_How`); `grid_of`, `in_specs_of` and `out_specs_of` take the layout."""
+
+    def build(layout: str, backend: str):
         params = None
-        if not interpret:  # Mosaic (TPU): (batch * head) blocks independent, chunks in order
+        if backend == "mosaic":  # (batch * head) blocks independent, chunks in order
             params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
+        elif backend == "triton":
+            params = pltriton.CompilerParams()
         return pl.pallas_call(
-            kernel,
-            grid=grid,
-            in_specs=in_specs,
-            out_specs=out_specs,
+            functools.partial(kernel, layout=layout),
+            grid=grid_of(layout),
+            in_specs=in_specs_of(layout),
+            out_specs=out_specs_of(layout),
             out_shape=out_shape,
-            interpret=interpret,
+            interpret=backend == "interpret",
             compiler_params=params,
         )
 
-    if interpret is not None:
-        return build(interpret)
-    return lambda *args: jax.lax.platform_dependent(*args, cpu=build(True), default=build(False))
+    if how.interpret:
+        return build(how.layout, "interpret")
+    triton = build("loop", "triton")
+    return lambda *args: jax.lax.platform_dependent(
+        *args, cpu=build(how.layout, "interpret"), cuda=triton, rocm=triton, default=build("grid", "mosaic")
+    )
 
 
-def _forward_kernel(w0_ref, *refs, save_states: bool):
-    ops_refs, (y_ref, w_ref, *ws_ref) = refs[:7], refs[7:]
-
-    @pl.when(pl.program_id(1) == 0)
-    def _():
-        w_ref[...] = w0_ref[...]
-
-    w = w_ref[...]
-    if save_states:
-        ws_ref[0][...] = w
-    y, w_next = _forward_step(w, *(ref[...] for ref in ops_refs))
-    y_ref[...] = y
-    w_ref[...] = w_next
-
-
-def _forward(w0, ops: _Operands, *, save_states: bool, interpret: bool):
-    """(Y [BH, N, C, Dv], final state [BH, Dv, Dk][, chunk-start states [BH, N, Dv, Dk]])."""
-    bh, nc, c, _ = ops.qs.shape
-    dv = ops.r.shape[-1]
+def _forward(state0: tuple, ops: _Operands, *, save: bool, how: _How):
+    """(Y [BH, N, C, Dv], final state [BH, Dv, Dk] each[, chunk-start states [BH, N, Dv, Dk] each])."""
+    leaves, treedef = jax.tree.flatten(ops)
+    bh, nc, c, _ = ops.qa.shape
+    dv = ops.re.shape[-1]
+    ns = len(state0)
+    w_shape = state0[0].shape
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-    out_shape = [f32(bh, nc, c, dv), f32(*w0.shape)]
-    out_specs = [_chunk_spec(ops.r), _state_spec(w0)]
-    if save_states:
-        out_shape.append(f32(bh, nc, *w0.shape[1:]))
-        out_specs.append(pl.BlockSpec((pl.squeezed, pl.squeezed, *w0.shape[1:]), lambda b, i: (b, i, 0, 0)))
+    out_shape = [f32(bh, nc, c, dv)] + [f32(*w_shape)] * ns
+    out_shape += [f32(bh, nc, *w_shape[1:])] * (ns if save else 0)
+
+    def out_specs(layout):
+        specs = [_chunk_spec(ops.re, layout)] + [_state_spec(state0[0], layout)] * ns
+        return specs + [_chunk_spec(x, layout) for x in out_shape[1 + ns :]]
+
     call = _call(
-        functools.partial(_forward_kernel, save_states=save_states),
-        (bh, nc),
-        [_state_spec(w0)] + [_chunk_spec(x) for x in ops],
+        functools.partial(_forward_kernel, ns=ns, treedef=treedef, save=save),
+        how,
+        lambda layout: (bh,) if layout == "loop" else (bh, nc),
+        lambda layout: [_state_spec(x, layout) for x in state0] + [_chunk_spec(x, layout) for x in leaves],
         out_specs,
         out_shape,
-        interpret,
     )
-    return call(w0, *ops)
+    y, *rest = call(*state0, *leaves)
+    return y, tuple(rest[:ns]), tuple(rest[ns:])
 
 
-def _backward_kernel(ws_ref, dy_ref, dwf_ref, *refs):
-    ops_refs, (dops_refs, dw_ref) = refs[:7], (refs[7:14], refs[14])
-
-    @pl.when(pl.program_id(1) == 0)
-    def _():
-        dw_ref[...] = dwf_ref[...]
-
-    dw, grads = _backward_step(ws_ref[...], dw_ref[...], dy_ref[...], *(ref[...] for ref in ops_refs))
-    for ref, g in zip(dops_refs, grads):
-        ref[...] = g
-    dw_ref[...] = dw
-
-
-def _backward(ws, ops: _Operands, dy, dw_final, *, interpret: bool):
-    """Reverse scan over chunks: (dL/dW0 [BH, Dv, Dk], dL/d ops)."""
-    bh, nc = ops.qs.shape[:2]
-    rev = functools.partial(_chunk_spec, reverse=True)
+def _backward(saved: tuple, ops: _Operands, dy, d_final: tuple, *, how: _How):
+    """Reverse scan over chunks: (dL/d initial state, dL/d ops)."""
+    leaves, treedef = jax.tree.flatten(ops)
+    bh, nc = ops.qa.shape[:2]
+    ns = len(saved)
+    rev = lambda layout: functools.partial(_chunk_spec, layout=layout, reverse=True)  # noqa: E731
     call = _call(
-        _backward_kernel,
-        (bh, nc),
-        [rev(ws), rev(dy), _state_spec(dw_final)] + [rev(x) for x in ops],
-        [rev(x) for x in ops] + [_state_spec(dw_final)],
-        [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (*ops, dw_final)],
-        interpret,
+        functools.partial(_backward_kernel, ns=ns, treedef=treedef),
+        how,
+        lambda layout: (bh,) if layout == "loop" else (bh, nc),
+        lambda layout: (
+            [rev(layout)(x) for x in (*saved, dy)]
+            + [_state_spec(x, layout) for x in d_final]
+            + [rev(layout)(x) for x in leaves]
+        ),
+        lambda layout: [rev(layout)(x) for x in leaves] + [_state_spec(x, layout) for x in d_final],
+        [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (*leaves, *d_final)],
     )
-    *dops, dw0 = call(ws, dy, dw_final, *ops)
-    return dw0, _Operands(*dops)
+    out = call(*saved, dy, *d_final, *leaves)
+    return tuple(out[len(leaves) :]), jax.tree.unflatten(treedef, out[: len(leaves)])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _recurrence(w0, ops: _Operands, interpret: bool):
-    return _forward(w0, ops, save_states=False, interpret=interpret)
+def _recurrence(state0: tuple, ops: _Operands, how: _How):
+    y, final, _ = _forward(state0, ops, save=False, how=how)
+    return y, final
 
 
-def _recurrence_fwd(w0, ops, interpret):
-    y, w, ws = _forward(w0, ops, save_states=True, interpret=interpret)
-    return (y, w), (ws, ops)
+def _recurrence_fwd(state0, ops, how):
+    y, final, saved = _forward(state0, ops, save=True, how=how)
+    return (y, final), (saved, ops)
 
 
-def _recurrence_bwd(interpret, res, cot):
-    ws, ops = res
-    dy, dw = cot
-    return _backward(ws, ops, dy, dw, interpret=interpret)
+def _recurrence_bwd(how, res, cot):
+    saved, ops = res
+    dy, d_final = cot
+    return _backward(saved, ops, dy, d_final, how=how)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
@@ -316,17 +454,8 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 # Entry
 
 
-def check_backend() -> None:
-    """GPU is refused (interpret mode on CPU and Mosaic on TPU are chosen at lowering, `_call`)."""
-    if jax.default_backend() == "gpu":
-        raise ValueError(
-            "memory_chunked(impl='pallas') has no GPU lowering yet (the chunk axis of its grid carries "
-            "the state, which Triton's concurrent programs cannot): use impl='xla' or interpret=True"
-        )
-
-
-def _partitioned(fn, q, rates, state):
-    """`fn` under a `shard_map` when a mesh is set (`jax.set_mesh`): Mosaic kernels are not
+def _partitioned(fn, q, rates, state0):
+    """`fn` under a `shard_map` when a mesh is set (`jax.set_mesh`): Pallas kernels are not
     partitioned automatically, and every (batch, head) is independent, so each device runs the
     kernel on its own block of sequences and heads, laid out by the logical-axis rules."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -339,12 +468,12 @@ def _partitioned(fn, q, rates, state):
     per_head = jax.sharding.PartitionSpec(batch_axes, None, head_axes)
     weights = jax.sharding.PartitionSpec(batch_axes, head_axes, None, None)
     rate_specs = jax.tree.map(lambda _: per_head, rates)
-    state_specs = jax.tree.map(lambda _: weights, state)
+    state_specs = jax.tree.map(lambda _: weights, state0)
     return jax.shard_map(
         fn,
         mesh=mesh,
         in_specs=(state_specs, tok, tok, tok, rate_specs),
-        out_specs=(tok, weights),
+        out_specs=(tok, state_specs),
         check_vma=False,
     )
 
@@ -360,24 +489,34 @@ def memory_chunked_pallas(
     chunk_size: int,
     read: str = "per_token",
     interpret: bool | None = None,
+    layout: str = "grid",
 ):
-    """`memory_chunked` with the Pallas kernel (same contract; call it through
+    """`memory_chunked` with the Pallas kernels (same contract; call it through
     `memory_chunked(..., impl="pallas")`, which checks the state). `interpret`: Pallas interpret
-    mode; None decides by the lowering platform (interpret for CPU, Mosaic for TPU)."""
+    mode; None decides by the lowering platform (interpret on CPU, Triton on GPU, Mosaic on TPU).
+    `layout`: the kernel layout of interpret mode ("grid" or "loop", module docstring); compiled
+    kernels take their platform's."""
     update_rule.check_call(spec, state, rates, read, chunk_size)
     check_supported(spec, state, rates, None)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if q.shape[1] % chunk_size:
         raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {q.shape[1]}")
-    run = functools.partial(_kernel_call, spec, chunk_size=chunk_size, read=read, interpret=interpret)
-    y, w = _partitioned(run, q, rates, state.weights.w)(state.weights.w, q, k, v, rates)
-    w = st.LinearWeights(w)
-    return y, st.MemoryState(w, None, w, jnp.zeros((), jnp.int32))
+    if (rates.momentum is None) != (state.momentum is None):
+        raise ValueError("momentum rates and a momentum state go together")
+    state0 = (state.weights.w,) if state.momentum is None else (state.weights.w, state.momentum.w)
+    how = _How(interpret, layout)
+    run = functools.partial(_kernel_call, spec, chunk_size=chunk_size, read=read, how=how)
+    y, final = _partitioned(run, q, rates, state0)(state0, q, k, v, rates)
+    w = st.LinearWeights(final[0])
+    s = st.LinearWeights(final[1]) if len(final) == 2 else None
+    return y, st.MemoryState(w, s, w, jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "interpret"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "how"))
 def _kernel_call(
     spec: st.MemorySpec,
-    w0,
+    state0: tuple,
     q,
     k,
     v,
@@ -385,13 +524,15 @@ def _kernel_call(
     *,
     chunk_size: int,
     read: str,
-    interpret: bool | None,
+    how: _How,
 ):
-    """(y, final weights) of the kernel from the weights w0 [B, H, Dv, Dk] of the (local) batch."""
+    """(y, final state) of the kernels from the state (W,) or (W, S), each [B, H, Dv, Dk], of the
+    (local) batch."""
     b, h = q.shape[0], q.shape[2]
     lay = lambda x: _kernel_layout(x, chunk_size)  # noqa: E731
     rates_k = jax.tree.map(lambda r: lay(r[..., None])[..., 0], rates)
     ops = _operands(spec, lay(q), lay(k), lay(v), rates_k, read)
-    y, w = _recurrence(w0.reshape(b * h, *w0.shape[2:]).astype(jnp.float32), ops, interpret)
-    y = _from_kernel_layout(y, b, h).astype(jnp.result_type(q.dtype, v.dtype, w0.dtype))
-    return y, w.reshape(w0.shape).astype(w0.dtype)
+    flat = tuple(x.reshape(b * h, *x.shape[2:]).astype(jnp.float32) for x in state0)
+    y, final = _recurrence(flat, ops, how)
+    y = _from_kernel_layout(y, b, h).astype(jnp.result_type(q.dtype, v.dtype, state0[0].dtype))
+    return y, tuple(x.reshape(x0.shape).astype(x0.dtype) for x, x0 in zip(final, state0))
