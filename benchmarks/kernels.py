@@ -1,6 +1,6 @@
 """The Pallas kernels of the chunked form against the XLA chunked form, forward and forward+backward:
-the gated delta rule (`presets.gated_delta_rule`, what Gated DeltaNet runs) and Titans' update on a
-linear memory (`presets.titans(structure="linear")`: weight decay and momentum).
+the gated delta rule (`presets.gated_delta_rule`, what Gated DeltaNet runs) and Titans' update
+(weight decay and momentum) on a linear and on an MLP memory (`presets.titans`).
 
     python -m benchmarks.kernels                                   # T 2048..16384, head widths 64,128,256
     python -m benchmarks.kernels --lengths=4096 --head_dims=128
@@ -31,12 +31,12 @@ flags.DEFINE_list("head_dims", ["64", "128", "256"], "key width per head (values
 flags.DEFINE_integer("batch", 4, "batch size")
 flags.DEFINE_integer("heads", 8, "heads")
 flags.DEFINE_integer("chunk", 64, "chunk size")
-flags.DEFINE_list("rules", ["gated_delta", "titans_linear"], "update rules: gated_delta, titans_linear")
+flags.DEFINE_list("rules", ["gated_delta", "titans_linear", "titans_mlp"], "update rules (RULES below)")
 flags.DEFINE_integer("reps", 5, "timed repetitions per implementation and shape")
 flags.DEFINE_bool("allow_interpret", False, "on CPU, run the kernel in interpret mode anyway (smoke run)")
 
 
-def _inputs(length, dim):
+def _inputs(rule, length, dim):
     ks = jax.random.split(jax.random.key(0), 6)
     shape = (FLAGS.batch, length, FLAGS.heads, dim)
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
@@ -44,30 +44,36 @@ def _inputs(length, dim):
     v = jax.random.normal(ks[2], shape)
     alpha = jax.nn.sigmoid(3.0 + jax.random.normal(ks[3], shape[:3]))
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], shape[:3]))
-    w0 = jnp.zeros((FLAGS.batch, FLAGS.heads, dim, dim))
-    return w0, q, k, v, alpha, beta
+    spec = RULES[rule][0](alpha, beta).spec
+    weights = ops.init_weights(spec, ks[5], (FLAGS.batch, FLAGS.heads), dim, hidden=dim)
+    return weights, q, k, v, alpha, beta
+
+
+def _titans(structure):
+    return lambda alpha, beta: presets.titans(0.1 * beta, 1 - alpha, beta, structure, activation="silu")
 
 
 RULES = {
     # (mechanism from the gates, whether it carries momentum)
     "gated_delta": (lambda alpha, beta: presets.gated_delta_rule(alpha, beta), False),
-    "titans_linear": (lambda alpha, beta: presets.titans(0.1 * beta, 1 - alpha, beta, structure="linear"), True),
+    "titans_linear": (_titans("linear"), True),
+    "titans_mlp": (_titans("mlp"), True),
 }
 
 
 def _fns(impl, rule):
     mechanism, momentum = RULES[rule]
 
-    def run(w0, q, k, v, alpha, beta):
+    def run(weights, q, k, v, alpha, beta):
         m = mechanism(alpha, beta)
-        state = ops.init_state(ops.LinearWeights(w0), momentum=momentum)
+        state = ops.init_state(weights, momentum=momentum)
         kw = dict(chunk_size=FLAGS.chunk, read=m.read, impl=impl)
         y, s = ops.memory_chunked(m.spec, state, q, k, v, m.rates, **kw)
-        return y, s.weights.w
+        return y, s.weights
 
     def loss(*args):
         y, w = run(*args)
-        return jnp.sum(y * y) + jnp.sum(w * w)
+        return jnp.sum(y * y) + sum(jnp.sum(x * x) for x in w)
 
     return {"fwd": jax.jit(run), "fwd+bwd": jax.jit(jax.grad(loss, argnums=range(6)))}
 
@@ -96,7 +102,7 @@ def main(_):
         fns = {impl: _fns(impl, rule) for impl in ops.IMPLS}
         for dim in map(int, FLAGS.head_dims):
             for length in map(int, FLAGS.lengths):
-                args = _inputs(length, dim)
+                args = _inputs(rule, length, dim)
                 for name in ("fwd", "fwd+bwd"):
                     times = {impl: [] for impl in ops.IMPLS}
                     for _ in range(FLAGS.reps):

@@ -32,7 +32,7 @@ def titans_config() -> ml_collections.ConfigDict:
                     conv_width=4,  # causal depthwise conv on q / k / v
                     remat_chunks=False,  # recompute each chunk in the backward pass (saves memory)
                     form="chunked",  # chunked (training path) | naive (token-by-token reference)
-                    impl="xla",  # chunked form: xla | pallas (linear structure; memory/ops/pallas_chunked.py)
+                    impl="xla",  # chunked form: xla | pallas (nl_jax/memory/ops/pallas_chunked.py)
                 )
             ),
         )

@@ -17,7 +17,7 @@ state the layer continues from that state token by token.
 `form` picks the op that runs a training forward: `chunked` (the fast path) or `naive` (the
 token-by-token reference with the same chunk semantics), so a whole model can be checked against its
 reference by building it twice. `impl` picks the chunked form's implementation (`ops.memory_chunked`:
-`xla`, or `pallas`, the kernels of the linear memory). `forward(x, state)` runs that op from a
+`xla`, or `pallas`, the Pallas kernels). `forward(x, state)` runs that op from a
 carried state (segment by segment, as Titans MAC updates its memory).
 
 Packed rows: with segment ids the training forward restarts the memory from `memory_init` at each
@@ -78,11 +78,6 @@ class NeuralMemory(nnx.Module):
             raise ValueError(f"memory form must be one of {FORMS}, got {form!r}")
         if impl not in ops.IMPLS:
             raise ValueError(f"memory impl must be one of {ops.IMPLS}, got {impl!r}")
-        if impl == "pallas" and structure != "linear":
-            raise ValueError(
-                f"memory impl='pallas' runs the linear memory only, got structure={structure!r}: set "
-                "structure='linear' or impl='xla'"
-            )
         self.impl = impl
         self.spec = ops.MemorySpec(structure, objective, activation)
         self.form = form

@@ -217,6 +217,7 @@ def test_analytic_projection_names_the_transformer_of_the_same_size():
 KERNEL_SWITCHES = [
     ("gated_deltanet_tiny", {"memory_impl": "pallas"}),
     ("titans_tiny", {"titans.memory.impl": "pallas", "titans.memory.structure": "linear"}),  # momentum
+    ("titans_tiny", {"titans.memory.impl": "pallas"}),  # the MLP memory
     ("transformer_tiny", {"attention_impl": "splash"}),
 ]
 

@@ -489,8 +489,8 @@ def memory_chunked(
     when the state is concrete), and the sequence length must be a multiple of `chunk_size`.
     `remat` recomputes each chunk in the backward pass instead of storing its intermediates.
     `norm`: the inner LayerNorm parameters of a `norm` memory.
-    `impl`: "xla" (this module) or "pallas" (`pallas_chunked`: the linear memory, with or without
-    momentum; other specs raise). `interpret` (pallas only): Pallas interpret mode; None picks it
+    `impl`: "xla" (this module) or "pallas" (`pallas_chunked`: the linear and MLP memories without
+    biases, inner LayerNorm, self targets, clipping or delta scales; other specs raise). `interpret` (pallas only): Pallas interpret mode; None picks it
     when lowering for CPU.
     `remat` has no effect there (its backward kernel recomputes each chunk from the saved states).
     `restart` bool [B, T] (documents of packed rows, xla only): a row's state restarts from `initial`

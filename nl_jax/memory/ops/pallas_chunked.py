@@ -1,33 +1,18 @@
-"""Pallas kernels for the sequential part of the chunked form, for the linear memory (the gated
-delta rule family, with or without momentum): `memory_chunked(..., impl="pallas")`.
+"""Pallas kernels for the sequential part of the chunked form, for the linear and the MLP memory,
+with or without momentum: `memory_chunked(..., impl="pallas")`.
 
-It lives next to `chunked.py` because it is the same closed form split in two, and reuses that
-module's coefficients (`_coefs`, `unit_lower_inverse`):
+It lives next to `chunked.py` because it is the same closed form split in two:
 
-  XLA, all chunks at once   everything that does not depend on the running state: the retention
-                            and momentum products, the DGD unit lower-triangular inverse (the UT/WY
-                            algebra) and the read masks, folded into a few matrices per chunk
-                            (`_operands`)
+  XLA, all chunks at once   everything that does not depend on the running state (`chunk_steps`:
+                            retention and momentum products, the DGD unit lower-triangular
+                            inverse, read masks), folded into a few matrices per chunk
   Pallas, chunk after chunk the state recurrence and the reads, with the per-(batch, head) state
-                            (W, and the momentum S) kept in the kernel across chunks
+                            (the fast weights and their momentum) kept in the kernel across chunks
 
-Every quantity of `chunked.chunk_update` for the linear memory is linear in the chunk's starting
-state (W [Dv, Dk], S), so per chunk (C tokens) the kernel only does
-
-  U  = Ne (K W^T) + Re                    eta_s e_s, the per-token gradient factors      [C, Dv]
-  G  = Nw (K W^T) + Ns (K S^T) + Rg       gamma_s p_s, the DGD factors (momentum and DGD only)
-  Y  = Qa W^T + Qm S^T - Aq U - Ag G      the reads
-  W' = a W + mu S - U^T Kd - G^T Kg       the state after the chunk
-  S' = b S - U^T Kb
-
-with the C x C matrices Ne, Nw, Ns, Aq, Ag, the [C, D] matrices Re, Rg, Qa, Qm, Kd, Kg, Kb and the
-scalars a, mu, b built by `_operands`. Without momentum (Cm = A in `chunked`) the DGD factors share
-U's coefficients, so G folds into U and S, Qm, Ns, Ag, Kg, Kb, mu, b are absent (None).
-
-Backward: the same kernel shape run in reverse over chunks, carrying dL/dW (and dL/dS), from the
-chunk-start states the forward saves (`_backward_step`, checked against autodiff of
-`_forward_step` in the tests); the cotangents of the operands then flow through `_operands` by
-ordinary XLA autodiff.
+The step of one chunk is a pure function of values (`chunk_steps.<structure>_forward`), and the
+backward kernel runs its VJP (`<structure>_backward`) in reverse over chunks from the chunk-start
+states the forward saves; the cotangents of the operands then flow through the XLA part by
+ordinary autodiff.
 
 Two kernel layouts of the same step functions, chosen by the platform lowered for:
 
@@ -41,10 +26,10 @@ Two kernel layouts of the same step functions, chosen by the platform lowered fo
 Under a mesh the call runs inside a `shard_map` over the batch and head axes (Pallas kernels are
 not partitioned automatically; every (batch, head) is independent).
 
-Supported: structure "linear", objectives l2 and dot, retention, momentum, DGD, every read mode
-(DeltaNet, the gated delta rule, linear attention / RetNet, Titans' and deep linear attention's
-linear memories, the linear self-modifying update). Not supported: fast biases, the inner
-LayerNorm, self_target, max_grad_norm, delta_scale, the MLP memory.
+Supported: structures "linear" and "mlp", objectives l2 and dot, retention, momentum, DGD, every
+read mode (DeltaNet, the gated delta rule, linear attention / RetNet, Titans' and deep linear
+attention's memories, the self-modifying update with precomputed targets). Not supported: fast
+biases, the inner LayerNorm, self_target, max_grad_norm, delta_scale.
 """
 
 from __future__ import annotations
@@ -60,16 +45,14 @@ from jax.experimental.pallas import triton as pltriton
 
 from nl_jax.memory.ops import update_rule
 from nl_jax.memory.ops import structures as st
-from nl_jax.memory.ops.chunked import _coefs, unit_lower_inverse
+from nl_jax.memory.ops.chunk_steps import STEPS
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 LAYOUTS = ("grid", "loop")
 
 
 def unsupported(spec: st.MemorySpec, state: st.MemoryState, rates: update_rule.Rates, norm) -> list[str]:
     """What of this call the kernels do not cover (empty when they cover all of it)."""
     checks = {
-        f"structure={spec.structure!r}": spec.structure != "linear",
         "bias=True": spec.bias,
         "norm=True": spec.norm or norm is not None,
         "self_target=True": spec.self_target,
@@ -83,35 +66,14 @@ def check_supported(spec, state, rates, norm) -> None:
     missing = unsupported(spec, state, rates, norm)
     if missing:
         raise ValueError(
-            f"memory_chunked(impl='pallas') covers the linear memory (with or without momentum); this call "
-            f"has {', '.join(missing)}: use impl='xla'"
+            "memory_chunked(impl='pallas') covers the linear and MLP memories without biases, inner "
+            f"LayerNorm, self targets, clipping or delta scales; this call has {', '.join(missing)}: "
+            "use impl='xla'"
         )
 
 
 # ---------------------------------------------------------------------------------------------
 # The chunk-parallel part (XLA)
-
-
-class _Operands(NamedTuple):
-    """Per chunk, in kernel layout [B*H, N, ...], float32 (see the module docstring); the fields of
-    momentum (and of DGD with momentum) are None without it, the read's masks None for `boundary`."""
-
-    qa: jax.Array  # [BH, N, C, Dk] queries scaled by the read's prefix retention
-    k: jax.Array  # [BH, N, C, Dk]
-    ne: jax.Array  # [BH, N, C, C]  U's dependence on K W^T
-    re: jax.Array  # [BH, N, C, Dv] U's part that does not depend on the state
-    kd: jax.Array  # [BH, N, C, Dk] keys scaled by U's coefficient in the chunk's last state
-    a: jax.Array  # [BH, N, 1, 1]  retention over the whole chunk
-    aq: jax.Array | None  # [BH, N, C, C] the read's masked Q K^T against U
-    qm: jax.Array | None = None  # [BH, N, C, Dk] queries scaled by the read's momentum coefficient
-    mu: jax.Array | None = None  # [BH, N, 1, 1] S's coefficient in the chunk's last W
-    b: jax.Array | None = None  # [BH, N, 1, 1] momentum decay over the whole chunk
-    kb: jax.Array | None = None  # [BH, N, C, Dk] keys scaled by U's coefficient in the last S
-    nw: jax.Array | None = None  # [BH, N, C, C] G's dependence on K W^T
-    ns: jax.Array | None = None  # [BH, N, C, C] G's dependence on K S^T
-    rg: jax.Array | None = None  # [BH, N, C, Dv]
-    ag: jax.Array | None = None  # [BH, N, C, C] the read's masked Q K^T against G
-    kg: jax.Array | None = None  # [BH, N, C, Dk]
 
 
 def _kernel_layout(x: jax.Array, c: int) -> jax.Array:
@@ -125,140 +87,6 @@ def _from_kernel_layout(y: jax.Array, b: int, h: int) -> jax.Array:
     """[B*H, N, C, D] -> [B, N C, H, D]."""
     _, n, c, d = y.shape
     return jnp.moveaxis(y.reshape(b, h, n * c, d), 1, 2)
-
-
-def _operands(spec: st.MemorySpec, q, k, v, rates: update_rule.Rates, read: str) -> _Operands:
-    """The state-independent matrices of every chunk (inputs in kernel layout, rates [BH, N, C]).
-
-    From `chunked.chunk_update` with W_0 = W, S_0 = S: U = eta E with the errors
-    E = lam (K W^T) - V (lam = 1 for l2, 0 for dot), and the DGD predictions
-    P = T^-1 (a' (K W^T) + mu' (K S^T) - (Cm' * K K^T) U) with T = I + (A' * K K^T) diag(gamma),
-    G = gamma P (primes: the coefficients of the state before each token).
-    """
-    post, pre = _coefs(rates)
-    eta = rates.lr
-    lam = eta if spec.objective == "l2" else jnp.zeros_like(eta)
-    eye = jnp.eye(k.shape[-2], dtype=k.dtype)
-    mm = functools.partial(jnp.matmul, precision=_HIGHEST)
-    ne = lam[..., :, None] * eye
-    re = -eta[..., None] * v
-    momentum = rates.momentum is not None
-    nw = ns = rg = None
-    if rates.dgd is not None:
-        gamma = rates.dgd[..., :, None]
-        gram = jnp.einsum("...ti,...si->...ts", k, k, precision=_HIGHEST)
-        t_inv = unit_lower_inverse(eye + (pre.A * gram) * rates.dgd[..., None, :])
-        cg = pre.Cm * gram  # (Cm' * K K^T)
-        nw = gamma * mm(t_inv, pre.a[..., :, None] * eye - cg * lam[..., None, :])
-        rg = gamma * mm(t_inv, mm(cg, eta[..., None] * v))
-        if momentum:
-            ns = gamma * (t_inv * pre.mu[..., None, :])
-        else:  # U and G share their coefficients: fold G into U
-            ne, re, nw, rg = ne + nw, re + rg, None, None
-    ops = dict(k=k, ne=ne, re=re, kd=post.Cm[..., -1, :, None] * k, a=post.a[..., -1, None, None])
-    if momentum:
-        last = lambda x: x[..., -1, None, None]  # noqa: E731  (a coefficient over the whole chunk)
-        ops.update(mu=last(post.mu), b=last(post.b), kb=post.Bm[..., -1, :, None] * k)
-        if nw is not None:
-            ops.update(nw=nw, ns=ns, rg=rg, kg=post.A[..., -1, :, None] * k)
-    if read == "boundary":
-        return _Operands(qa=q, aq=None, **ops)
-    co = pre if read == "per_token" else post
-    qk = jnp.einsum("...ti,...si->...ts", q, k, precision=_HIGHEST)
-    ops.update(qa=co.a[..., None] * q, aq=co.Cm * qk)
-    if momentum:
-        ops.update(qm=co.mu[..., None] * q)
-        if nw is not None:
-            ops.update(ag=co.A * qk)
-    return _Operands(**ops)
-
-
-# ---------------------------------------------------------------------------------------------
-# One chunk of the sequential part: pure functions of values, used inside the kernels
-
-
-def _dot(a, b, contract):
-    """a [.., .] x b [.., .] over the given (lhs, rhs) dimensions, full float32."""
-    return jax.lax.dot_general(
-        a, b, ((contract[:1], contract[1:]), ((), ())), precision=_HIGHEST, preferred_element_type=jnp.float32
-    )
-
-
-def _mm(a, b):  # a b
-    return _dot(a, b, (1, 0))
-
-
-def _mm_t(a, b):  # a b^T
-    return _dot(a, b, (1, 1))
-
-
-def _t_mm(a, b):  # a^T b
-    return _dot(a, b, (0, 0))
-
-
-def _forward_step(state, o: _Operands):
-    """(Y [C, Dv], state after the chunk) of one chunk from its starting state (W,) or (W, S)."""
-    w, s = state if len(state) == 2 else (state[0], None)
-    kw = _mm_t(o.k, w)
-    u = _mm(o.ne, kw) + o.re
-    y = _mm_t(o.qa, w)
-    if o.aq is not None:
-        y = y - _mm(o.aq, u)
-    w_next = o.a * w - _t_mm(u, o.kd)
-    if s is None:
-        return y, (w_next,)
-    if o.qm is not None:
-        y = y + _mm_t(o.qm, s)
-    w_next = w_next + o.mu * s
-    s_next = o.b * s - _t_mm(u, o.kb)
-    if o.nw is not None:
-        g = _mm(o.nw, kw) + _mm(o.ns, _mm_t(o.k, s)) + o.rg
-        if o.ag is not None:
-            y = y - _mm(o.ag, g)
-        w_next = w_next - _t_mm(g, o.kg)
-    return y, (w_next, s_next)
-
-
-def _backward_step(state, dstate_next, dy, o: _Operands):
-    """The VJP of `_forward_step`: (dL/d state, dL/d operands) from dL/dY and dL/d(state after)."""
-    w, s = state if len(state) == 2 else (state[0], None)
-    dw_next, ds_next = dstate_next if len(dstate_next) == 2 else (dstate_next[0], None)
-    d = {}
-    kw = _mm_t(o.k, w)
-    u = _mm(o.ne, kw) + o.re
-    du = -_mm_t(o.kd, dw_next)
-    if o.aq is not None:
-        du = du - _t_mm(o.aq, dy)
-        d["aq"] = -_mm_t(dy, u)
-    dw = o.a * dw_next + _t_mm(dy, o.qa)
-    d["qa"], d["kd"], d["a"] = _mm(dy, w), -_mm(u, dw_next), jnp.sum(dw_next * w, keepdims=True)
-    if s is not None:
-        du = du - _mm_t(o.kb, ds_next)
-        ds = o.mu * dw_next + o.b * ds_next
-        d["mu"], d["b"] = jnp.sum(dw_next * s, keepdims=True), jnp.sum(ds_next * s, keepdims=True)
-        d["kb"] = -_mm(u, ds_next)
-        if o.qm is not None:
-            ds = ds + _t_mm(dy, o.qm)
-            d["qm"] = _mm(dy, s)
-    dkw = _t_mm(o.ne, du)
-    d["ne"], d["re"] = _mm_t(du, kw), du
-    dk = 0.0
-    if o.nw is not None:
-        ks = _mm_t(o.k, s)
-        g = _mm(o.nw, kw) + _mm(o.ns, ks) + o.rg
-        dg = -_mm_t(o.kg, dw_next)
-        if o.ag is not None:
-            dg = dg - _t_mm(o.ag, dy)
-            d["ag"] = -_mm_t(dy, g)
-        dkw = dkw + _t_mm(o.nw, dg)
-        dks = _t_mm(o.ns, dg)
-        ds = ds + _t_mm(dks, o.k)
-        dk = _mm(dks, s)
-        d["nw"], d["ns"], d["rg"], d["kg"] = _mm_t(dg, kw), _mm_t(dg, ks), dg, -_mm(g, dw_next)
-    dw = dw + _t_mm(dkw, o.k)
-    d["k"] = dk + _mm(dkw, w)
-    grads = _Operands(**{f: (None if getattr(o, f) is None else d[f]) for f in _Operands._fields})
-    return ((dw,) if s is None else (dw, ds)), grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,13 +106,14 @@ def _split(refs, *sizes):
     return (*groups, refs[at:])
 
 
-def _forward_kernel(*refs, ns: int, treedef, save: bool, layout: str):
+def _forward_kernel(*refs, ns: int, treedef, save: bool, layout: str, spec: st.MemorySpec):
+    forward_step = STEPS[spec.structure][1]
     s0, op_refs, (y_ref,), st_refs, saved = _split(refs, ns, treedef.num_leaves, 1, ns)
 
     def chunk(i, state):
         for ref, x in zip(saved, state if save else ()):
             ref[i] = x
-        y, new = _forward_step(state, jax.tree.unflatten(treedef, [ref[i] for ref in op_refs]))
+        y, new = forward_step(spec, state, jax.tree.unflatten(treedef, [ref[i] for ref in op_refs]))
         y_ref[i] = y
         return new
 
@@ -302,13 +131,14 @@ def _forward_kernel(*refs, ns: int, treedef, save: bool, layout: str):
         ref[...] = x
 
 
-def _backward_kernel(*refs, ns: int, treedef, layout: str):
+def _backward_kernel(*refs, ns: int, treedef, layout: str, spec: st.MemorySpec):
+    backward_step = STEPS[spec.structure][2]
     no = treedef.num_leaves
     saved, (dy_ref,), d_final, op_refs, dop_refs, d_refs = _split(refs, ns, 1, ns, no, no)
 
     def chunk(i, dstate):
         ops = jax.tree.unflatten(treedef, [ref[i] for ref in op_refs])
-        dstate, grads = _backward_step(tuple(ref[i] for ref in saved), dstate, dy_ref[i], ops)
+        dstate, grads = backward_step(spec, tuple(ref[i] for ref in saved), dstate, dy_ref[i], ops)
         for ref, g in zip(dop_refs, jax.tree.leaves(grads)):
             ref[i] = g
         return dstate
@@ -345,10 +175,12 @@ def _state_spec(w: jax.Array, layout: str) -> pl.BlockSpec:
 
 
 class _How(NamedTuple):
-    """How the kernels run: `interpret` True, Pallas interpret mode in `layout`; otherwise by the
-    platform lowered for: interpret mode in `layout` on CPU, Triton in the loop layout on GPU,
-    Mosaic in the grid layout otherwise."""
+    """What the kernels run (`spec`: the memory, whose structure picks the chunk step) and how:
+    `interpret` True, Pallas interpret mode in `layout`; otherwise by the platform lowered for:
+    interpret mode in `layout` on CPU, Triton in the loop layout on GPU, Mosaic in the grid layout
+    otherwise."""
 
+    spec: st.MemorySpec
     interpret: bool | None
     layout: str
 
@@ -364,7 +196,7 @@ def _call(kernel, how: _How, grid_of, in_specs_of, out_specs_of, out_shape):
         elif backend == "triton":
             params = pltriton.CompilerParams()
         return pl.pallas_call(
-            functools.partial(kernel, layout=layout),
+            functools.partial(kernel, layout=layout, spec=how.spec),
             grid=grid_of(layout),
             in_specs=in_specs_of(layout),
             out_specs=out_specs_of(layout),
@@ -381,19 +213,18 @@ def _call(kernel, how: _How, grid_of, in_specs_of, out_specs_of, out_shape):
     )
 
 
-def _forward(state0: tuple, ops: _Operands, *, save: bool, how: _How):
-    """(Y [BH, N, C, Dv], final state [BH, Dv, Dk] each[, chunk-start states [BH, N, Dv, Dk] each])."""
+def _forward(state0: tuple, ops, *, save: bool, how: _How):
+    """(Y [BH, N, C, Dv], final state [BH, O, I] each[, chunk-start states [BH, N, O, I] each]);
+    Dv is the output width of the first weight matrix."""
     leaves, treedef = jax.tree.flatten(ops)
-    bh, nc, c, _ = ops.qa.shape
-    dv = ops.re.shape[-1]
+    bh, nc, c = ops.k.shape[:3]
     ns = len(state0)
-    w_shape = state0[0].shape
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-    out_shape = [f32(bh, nc, c, dv)] + [f32(*w_shape)] * ns
-    out_shape += [f32(bh, nc, *w_shape[1:])] * (ns if save else 0)
+    out_shape = [f32(bh, nc, c, state0[0].shape[-2])] + [f32(*x.shape) for x in state0]
+    out_shape += [f32(bh, nc, *x.shape[1:]) for x in (state0 if save else ())]
 
     def out_specs(layout):
-        specs = [_chunk_spec(ops.re, layout)] + [_state_spec(state0[0], layout)] * ns
+        specs = [_chunk_spec(out_shape[0], layout)] + [_state_spec(x, layout) for x in state0]
         return specs + [_chunk_spec(x, layout) for x in out_shape[1 + ns :]]
 
     call = _call(
@@ -408,10 +239,10 @@ def _forward(state0: tuple, ops: _Operands, *, save: bool, how: _How):
     return y, tuple(rest[:ns]), tuple(rest[ns:])
 
 
-def _backward(saved: tuple, ops: _Operands, dy, d_final: tuple, *, how: _How):
+def _backward(saved: tuple, ops, dy, d_final: tuple, *, how: _How):
     """Reverse scan over chunks: (dL/d initial state, dL/d ops)."""
     leaves, treedef = jax.tree.flatten(ops)
-    bh, nc = ops.qa.shape[:2]
+    bh, nc = ops.k.shape[:2]
     ns = len(saved)
     rev = lambda layout: functools.partial(_chunk_spec, layout=layout, reverse=True)  # noqa: E731
     call = _call(
@@ -431,7 +262,7 @@ def _backward(saved: tuple, ops: _Operands, dy, d_final: tuple, *, how: _How):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _recurrence(state0: tuple, ops: _Operands, how: _How):
+def _recurrence(state0: tuple, ops, how: _How):
     y, final, _ = _forward(state0, ops, save=False, how=how)
     return y, final
 
@@ -504,18 +335,17 @@ def memory_chunked_pallas(
         raise ValueError(f"chunk_size {chunk_size} does not divide the sequence length {q.shape[1]}")
     if (rates.momentum is None) != (state.momentum is None):
         raise ValueError("momentum rates and a momentum state go together")
-    state0 = (state.weights.w,) if state.momentum is None else (state.weights.w, state.momentum.w)
-    how = _How(interpret, layout)
-    run = functools.partial(_kernel_call, spec, chunk_size=chunk_size, read=read, how=how)
+    cls = type(state.weights)
+    state0 = tuple(state.weights) + (() if state.momentum is None else tuple(state.momentum))
+    run = functools.partial(_kernel_call, chunk_size=chunk_size, read=read, how=_How(spec, interpret, layout))
     y, final = _partitioned(run, q, rates, state0)(state0, q, k, v, rates)
-    w = st.LinearWeights(final[0])
-    s = st.LinearWeights(final[1]) if len(final) == 2 else None
+    w = cls(*final[: len(cls._fields)])
+    s = None if state.momentum is None else cls(*final[len(cls._fields) :])
     return y, st.MemoryState(w, s, w, jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "how"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "read", "how"))
 def _kernel_call(
-    spec: st.MemorySpec,
     state0: tuple,
     q,
     k,
@@ -526,12 +356,12 @@ def _kernel_call(
     read: str,
     how: _How,
 ):
-    """(y, final state) of the kernels from the state (W,) or (W, S), each [B, H, Dv, Dk], of the
-    (local) batch."""
+    """(y, final state) of the kernels from the state (the weight matrices, then their momenta),
+    each [B, H, O, I], of the (local) batch."""
     b, h = q.shape[0], q.shape[2]
     lay = lambda x: _kernel_layout(x, chunk_size)  # noqa: E731
     rates_k = jax.tree.map(lambda r: lay(r[..., None])[..., 0], rates)
-    ops = _operands(spec, lay(q), lay(k), lay(v), rates_k, read)
+    ops = STEPS[how.spec.structure][0](how.spec, lay(q), lay(k), lay(v), rates_k, read)
     flat = tuple(x.reshape(b * h, *x.shape[2:]).astype(jnp.float32) for x in state0)
     y, final = _recurrence(flat, ops, how)
     y = _from_kernel_layout(y, b, h).astype(jnp.result_type(q.dtype, v.dtype, state0[0].dtype))
