@@ -21,7 +21,8 @@ Two kernel layouts of the same step functions, chosen by the platform lowered fo
          interpret mode on CPU.
   loop   grid (B*H,), one program per (batch, head) looping over its chunks with the state in the
          loop carry: Triton runs a grid's programs concurrently, so no grid axis can carry the
-         state there. Triton (GPU); `layout="loop"` runs it in interpret mode on CPU.
+         state there. Triton (GPU; widths and chunk sizes powers of two, at least 16);
+         `layout="loop"` runs it in interpret mode on CPU.
 
 Under a mesh the call runs inside a `shard_map` over the batch and head axes (Pallas kernels are
 not partitioned automatically; every (batch, head) is independent).
