@@ -12,7 +12,7 @@ from flax import nnx
 
 from experiments import configs
 from nl_jax.models import build_model
-from tests.memory.inputs import fresh_seed, max_tree_rel_err, rel_err
+from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
 
 
 def jit(f, **kwargs):
@@ -80,11 +80,14 @@ def check_chunked_equals_naive(bench: Bench):
     The gradient tolerance is 5e-5, not the memory ops' 1e-5 (tests/memory holds that contract): here
     float32 rounding of two summation orders passes through two whole layers and back. For retnet
     over seven seeds the worst leaf was 9e-7 .. 1.3e-5 (seed 17346051); a wrong chunk term is
-    orders of magnitude larger."""
+    orders of magnitude larger. Each leaf is compared to the larger of its own norm and the whole
+    gradient's (`max_grad_err`), so a gate bias whose gradient is tiny by cancellation does not
+    fail on rounding alone; 1e-3 of each leaf's own norm still catches a wrong term in any leaf."""
     loss_c, g_c = bench.loss_and_grad(bench.params, "chunked")
     loss_n, g_n = bench.loss_and_grad(bench.params, "naive")
     assert rel_err(loss_c, loss_n) < 1e-6, bench.seed
-    assert max_tree_rel_err(g_c, g_n) < 5e-5, bench.seed
+    assert max_grad_err(g_c, g_n) < 5e-5, bench.seed
+    assert max_tree_rel_err(g_c, g_n) < 1e-3, bench.seed
 
 
 def check_overfits(bench: Bench, steps=80):

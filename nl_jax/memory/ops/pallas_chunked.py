@@ -74,7 +74,7 @@ def check_supported(spec, state, rates, norm) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The chunk-parallel part (XLA)
+# The kernels' array layout: (batch x head) first, then chunks
 
 
 def _kernel_layout(x: jax.Array, c: int) -> jax.Array:
