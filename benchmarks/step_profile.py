@@ -26,6 +26,7 @@ import time
 from absl import app, flags
 
 from benchmarks.config_overrides import apply_overrides, parse_overrides
+from experiments import host_memory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "hope_tiny", "config name (experiments/configs)")
@@ -134,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()  # as the experiments commands run
     app.run(main)

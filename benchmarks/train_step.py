@@ -8,7 +8,9 @@ Each row is one `nl_jax.train.run` of the named config in a fresh subprocess, as
 `python -m experiments.pretrain` runs it (embedded corpus, data pipeline, metrics; no checkpoints,
 one validation batch at the end): tokens/s over the timed steps after the first (the trainer's own
 meter), MFU by the trainer's FLOP count, the time from the subprocess's start to the end of its
-first step (imports, data, compilation), and the subprocess's peak resident memory. The baselines'
+first step (imports, data, compilation), and the subprocess's peak resident memory. Each nl_jax
+row's process re-executes itself with malloc on transparent huge pages, as every experiments command
+does (experiments/host_memory.py); the PyTorch rows run with glibc's defaults. The baselines'
 SwiGLU widths are solved so that every model has the parameters of the HOPE config (`--base`);
 ratios are to the Transformer++ row of the same length, measured in this one run.
 
@@ -31,20 +33,27 @@ import time
 from absl import app, flags
 
 from benchmarks.config_overrides import apply_overrides, parse_overrides
+from experiments import host_memory
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("lengths", ["256", "2048"], "sequence lengths T; each step holds max(1, 2048 // T) sequences")
+flags.DEFINE_list(
+    "lengths", ["256", "2048"], "sequence lengths T; each step holds max(1, 2048 // T) sequences"
+)
 flags.DEFINE_list(
     "models", ["transformer", "titans", "hope_none", "hope_local", "hope_ntp"], "rows (see MODELS)"
 )
 flags.DEFINE_string("base", "hope_tiny", "the HOPE config whose parameter count every row matches")
 flags.DEFINE_integer("steps", 10, "timed steps after the first")
 flags.DEFINE_integer("tokens_per_step", 2048, "batch = max(1, tokens_per_step // T)")
-flags.DEFINE_multi_string("override", [], "extra --config overrides for every row, e.g. model.scan_layers=False")
+flags.DEFINE_multi_string(
+    "override", [], "extra --config overrides for every row, e.g. model.scan_layers=False"
+)
 flags.DEFINE_bool("peers", False, "also time nested-learning's hope_selfmod and transformer (PyTorch)")
 flags.DEFINE_string("peers_python", sys.executable, "interpreter with torch and nested_learning")
 flags.DEFINE_string("peers_shape", "d_model=128,num_layers=2,batch=4,seq_len=256", "shape of the peer rows")
-flags.DEFINE_integer("peers_steps", 3, "timed steps of each peer row (its hope_selfmod takes seconds per step)")
+flags.DEFINE_integer(
+    "peers_steps", 3, "timed steps of each peer row (its hope_selfmod takes seconds per step)"
+)
 flags.DEFINE_string("json", "", "also write the rows to this file")
 # The worker: one row in this process (the parent runs it as a subprocess).
 flags.DEFINE_string("worker_config", "", "internal: config name of one row")
@@ -123,10 +132,13 @@ def _worker(config_name: str, overrides: dict) -> dict:
 
 def _subprocess(args: list[str]) -> dict:
     """Runs a row's process; its last JSON line is the row. nl_jax workers get the start time, to
-    count their first step from the same clock (the peers read their process start from /proc)."""
+    count their first step from the same clock (the peers read their process start from /proc).
+    Each starts without this process's malloc tunable: a worker sets it itself (re-executing, as
+    `experiments.pretrain` does), the peers run with glibc's defaults, as installed."""
     if "--worker_config" in " ".join(args):
         args = [*args, f"--worker_start={time.time()}"]
-    out = subprocess.run(args, capture_output=True, text=True, cwd=os.getcwd(), check=False)
+    env = host_memory.without_tunable(os.environ)
+    out = subprocess.run(args, capture_output=True, text=True, cwd=os.getcwd(), env=env, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode != 0 or not lines:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
@@ -208,7 +220,10 @@ def main(argv):
             row = _row(name, config_name, overrides)
             row.update(seq_len=t, batch=batch)
             rows.append(row)
-            print(f"  {name} T={t}: " + json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
+            print(
+                f"  {name} T={t}: " + json.dumps({k: v for k, v in row.items() if k != "overrides"}),
+                flush=True,
+            )
     if FLAGS.peers:
         shape = {k: int(v) for k, v in (kv.split("=") for kv in FLAGS.peers_shape.split(","))}
         mine = {
@@ -248,4 +263,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()  # as the experiments commands run
     app.run(main)

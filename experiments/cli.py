@@ -24,6 +24,8 @@ from typing import NoReturn
 
 from absl import app, flags
 
+from experiments import host_memory
+
 BAD_INPUT = 2  # a flag, config field, path or input file is wrong or missing: fix the command
 NON_FINITE = 3  # training stopped on a NaN / inf; the message names the last good checkpoint
 FILESYSTEM = 4  # a file or directory cannot be read or written: permissions, read-only, disk full
@@ -117,7 +119,9 @@ def fail(error: BaseException) -> NoReturn:
 
 
 def run(main) -> None:
-    """absl's `app.run(main)` with this error path around the flag parsing and `main`."""
+    """absl's `app.run(main)` with this error path around the flag parsing and `main`, in a process
+    whose malloc uses transparent huge pages (`host_memory`: it may re-execute the command once)."""
+    host_memory.reexec_with_huge_pages()
 
     def parse_flags(argv):
         try:
