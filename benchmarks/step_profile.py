@@ -9,7 +9,9 @@ and library-fused matmuls, dynamic slices and updates (scan inputs, outputs and 
 copies and transposes, broadcasts, other elementwise fusions) and by pass (the forward, which for
 HOPE's ntp signal holds every segment's inner backward, against the outer backward), and the
 `--top` kernels with their HLO op. Kernel times are summed over the runtime's threads, so they can
-exceed the step's wall time.
+exceed the step's wall time. It also prints the host's page faults and kernel (system) time per
+timed step, with the malloc tunables it ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0
+runs it without them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import tempfile
 import time
 
@@ -93,10 +96,12 @@ def main(argv):
     compile_s = time.perf_counter() - t0
     jax.block_until_ready(compiled(params, batch))
     times = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(FLAGS.repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(params, batch))
         times.append(time.perf_counter() - t0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     best = min(times)
     hlo = compiled.as_text()
     ops = dict(re.findall(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo))
@@ -113,6 +118,11 @@ def main(argv):
     )
     total = sum(d for _, d in kernels)
     print(f"{len(kernels):,} kernels, {total / 1e3:,.0f} ms summed over threads")
+    faults, system = (after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime)
+    print(
+        f"host: {faults / FLAGS.repeats:,.0f} page faults and {1e3 * system / FLAGS.repeats:,.0f} ms of "
+        f"kernel time per step (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or 'unset'})"
+    )
     by_kind, by_pass = collections.Counter(), collections.Counter()
     counts = collections.Counter()
     per_name, calls = collections.Counter(), collections.Counter()

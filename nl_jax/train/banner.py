@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 
 import jax
@@ -41,6 +42,7 @@ def banner(
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform}) over "
         f"{jax.process_count()} process(es); this is process {jax.process_index()}",
+        "host malloc: GLIBC_TUNABLES=" + (os.environ.get("GLIBC_TUNABLES") or "(unset: glibc's defaults)"),
         "mesh: " + ", ".join(f"{k}={v}" for k, v in mesh.shape.items()),
         f"parameters: {param_count:,}",
         f"train FLOPs/token: {flops_per_token:.4g} ({flops_source}); peak/device: "

@@ -23,6 +23,7 @@ def test_profile_reports_kernels_by_kind_and_pass():
     assert re.search(r"step \d+ ms \([\d,]+ tokens/s\)", out)
     n = int(re.search(r"([\d,]+) kernels, ", out).group(1).replace(",", ""))
     assert n > 10
+    assert re.search(r"host: [\d,]+ page faults and [\d,]+ ms of kernel time per step \(GLIBC_TUNABLES=", out)
     assert "matmul" in out and "outer backward" in out and "forward (with any inner backward)" in out
     shares = [float(x) for x in re.findall(r"ms +([\d.]+)% ", out.split("by pass:")[0])]
     assert abs(sum(shares) - 100) < 0.5  # the kinds partition the kernel time
