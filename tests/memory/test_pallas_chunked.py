@@ -6,8 +6,6 @@ error under 1e-5.
 Interpret mode runs the kernel's grid step by step in Python, so shapes are tiny.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -15,7 +13,7 @@ import pytest
 from flax import nnx
 
 from nl_jax.memory import ops
-from nl_jax.memory.ops import chunk_steps, pallas_chunked, presets
+from nl_jax.memory.ops import pallas_chunked, presets
 from nl_jax.models import build_model
 from nl_jax.parallel.mesh import make_mesh
 from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err, unit
@@ -130,24 +128,6 @@ def test_kernel_equals_xla_chunked(shape, rule, read, layout):
     assert int(s.step) == 0 and max_tree_rel_err(s.boundary, s.weights) == 0
     assert max_grad_err(g, g_ref) < TOL, seed
     assert max_tree_rel_err(g, g_ref) < 1e-3, seed  # each leaf on its own (see max_grad_err)
-
-
-@pytest.mark.parametrize("rule", [RULES[0], RULES[7]])
-@pytest.mark.parametrize("read", ops.READ_MODES)
-def test_linear_backward_step_is_the_vjp_of_the_forward_step(rule, read):
-    """The linear memory's hand-written chunk backward equals autodiff of its chunk forward, for
-    every operand and the state, with and without momentum (the MLP memory's is autodiff)."""
-    seed = fresh_seed()
-    spec, ws, q, k, v, rates = _inputs(seed, (1, 8, 1, 4, 6, 8), *rule)
-    one = lambda x: x[0, :, 0]  # noqa: E731  [B, T, H, ...] -> [T, ...]: one chunk of one head
-    o = chunk_steps.linear_operands(spec, *(one(x) for x in (q, k, v)), jax.tree.map(one, rates), read)
-    state = tuple(x[0, 0] for x in jax.tree.leaves(ws))
-    (y, new), vjp = jax.vjp(functools.partial(chunk_steps.linear_forward, spec), state, o)
-    dy, dnew = _cotangents(seed, y, new)
-    want = vjp((dy, dnew))
-    got = chunk_steps.linear_backward(spec, state, dnew, dy, o)
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    assert max_tree_rel_err(got, want) < TOL, seed
 
 
 @pytest.mark.parametrize("layout", pallas_chunked.LAYOUTS)

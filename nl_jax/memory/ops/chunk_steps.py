@@ -1,7 +1,7 @@
 """One chunk of the sequential part of the chunked form, as pure functions of values: what the
 Pallas kernels (`pallas_chunked`) run per chunk, for the linear and the MLP memory.
 
-Per memory structure three functions, all per (batch, head) and chunk of C tokens, float32:
+Per memory structure two functions, all per (batch, head) and chunk of C tokens, float32:
 
   <structure>_operands   XLA, all chunks at once: everything of `chunked.chunk_update` that does not
                          depend on the running state (retention and momentum products, the DGD
@@ -9,7 +9,9 @@ Per memory structure three functions, all per (batch, head) and chunk of C token
                          enter them), from q, k, v [..., C, D] and rates [..., C]
   <structure>_forward    (y [C, Dv], state after the chunk) from the state at its start: (W,) or
                          (W, S) for the linear memory, (W1, W2) or (W1, W2, S1, S2) for the MLP
-  <structure>_backward   its VJP: (d state at the start, d operands) from dy and d(state after)
+
+The backward of a step is its VJP by autodiff (`vjp_step`), traced inside the backward kernel:
+(d state at the start, d operands) from dy and d(state after).
 
 Linear memory. Every quantity of the chunk is linear in its starting state, so per chunk
 
@@ -21,15 +23,13 @@ Linear memory. Every quantity of the chunk is linear in its starting state, so p
 
 with the C x C matrices Ne, Nw, Ns, Aq, Ag, the [C, D] matrices Re, Rg, Qa, Qm, Kd, Kg, Kb and the
 scalars a, mu, b from `linear_operands`. Without momentum (Cm = A in `chunked`) the DGD factors
-share U's coefficients, so G folds into U and S, Qm, Ns, Ag, Kg, Kb, mu, b are absent (None). Its
-backward is written out (`linear_backward`, checked against autodiff in the tests).
+share U's coefficients, so G folds into U and S, Qm, Ns, Ag, Kg, Kb, mu, b are absent (None).
 
 MLP memory, M(z) = z + W1 s(W2 z). The chunk's gradients are taken at its starting state, so its
 factors (the hidden activations of the keys, the output and hidden errors) are functions of that
 state: `mlp_forward` computes them in the kernel, then the closed forms of `chunked` (the DGD
 predictions with the precomputed inverse, the two tracks' reads, the final weights and momenta)
-with the coefficient matrices of `mlp_operands`. Its backward is autodiff of `mlp_forward`
-(`mlp_backward`, a `jax.vjp` traced inside the kernel).
+with the coefficient matrices of `mlp_operands`.
 """
 
 from __future__ import annotations
@@ -161,49 +161,6 @@ def linear_forward(spec: st.MemorySpec, state, o: LinearOperands):
     return y, (w_next, s_next)
 
 
-def linear_backward(spec: st.MemorySpec, state, dstate_next, dy, o: LinearOperands):
-    """The VJP of `linear_forward`, written out: (dL/d state, dL/d operands) from dL/dY and
-    dL/d(state after)."""
-    w, s = state if len(state) == 2 else (state[0], None)
-    dw_next, ds_next = dstate_next if len(dstate_next) == 2 else (dstate_next[0], None)
-    d = {}
-    kw = _mm_t(o.k, w)
-    u = _mm(o.ne, kw) + o.re
-    du = -_mm_t(o.kd, dw_next)
-    if o.aq is not None:
-        du = du - _t_mm(o.aq, dy)
-        d["aq"] = -_mm_t(dy, u)
-    dw = o.a * dw_next + _t_mm(dy, o.qa)
-    d["qa"], d["kd"], d["a"] = _mm(dy, w), -_mm(u, dw_next), jnp.sum(dw_next * w, keepdims=True)
-    if s is not None:
-        du = du - _mm_t(o.kb, ds_next)
-        ds = o.mu * dw_next + o.b * ds_next
-        d["mu"], d["b"] = jnp.sum(dw_next * s, keepdims=True), jnp.sum(ds_next * s, keepdims=True)
-        d["kb"] = -_mm(u, ds_next)
-        if o.qm is not None:
-            ds = ds + _t_mm(dy, o.qm)
-            d["qm"] = _mm(dy, s)
-    dkw = _t_mm(o.ne, du)
-    d["ne"], d["re"] = _mm_t(du, kw), du
-    dk = 0.0
-    if o.nw is not None:
-        ks = _mm_t(o.k, s)
-        g = _mm(o.nw, kw) + _mm(o.ns, ks) + o.rg
-        dg = -_mm_t(o.kg, dw_next)
-        if o.ag is not None:
-            dg = dg - _t_mm(o.ag, dy)
-            d["ag"] = -_mm_t(dy, g)
-        dkw = dkw + _t_mm(o.nw, dg)
-        dks = _t_mm(o.ns, dg)
-        ds = ds + _t_mm(dks, o.k)
-        dk = _mm(dks, s)
-        d["nw"], d["ns"], d["rg"], d["kg"] = _mm_t(dg, kw), _mm_t(dg, ks), dg, -_mm(g, dw_next)
-    dw = dw + _t_mm(dkw, o.k)
-    d["k"] = dk + _mm(dkw, w)
-    grads = LinearOperands(**{f: (None if getattr(o, f) is None else d[f]) for f in LinearOperands._fields})
-    return ((dw,) if s is None else (dw, ds)), grads
-
-
 # ---------------------------------------------------------------------------------------------
 # The MLP memory
 
@@ -302,16 +259,22 @@ def mlp_forward(spec: st.MemorySpec, state, o: MLPOperands):
     return y, (w1_next, w2_next, s1_next, s2_next)
 
 
-def mlp_backward(spec: st.MemorySpec, state, dstate_next, dy, o: MLPOperands):
-    """The VJP of `mlp_forward` by autodiff (recomputing the chunk from its starting state)."""
-    _, vjp = jax.vjp(functools.partial(mlp_forward, spec), state, o)
-    return vjp((dy, tuple(dstate_next)))
-
-
 # ---------------------------------------------------------------------------------------------
 # By structure
 
+
+def vjp_step(forward):
+    """The backward of a chunk step: its VJP by autodiff, recomputing the chunk from its starting
+    state, (d state at the start, d operands) from dy and d(state after)."""
+
+    def backward(spec: st.MemorySpec, state, dstate_next, dy, o):
+        _, vjp = jax.vjp(functools.partial(forward, spec), state, o)
+        return vjp((dy, tuple(dstate_next)))
+
+    return backward
+
+
 STEPS = {
-    "linear": (linear_operands, linear_forward, linear_backward),
-    "mlp": (mlp_operands, mlp_forward, mlp_backward),
+    "linear": (linear_operands, linear_forward, vjp_step(linear_forward)),
+    "mlp": (mlp_operands, mlp_forward, vjp_step(mlp_forward)),
 }

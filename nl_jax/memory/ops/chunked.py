@@ -490,8 +490,8 @@ def memory_chunked(
     `remat` recomputes each chunk in the backward pass instead of storing its intermediates.
     `norm`: the inner LayerNorm parameters of a `norm` memory.
     `impl`: "xla" (this module) or "pallas" (`pallas_chunked`: the linear and MLP memories without
-    biases, inner LayerNorm, self targets, clipping or delta scales; other specs raise). `interpret` (pallas only): Pallas interpret mode; None picks it
-    when lowering for CPU.
+    biases, inner LayerNorm, self targets, clipping or delta scales; other specs raise).
+    `interpret` (pallas only): Pallas interpret mode; None picks it when lowering for CPU.
     `remat` has no effect there (its backward kernel recomputes each chunk from the saved states).
     `restart` bool [B, T] (documents of packed rows, xla only): a row's state restarts from `initial`
     (a state at a boundary, e.g. the meta-learned one) at each flagged token, which must be a

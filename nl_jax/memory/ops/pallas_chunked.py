@@ -10,7 +10,7 @@ It lives next to `chunked.py` because it is the same closed form split in two:
                             (the fast weights and their momentum) kept in the kernel across chunks
 
 The step of one chunk is a pure function of values (`chunk_steps.<structure>_forward`), and the
-backward kernel runs its VJP (`<structure>_backward`) in reverse over chunks from the chunk-start
+backward kernel runs its VJP (`chunk_steps.vjp_step`) in reverse over chunks from the chunk-start
 states the forward saves; the cotangents of the operands then flow through the XLA part by
 ordinary autodiff.
 
