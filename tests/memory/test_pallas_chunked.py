@@ -179,8 +179,7 @@ def test_unsupported_spec_raises_one_clear_error():
 
 def test_unsupported_lists_nothing_for_the_gated_delta_rule():
     m = presets.gated_delta_rule(jnp.ones((1, 4, 1)), jnp.ones((1, 4, 1)))
-    state = ops.init_state(ops.LinearWeights(jnp.zeros((1, 1, 4, 4))), momentum=False)
-    assert pallas_chunked.unsupported(m.spec, state, m.rates, None) == []
+    assert pallas_chunked.unsupported(m.spec, m.rates, None) == []
 
 
 def _gated_deltanet(cfg):

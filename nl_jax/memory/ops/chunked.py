@@ -525,9 +525,8 @@ def memory_chunked(
         # imported here: pallas_chunked builds on this module's coefficients
         from nl_jax.memory.ops import pallas_chunked
 
-        pallas_chunked.check_supported(spec, state, rates, norm)
         return pallas_chunked.memory_chunked_pallas(
-            spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, interpret=interpret
+            spec, state, q, k, v, rates, chunk_size=chunk_size, read=read, interpret=interpret, norm=norm
         )
     return _memory_chunked(
         spec,

@@ -51,7 +51,7 @@ from nl_jax.memory.ops.chunk_steps import STEPS
 LAYOUTS = ("grid", "loop")
 
 
-def unsupported(spec: st.MemorySpec, state: st.MemoryState, rates: update_rule.Rates, norm) -> list[str]:
+def unsupported(spec: st.MemorySpec, rates: update_rule.Rates, norm) -> list[str]:
     """What of this call the kernels do not cover (empty when they cover all of it)."""
     checks = {
         "bias=True": spec.bias,
@@ -63,8 +63,8 @@ def unsupported(spec: st.MemorySpec, state: st.MemoryState, rates: update_rule.R
     return [name for name, bad in checks.items() if bad]
 
 
-def check_supported(spec, state, rates, norm) -> None:
-    missing = unsupported(spec, state, rates, norm)
+def check_supported(spec, rates, norm) -> None:
+    missing = unsupported(spec, rates, norm)
     if missing:
         raise ValueError(
             "memory_chunked(impl='pallas') covers the linear and MLP memories without biases, inner "
@@ -107,6 +107,26 @@ def _split(refs, *sizes):
     return (*groups, refs[at:])
 
 
+def _over_chunks(chunk, n: int, start_refs, carry_refs, layout: str, reverse: bool = False) -> None:
+    """Run `chunk(i, carry) -> carry` over the n chunks of one (batch, head), from the carry in
+    `start_refs`, and write the last carry to `carry_refs`. In `loop` a fori_loop over the chunks
+    (in reverse for the backward); in `grid` one chunk per grid step (the blocks arrive in the
+    pass's order), the carry resident in `carry_refs` and seeded at the first step."""
+    if layout == "loop":
+        order = (lambda j: n - 1 - j) if reverse else (lambda j: j)
+        final = jax.lax.fori_loop(0, n, lambda j, c: chunk(order(j), c), tuple(r[...] for r in start_refs))
+    else:
+
+        @pl.when(pl.program_id(1) == 0)
+        def _():
+            for ref, ref0 in zip(carry_refs, start_refs):
+                ref[...] = ref0[...]
+
+        final = chunk(..., tuple(ref[...] for ref in carry_refs))
+    for ref, x in zip(carry_refs, final):
+        ref[...] = x
+
+
 def _forward_kernel(*refs, ns: int, treedef, save: bool, layout: str, spec: st.MemorySpec):
     forward_step = STEPS[spec.structure][1]
     s0, op_refs, (y_ref,), st_refs, saved = _split(refs, ns, treedef.num_leaves, 1, ns)
@@ -118,18 +138,7 @@ def _forward_kernel(*refs, ns: int, treedef, save: bool, layout: str, spec: st.M
         y_ref[i] = y
         return new
 
-    if layout == "loop":
-        final = jax.lax.fori_loop(0, op_refs[0].shape[0], chunk, tuple(ref[...] for ref in s0))
-    else:
-
-        @pl.when(pl.program_id(1) == 0)
-        def _():
-            for ref, ref0 in zip(st_refs, s0):
-                ref[...] = ref0[...]
-
-        final = chunk(..., tuple(ref[...] for ref in st_refs))
-    for ref, x in zip(st_refs, final):
-        ref[...] = x
+    _over_chunks(chunk, op_refs[0].shape[0], s0, st_refs, layout)
 
 
 def _backward_kernel(*refs, ns: int, treedef, layout: str, spec: st.MemorySpec):
@@ -144,19 +153,12 @@ def _backward_kernel(*refs, ns: int, treedef, layout: str, spec: st.MemorySpec):
             ref[i] = g
         return dstate
 
-    if layout == "loop":
-        n = op_refs[0].shape[0]
-        d0 = jax.lax.fori_loop(0, n, lambda j, d: chunk(n - 1 - j, d), tuple(ref[...] for ref in d_final))
-    else:  # the blocks arrive in reverse chunk order
+    _over_chunks(chunk, op_refs[0].shape[0], d_final, d_refs, layout, reverse=True)
 
-        @pl.when(pl.program_id(1) == 0)
-        def _():
-            for ref, ref0 in zip(d_refs, d_final):
-                ref[...] = ref0[...]
 
-        d0 = chunk(..., tuple(ref[...] for ref in d_refs))
-    for ref, x in zip(d_refs, d0):
-        ref[...] = x
+def _grid(bh: int, nc: int, layout: str) -> tuple[int, ...]:
+    """A program per (batch, head) (`loop`), or per (batch, head) and chunk (`grid`)."""
+    return (bh,) if layout == "loop" else (bh, nc)
 
 
 def _chunk_spec(x: jax.Array, layout: str, reverse: bool = False) -> pl.BlockSpec:
@@ -231,7 +233,7 @@ def _forward(state0: tuple, ops, *, save: bool, how: _How):
     call = _call(
         functools.partial(_forward_kernel, ns=ns, treedef=treedef, save=save),
         how,
-        lambda layout: (bh,) if layout == "loop" else (bh, nc),
+        functools.partial(_grid, bh, nc),
         lambda layout: [_state_spec(x, layout) for x in state0] + [_chunk_spec(x, layout) for x in leaves],
         out_specs,
         out_shape,
@@ -249,7 +251,7 @@ def _backward(saved: tuple, ops, dy, d_final: tuple, *, how: _How):
     call = _call(
         functools.partial(_backward_kernel, ns=ns, treedef=treedef),
         how,
-        lambda layout: (bh,) if layout == "loop" else (bh, nc),
+        functools.partial(_grid, bh, nc),
         lambda layout: (
             [rev(layout)(x) for x in (*saved, dy)]
             + [_state_spec(x, layout) for x in d_final]
@@ -322,14 +324,16 @@ def memory_chunked_pallas(
     read: str = "per_token",
     interpret: bool | None = None,
     layout: str = "grid",
+    norm=None,
 ):
     """`memory_chunked` with the Pallas kernels (same contract; call it through
     `memory_chunked(..., impl="pallas")`, which checks the state). `interpret`: Pallas interpret
     mode; None decides by the lowering platform (interpret on CPU, Triton on GPU, Mosaic on TPU).
     `layout`: the kernel layout of interpret mode ("grid" or "loop", module docstring); compiled
-    kernels take their platform's."""
+    kernels take their platform's. `norm` (an inner LayerNorm's parameters) is refused, as every
+    other spec the kernels do not cover (`unsupported`)."""
     update_rule.check_call(spec, state, rates, read, chunk_size)
-    check_supported(spec, state, rates, None)
+    check_supported(spec, rates, norm)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if q.shape[1] % chunk_size:
