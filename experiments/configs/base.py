@@ -34,7 +34,9 @@ def model_config() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype of matmuls/activations; "bfloat16" on TPU
             # storage dtype of parameters (float32 master weights, docs/design.md, Decision 10)
             param_dtype="float32",
-            scan_layers=True,  # lax.scan over stacked layers (False: python loop, for debugging)
+            # lax.scan over the stacked layers; False unrolls them (same parameters), as the *_tiny
+            # configs do: 1.1-1.2x faster steps on CPU for twice the compile (README, "HOPE training speed")
+            scan_layers=True,
             remat_policy="none",  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
             init_std=0.02,  # std of the normal init of every projection and the embedding
         )

@@ -18,6 +18,7 @@ def get_config():
         mlp_hidden=384,
         tie_embeddings=False,
     )
+    config.model.scan_layers = False  # unrolled: faster steps on CPU (experiments/configs/base.py)
     # Laptop training as transformer_tiny: 600 steps of 8 x 256 bytes of the embedded corpus.
     config.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.1)
     config.train.update(steps=600, log_every=50)

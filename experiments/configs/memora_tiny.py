@@ -13,5 +13,6 @@ def get_config():
     config.model.update(
         vocab_size=260, d_model=128, num_layers=4, num_heads=4, mlp_hidden=384, tie_embeddings=False
     )
+    config.model.scan_layers = False  # unrolled: faster steps on CPU (experiments/configs/base.py)
     config.model.titans.memory.update(chunk_size=16, hidden=128)
     return config

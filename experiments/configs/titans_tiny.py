@@ -13,6 +13,7 @@ def get_config():
     config.model.update(
         vocab_size=260, d_model=128, num_layers=4, num_heads=4, mlp_hidden=384, tie_embeddings=False
     )
+    config.model.scan_layers = False  # unrolled: faster steps on CPU (experiments/configs/base.py)
     config.model.sliding_window = 64
     config.model.titans.update(segment_size=64, persistent_tokens=4)
     config.model.titans.memory.chunk_size = 16

@@ -14,6 +14,7 @@ def get_config():
     config.model.update(
         vocab_size=260, d_model=128, num_layers=4, num_heads=4, mlp_hidden=384, tie_embeddings=False
     )
+    config.model.scan_layers = False  # unrolled: faster steps on CPU (experiments/configs/base.py)
     config.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.1)
     config.train.update(steps=400, log_every=50)
     config.eval.update(every=100, max_batches=16)

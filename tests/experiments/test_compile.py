@@ -166,9 +166,10 @@ def test_projection_counts_the_compiled_ops_and_the_table_row(tiny_v5e):
 
 @pytest.fixture(scope="module")
 def hope_v5e():
-    """hope_tiny with the ntp signal: 2 layers, 4 segments of 16 tokens, 2 sequences per device."""
+    """hope_tiny with the ntp signal: 2 layers, scanned as the sized configs scan them, 4 segments of
+    16 tokens, 2 sequences per device."""
     config = configs.load("hope_tiny")
-    config.model.num_layers = 2
+    config.model.update(num_layers=2, scan_layers=True)
     config.model.cms.update(periods=(16, 64), signal="ntp")
     config.data.update(global_batch_size=GLOBAL_BATCH, seq_len=SEQ_LEN)
     return compile_for_slice(config, "v5e-4")

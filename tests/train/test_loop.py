@@ -1,5 +1,7 @@
 """The training loop in-process: a short run end to end, sharded = single device, resume semantics."""
 
+import ctypes
+import ctypes.util
 import json
 import os
 
@@ -11,6 +13,7 @@ from nl_jax.metrics import read_events, read_jsonl
 from nl_jax.parallel import make_mesh
 from nl_jax.train import Hook, restore_params, run
 from nl_jax.train.checkpoint import checkpoint_files
+from nl_jax.train.loop import return_free_heap
 from tests.train.tiny import tiny_config
 
 
@@ -122,3 +125,28 @@ def test_deep_optimizers_train_with_fsdp_sharded_state(tmp_path, name):
     cfg = tiny_config(train__steps=2, eval__every=0, checkpoint__enabled=False, optim__name=name)
     s = run(cfg, str(tmp_path), hooks=[Hook(every=2, fn=inspect)], devices=jax.devices()[:2])
     assert np.isfinite(s["final_train_loss"]) and seen["sharded"]
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_return_free_heap_hands_freed_heap_pages_back():
+    """glibc keeps freed heap memory mapped (as it keeps the XLA compiler's working memory after a
+    compile); `return_free_heap` gives it back, so a step's buffers do not stack on top of it."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block, count = 64 << 10, 2048  # 128 MiB in blocks under glibc's mmap threshold: heap memory
+    blocks = [libc.malloc(block) for _ in range(count)]
+    guard = libc.malloc(block)  # keeps the freed blocks below the heap's top, where free() cannot trim
+    for b in blocks:
+        ctypes.memset(b, 1, block)
+    for b in blocks:
+        libc.free(b)
+    held = _resident_bytes()
+    return_free_heap()
+    released = held - _resident_bytes()
+    libc.free(guard)
+    assert released > count * block // 2, f"{released >> 20} MiB of {count * block >> 20} given back"
