@@ -4,8 +4,9 @@ Order of work (each failure is a clear error before anything expensive):
   config checks -> mesh (must match the devices) -> data (tokenizer / corpus checks) -> optimizer ->
   shapes of one train step (`jax.eval_shape`: a model rejecting the shapes, e.g. a chunk size that
   does not divide seq_len, fails here) -> restore the newest readable checkpoint or init sharded ->
-  banner -> steps, with hooks every N steps (log, eval, checkpoint, user hooks), the profiler window,
-  a save on SIGTERM -> final eval, save, loss-curve PNG, summary.json.
+  banner -> compile the train step (then return the compiler's freed heap to the OS) -> steps, with
+  hooks every N steps (log, eval, checkpoint, user hooks), the profiler window, a save on SIGTERM ->
+  final eval, save, loss-curve PNG, summary.json.
 
 Outputs under `workdir`: checkpoints/, metrics.jsonl, tensorboard/{train,eval}/, loss_curve.png,
 summary.json, config.json, profile/, and with `train.wandb_project` wandb/ and wandb_run_id. With a gs:// workdir, checkpoints go straight to GCS and
@@ -287,7 +288,7 @@ class _Run:
         if sums is None:
             raise ValueError("the validation split is empty: nothing to evaluate")
         sums = jax.device_get(sums)
-        return_free_heap()  # after the first eval: the eval step's compile
+        return_free_heap()  # what the eval step's compile (first eval) and its batches freed
         loss = float(sums["nll_sum"] / max(sums["weight_sum"], 1.0))
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(sums["weight_sum"])}
 
