@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -152,9 +153,15 @@ def return_free_heap() -> None:
     library has none). XLA's compiler frees most of its working memory when a compile ends, but glibc
     keeps it mapped: about 0.7 GiB after compiling hope_tiny's train step, under the step's own buffers
     when it runs (README, "HOPE training speed")."""
-    trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """The C library's malloc_trim, looked up once (None where it has none)."""
+    return getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
 
 
 def run(config, workdir: str, *, config_name: str = "", hooks: Sequence[Hook] = (), devices=None) -> dict:
