@@ -11,7 +11,9 @@ HOPE's ntp signal holds every segment's inner backward, against the outer backwa
 `--top` kernels with their HLO op. Kernel times are summed over the runtime's threads, so they can
 exceed the step's wall time. It also prints the host's page faults and kernel (system) time per
 timed step, with the malloc tunables it ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0
-runs it without them).
+runs it without them). And the runtime's cost per kernel, timed in the same process on a chain of
+dependent kernels too small to do any work (batched 4 x 4 matmuls and tanh): the floor that the step's
+kernel count puts under its time, whatever each kernel computes.
 """
 
 from __future__ import annotations
@@ -71,6 +73,35 @@ def _kernels(trace_dir: str, instructions: set[str]) -> list[tuple[str, float]]:
     ]
 
 
+def kernel_floor_us(jax, jnp, links: int = 500) -> float:
+    """Microseconds per kernel of a jitted loop over `links` dependent (batched 4 x 4 matmul, tanh)
+    steps: what the runtime spends on a kernel with next to nothing to compute. The kernels are
+    counted in a trace of the program, as the step's are."""
+
+    def chain(x):
+        def body(_, x):
+            for _ in range(links // 10):
+                x = jnp.tanh(jnp.einsum("bij,bjk->bik", x, x) + 0.1)
+            return x
+
+        return jax.lax.fori_loop(0, 10, body, x)
+
+    x = jnp.full((8, 4, 4), 0.01)
+    compiled = jax.jit(chain).lower(x).compile()
+    jax.block_until_ready(compiled(x))
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(x))
+        best = min(best, time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        jax.block_until_ready(compiled(x))
+        jax.profiler.stop_trace()
+        n = len(_kernels(trace_dir, set(re.findall(r"%([\w.\-]+) = ", compiled.as_text()))))
+    return best / n * 1e6
+
+
 def main(argv):
     del argv
     import jax  # noqa: PLC0415
@@ -118,6 +149,12 @@ def main(argv):
     )
     total = sum(d for _, d in kernels)
     print(f"{len(kernels):,} kernels, {total / 1e3:,.0f} ms summed over threads")
+    floor_us = kernel_floor_us(jax, jnp)
+    floor_ms = len(kernels) * floor_us / 1e3
+    print(
+        f"kernel floor: {floor_us:.1f} us per kernel (a chain of tiny ones), {floor_ms:,.0f} ms for this "
+        f"step's kernels one after another ({100 * floor_ms / (best * 1e3):.0f}% of the step)"
+    )
     faults, system = (after.ru_minflt - usage.ru_minflt, after.ru_stime - usage.ru_stime)
     print(
         f"host: {faults / FLAGS.repeats:,.0f} page faults and {1e3 * system / FLAGS.repeats:,.0f} ms of "

@@ -23,6 +23,8 @@ def test_profile_reports_kernels_by_kind_and_pass():
     assert re.search(r"step \d+ ms \([\d,]+ tokens/s\)", out)
     n = int(re.search(r"([\d,]+) kernels, ", out).group(1).replace(",", ""))
     assert n > 10
+    floor, floor_ms = re.search(r"kernel floor: ([\d.]+) us per kernel .*, ([\d,]+) ms for", out).groups()
+    assert 0 < float(floor) < 1000 and abs(int(floor_ms.replace(",", "")) - n * float(floor) / 1e3) <= 1
     assert re.search(r"host: [\d,]+ page faults and [\d,]+ ms of kernel time per step \(GLIBC_TUNABLES=", out)
     assert "matmul" in out and "outer backward" in out and "forward (with any inner backward)" in out
     shares = [float(x) for x in re.findall(r"ms +([\d.]+)% ", out.split("by pass:")[0])]

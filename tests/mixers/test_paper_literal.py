@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from experiments import configs
+from nl_jax.memory.ops import structures
 from nl_jax.mixers.self_modifying import (
     ETA_PARAMS,
     MEMORY_INPUTS,
@@ -18,7 +19,6 @@ from nl_jax.mixers.self_modifying import (
     eta_rate,
     input_projections,
 )
-from nl_jax.memory.ops import structures
 from nl_jax.mixers.self_modifying_reference import reference_forward
 from nl_jax.models import build_model
 from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
