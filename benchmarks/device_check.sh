@@ -25,14 +25,13 @@ if [ -d .device_wheels ]; then
   "$py" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/device_site .device_wheels/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/device_site"
 fi
-start=$SECONDS
 
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND with its output in OUT/NAME.txt
   local name=$1 limit=$2
   shift 2
   echo "== $name (limit ${limit}s, ${SECONDS}s into the check)"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
-  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start))s"
+  echo "== $name: exit ${PIPESTATUS[0]}, ${SECONDS}s into the check"
 }
 
 # hope_340m's width at 4 layers, with the mesh one device holds

@@ -96,7 +96,7 @@ from nl_jax.layers.conv import ShortConv, document_starts
 from nl_jax.layers.linear import Linear, logical_param, to_dtype
 from nl_jax.layers.norms import RMSNorm
 from nl_jax.memory import ops
-from nl_jax.memory.ops import chunked, presets
+from nl_jax.memory.ops import chunked, closed_form, presets
 from nl_jax.memory.ops import structures as st
 from nl_jax.mixers.front_end import conv_silu, gated_output, l2_normalize
 
@@ -377,7 +377,7 @@ class SelfModifyingTitans(nnx.Module):
         z, beta = xs
         s = mems["small"]
         q, k, v, rates = self.generate(s.boundary, z, beta)
-        _, w, m = chunked.chunk_update(
+        _, w, m = closed_form.chunk_update(
             self.spec,
             None,
             s.weights,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from nl_jax.memory.ops import chunked
+from nl_jax.memory.ops import closed_form
 from tests.memory.inputs import fresh_seed, rel_err
 
 TOL = 1e-5
@@ -32,9 +32,9 @@ def test_segment_products_and_gradient_with_saturated_rates(c):
     if c > 4:  # gates that saturate to exactly 0 (forget all) and 1 (keep all)
         x = x.at[0, 0, 2].set(0.0).at[1, 1, 3].set(0.0).at[2, 0, 1].set(1.0)
     cot = jax.random.normal(k2, (3, 2, c, c))
-    assert rel_err(chunked.segment_products(x), _explicit_segment_products(x)) < TOL, seed
+    assert rel_err(closed_form.segment_products(x), _explicit_segment_products(x)) < TOL, seed
     grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cot))(x)  # noqa: E731
-    g, g_ref = grad(chunked.segment_products), grad(_explicit_segment_products)
+    g, g_ref = grad(closed_form.segment_products), grad(_explicit_segment_products)
     assert rel_err(g, g_ref) < TOL, seed
     if c > 4:  # the factor of 0 still has its gradient: the product of the other factors
         assert float(jnp.abs(g[0, 0, 2])) > 0, seed
@@ -48,9 +48,9 @@ def test_unit_lower_inverse_and_gradient(n):
     t = 0.3 * jax.random.normal(k1, (2, 3, n, n)) + jnp.triu(jax.random.normal(k2, (2, 3, n, n)))
     cot = jax.random.normal(k3, (2, 3, n, n))
     plain = lambda t: jnp.linalg.inv(jnp.eye(n) + jnp.tril(t, -1))  # noqa: E731
-    assert rel_err(chunked.unit_lower_inverse(t), plain(t)) < TOL, seed
+    assert rel_err(closed_form.unit_lower_inverse(t), plain(t)) < TOL, seed
     grad = lambda f: jax.grad(lambda t: jnp.sum(f(t) * cot))(t)  # noqa: E731
-    g, g_ref = grad(chunked.unit_lower_inverse), grad(plain)
+    g, g_ref = grad(closed_form.unit_lower_inverse), grad(plain)
     assert float(jnp.abs(jnp.triu(g)).max()) == 0.0  # the diagonal and above are not read
     if n > 1:
         assert rel_err(g, g_ref) < TOL, seed

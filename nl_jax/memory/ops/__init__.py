@@ -6,7 +6,7 @@ one contract, `f(spec, state, q, k, v, rates, ...) -> (y, state)`:
   memory_naive      token by token with `lax.scan` and `jax.grad`: the readable reference
   memory_chunked    the training path: `lax.scan` over chunks, batched matmuls inside (impl="xla"),
                     or Pallas kernels (impl="pallas", `pallas_chunked`: linear and MLP memories)
-  memory_stream     the same closed forms from any position, for any length (segments, prefill)
+  memory_stream     the same closed forms (`closed_form`) from any position, any length (segments, prefill)
   memory_recurrent  one decode step with a carried state (`memory_recurrent_scan`: over a sequence)
 
 `presets` expresses DeltaNet, the gated delta rule, RWKV-7's generalised delta rule (vector gates,

@@ -3,7 +3,7 @@ Pallas kernels (`pallas_chunked`) run per chunk, for the linear and the MLP memo
 
 Per memory structure two functions, all per (batch, head) and chunk of C tokens, float32:
 
-  <structure>_operands   XLA, all chunks at once: everything of `chunked.chunk_update` that does not
+  <structure>_operands   XLA, all chunks at once: everything of `closed_form.chunk_update` that does not
                          depend on the running state (retention and momentum products, the DGD
                          unit lower-triangular inverse, the read masks where the state does not
                          enter them), from q, k, v [..., C, D] and rates [..., C]
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from nl_jax.memory.ops import update_rule
 from nl_jax.memory.ops import structures as st
-from nl_jax.memory.ops.chunked import _coefs, unit_lower_inverse
+from nl_jax.memory.ops.closed_form import _coefs, unit_lower_inverse
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -95,7 +95,7 @@ class LinearOperands(NamedTuple):
 def linear_operands(spec: st.MemorySpec, q, k, v, rates: update_rule.Rates, read: str) -> LinearOperands:
     """The state-independent matrices of every chunk (inputs [..., C, D], rates [..., C]).
 
-    From `chunked.chunk_update` with W_0 = W, S_0 = S: U = eta E with the errors
+    From `closed_form.chunk_update` with W_0 = W, S_0 = S: U = eta E with the errors
     E = lam (K W^T) - V (lam = 1 for l2, 0 for dot), and the DGD predictions
     P = T^-1 (a' (K W^T) + mu' (K S^T) - (Cm' * K K^T) U) with T = I + (A' * K K^T) diag(gamma),
     G = gamma P (primes: the coefficients of the state before each token).
@@ -167,7 +167,7 @@ def linear_forward(spec: st.MemorySpec, state, o: LinearOperands):
 
 class MLPOperands(NamedTuple):
     """The MLP memory's per-chunk operands [..., C, *] (columns [..., C, 1], scalars [..., 1, 1]):
-    the inputs, and the coefficients of `chunked._coefs` that its closed forms apply. Fields of
+    the inputs, and the coefficients of `closed_form._coefs` that its closed forms apply. Fields of
     momentum, DGD and the per-token reads are None where the call has none of them."""
 
     q: jax.Array  # [C, D]

@@ -23,7 +23,7 @@ and the state handed to the next chunk is the exact KL step, W_B' = c Softmax_ro
 because the softmax of each step only shifts every row of the log-weights by a constant, which the
 next softmax removes: C per-token KL steps with gradients at W_B give Softmax_rows(L_C).
 
-The chunked form runs the ops core's closed form for the reads and W_C (`chunked.chunk_update`, the
+The chunked form runs the ops core's closed form for the reads and W_C (`closed_form.chunk_update`, the
 l2 objective with retention alpha and rate eta), and gets L_C from it without a second pass: both
 recurrences add the same gradients, so L_C = W_C + a_C (log W_B - W_B), a_C the product of the
 chunk's alphas.
@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from nl_jax.memory.ops import chunked, update_rule
+from nl_jax.memory.ops import chunked, closed_form, update_rule
 from nl_jax.memory.ops import structures as st
 
 
@@ -186,7 +186,7 @@ def memora_chunked(
             carry = chunked.restart_where(flags, (initial.weights, initial.logits), carry)
         w_b, log_b = carry
         q, k, v, r = xs
-        y, w_c, _ = chunked.chunk_update(spec, "post_update", w_b, None, w_b, q, k, v, r)
+        y, w_c, _ = closed_form.chunk_update(spec, "post_update", w_b, None, w_b, q, k, v, r)
         a_c = jnp.prod(r.retention.astype(jnp.float32), axis=-1)[..., None, None]  # [B, H, 1, 1]
         logits = jax.tree.map(lambda w, lb, wb: w + a_c * (lb - wb), w_c, log_b, w_b)
         return to_simplex(logits, scale), y

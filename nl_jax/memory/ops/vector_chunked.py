@@ -37,7 +37,8 @@ import jax.numpy as jnp
 
 from nl_jax.memory.ops import update_rule
 from nl_jax.memory.ops import structures as st
-from nl_jax.memory.ops.chunked import _shift, from_chunks, segment_products, to_chunks, unit_lower_inverse
+from nl_jax.memory.ops.chunked import from_chunks, to_chunks
+from nl_jax.memory.ops.closed_form import _shift, segment_products, unit_lower_inverse
 
 
 def unsupported(spec: st.MemorySpec, state: st.MemoryState, rates: update_rule.Rates, norm) -> list[str]:
