@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared accelerator check, about nine minutes on one GPU: the training-step table at the width
+# One prepared accelerator check, about thirteen minutes on one GPU: the training-step table at the width
 # of hope_340m (d_model 1024, memory heads 8 x 128, CMS 4 x 320; 4 layers so that each row compiles
 # in under two minutes) against Transformer++ and Titans of the same parameter count at T = 2048, the
 # memory core's chunked form against its token-by-token reference at HOPE's head width (one sequence:
@@ -7,7 +7,10 @@
 # against the XLA one at T = 4096 (benchmarks/kernels.py: the gated delta rule and Titans' linear and
 # MLP memories; Triton on GPU). README "On one GPU" has its figures.
 #
-#   bash benchmarks/device_check.sh [OUT_DIR]   # OUT_DIR/*.txt, train_step.json
+#   bash benchmarks/device_check.sh [OUT_DIR [PART...]]   # OUT_DIR/*.txt, train_step.json
+#
+# PART: devices, train_step, memory_ops, kernels (all by default; each a call of its own fits a
+# short lease when all four do not).
 #
 # Each part runs under its own time limit and a failed part does not stop the next, so one call of a
 # short lease returns every part that ran. A machine without network access needs the packages that
@@ -26,9 +29,11 @@ if [ -d .device_wheels ]; then
   export PYTHONPATH="$PYTHONPATH:/tmp/device_site"
 fi
 
-part() {  # part NAME SECONDS COMMAND...: runs COMMAND with its output in OUT/NAME.txt
+parts=("${@:2}")
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND with its output in OUT/NAME.txt, if NAME was asked
   local name=$1 limit=$2
   shift 2
+  if [ ${#parts[@]} -gt 0 ] && [[ " ${parts[*]} " != *" $name "* ]]; then return; fi
   echo "== $name (limit ${limit}s, ${SECONDS}s into the check)"
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
   echo "== $name: exit ${PIPESTATUS[0]}, ${SECONDS}s into the check"
@@ -44,4 +49,4 @@ part devices 30 "$py" -c "import jax, flax, optax; print('jax', jax.__version__,
 part train_step 420 "$py" -m benchmarks.train_step "${shape[@]}" --lengths=2048 \
   --models=transformer,titans,hope_none,hope_ntp --json="$out/train_step.json"
 part memory_ops 45 "$py" -m benchmarks.memory_ops --lengths=2048 --batch=1 --heads=8
-part kernels 45 "$py" -m benchmarks.kernels --lengths=4096 --head_dims=64,128 --reps=3
+part kernels 300 "$py" -m benchmarks.kernels --lengths=4096 --head_dims=64,128 --reps=3

@@ -85,6 +85,19 @@ def _time(f, args):
     return time.perf_counter() - t0
 
 
+def timed(fns, name: str, args) -> dict[str, list[float]]:
+    """Seconds per call of each implementation's `name` pass, alternating between them."""
+    times = {impl: [] for impl in fns}
+    for _ in range(FLAGS.reps):
+        for impl in fns:
+            times[impl].append(_time(fns[impl][name], args))
+    return times
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+
+
 def main(_):
     backend = jax.default_backend()
     unknown = sorted(set(FLAGS.rules) - set(RULES))
@@ -104,13 +117,14 @@ def main(_):
             for length in map(int, FLAGS.lengths):
                 args = _inputs(rule, length, dim)
                 for name in ("fwd", "fwd+bwd"):
-                    times = {impl: [] for impl in ops.IMPLS}
-                    for _ in range(FLAGS.reps):
-                        for impl in ops.IMPLS:
-                            times[impl].append(_time(fns[impl][name], args))
+                    head = f"{rule:>13} {length:>6} {dim:>4} {name:>8}"
+                    try:
+                        times = timed(fns, name, args)
+                    except Exception as e:  # noqa: BLE001 (a shape the chip refuses is a result; go on)
+                        print(f"{head} failed: {first_line(e)}", flush=True)
+                        continue
                     x, p = (float(np.median(times[i])) * 1e3 for i in ops.IMPLS)
-                    row = f"{rule:>13} {length:>6} {dim:>4} {name:>8} {x:>9.2f} {p:>10.2f} {x / p:>10.2f}"
-                    print(row, flush=True)
+                    print(f"{head} {x:>9.2f} {p:>10.2f} {x / p:>10.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """benchmarks.kernels: on CPU it refuses without --allow_interpret (interpret mode is no speed
 measurement), and with it prints one row per rule, length, width and pass (a subprocess: the
-benchmark defines absl flags)."""
+benchmark defines absl flags). benchmarks.triton_params refuses anywhere but on a GPU."""
 
 import subprocess
 import sys
@@ -27,3 +27,10 @@ def test_kernels_refuses_on_cpu_and_smoke_runs_every_rule():
         CMD + ["--allow_interpret", "--rules=nope"], capture_output=True, text=True, timeout=300
     )
     assert bad.returncode != 0 and "unknown ['nope']" in bad.stderr
+
+
+def test_triton_params_refuses_off_gpu():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.triton_params"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1 and "Triton runs on GPU only; this backend is cpu" in proc.stdout

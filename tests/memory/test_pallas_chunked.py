@@ -282,7 +282,7 @@ def test_kernel_follows_the_lowering_platform(structure):
     """interpret=None: the same jitted call lowers to the interpreted kernel (plain HLO) for CPU, to
     a Mosaic custom call for TPU and to a Triton custom call (the loop layout) for GPU, so an AOT
     compile from a CPU host gets the compiled kernel; forward and backward, with momentum and DGD.
-    Widths of 16: Triton's smallest matmul."""
+    Widths of 16: Triton's smallest matmul. The Triton call carries `TRITON_PARAMS`."""
     spec, ws, q, k, v, rates = _inputs(0, (1, 32, 1, 16, 16, 16), structure, "l2", True, True, True)
 
     def f(ws, q, k, v, rates):
@@ -298,4 +298,6 @@ def test_kernel_follows_the_lowering_platform(structure):
         text = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
         assert "tpu_custom_call" in text["tpu"] and "triton" not in text["tpu"]
         assert "xla.gpu.triton" in text["cuda"] and "tpu_custom_call" not in text["cuda"]
+        for name, value in pallas_chunked.TRITON_PARAMS.items():  # the launch parameters reach Triton
+            assert f"{name} = {value} : i32" in text["cuda"]
         assert "tpu_custom_call" not in text["cpu"] and "triton" not in text["cpu"]

@@ -50,6 +50,11 @@ from nl_jax.memory.ops.chunk_steps import STEPS
 
 LAYOUTS = ("grid", "loop")
 
+# Triton's launch parameters for the loop layout. One pipeline stage: with Triton's default of three
+# the chunk loop's backward asks more shared memory than an H200 has even at head width 64; 8 warps
+# ran twice as fast as 4 there. `benchmarks/triton_params.py` times the choices (README).
+TRITON_PARAMS = {"num_warps": 8, "num_stages": 1}
+
 
 def unsupported(spec: st.MemorySpec, rates: update_rule.Rates, norm) -> list[str]:
     """What of this call the kernels do not cover (empty when they cover all of it)."""
@@ -197,7 +202,7 @@ def _call(kernel, how: _How, grid_of, in_specs_of, out_specs_of, out_shape):
         if backend == "mosaic":  # (batch * head) blocks independent, chunks in order
             params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
         elif backend == "triton":
-            params = pltriton.CompilerParams()
+            params = pltriton.CompilerParams(**TRITON_PARAMS)
         return pl.pallas_call(
             functools.partial(kernel, layout=layout, spec=how.spec),
             grid=grid_of(layout),
