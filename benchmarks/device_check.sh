@@ -9,8 +9,8 @@
 #
 #   bash benchmarks/device_check.sh [OUT_DIR [PART...]]   # OUT_DIR/*.txt, train_step.json
 #
-# PART: devices, train_step, memory_ops, kernels (all by default; each a call of its own fits a
-# short lease when all four do not).
+# PART: devices, train_step, memory_ops, kernels (all by default). Where one call may not run
+# thirteen minutes, run train_step in one call and the other parts in a second.
 #
 # Each part runs under its own time limit and a failed part does not stop the next, so one call of a
 # short lease returns every part that ran. A machine without network access needs the packages that
