@@ -116,11 +116,13 @@ def input_projections(
 
 class SelfModifyingState(NamedTuple):
     """Decode / streaming state: conv tails of q, k, v (`memory_inputs="shared"`: of the one shared
-    input); the small memories (name -> MemoryState, all at
-    the same position in their `chunk_size` chunk); the output memory."""
+    input); the small memories, one MemoryState stacked on a leading axis in the layer's `small`
+    order (all at the same position in their `chunk_size` chunk; `small_states` names them); the
+    output memory. The stack is kept across calls, so a caller carrying the state from segment to
+    segment (HOPE's ntp scan) does not restack and split the memories at every call."""
 
     conv: tuple[jax.Array, ...]
-    memories: dict
+    memories: ops.MemoryState
     memory: ops.MemoryState
 
 
@@ -310,7 +312,9 @@ class SelfModifyingTitans(nnx.Module):
 
     def init_state(self, batch_size: int) -> SelfModifyingState:
         convs = tuple(c.init_state(batch_size) for c in self._convs())
-        mems = {n: getattr(self, f"memory_{n}").state(batch_size, self.momentum) for n in self.small}
+        mems = self.stack_small(
+            {n: getattr(self, f"memory_{n}").state(batch_size, self.momentum) for n in self.small}
+        )
         return SelfModifyingState(convs, mems, self.memory_out.state(batch_size, self.momentum))
 
     def paths(self, x, conv_states, segment_ids=None):
@@ -391,12 +395,13 @@ class SelfModifyingTitans(nnx.Module):
         )
         return (q, k, v, rates), {"small": (w, m)}
 
-    def _stack(self, mems: dict) -> ops.MemoryState:
+    def stack_small(self, mems: dict) -> ops.MemoryState:
         parts = [mems[n] for n in self.small]
         stack = lambda field: jax.tree.map(lambda *w: jnp.stack(w), *[getattr(p, field) for p in parts])
         return ops.MemoryState(stack("weights"), stack("momentum"), stack("boundary"), parts[0].step)
 
-    def _unstack(self, stacked: ops.MemoryState) -> dict:
+    def small_states(self, stacked: ops.MemoryState) -> dict:
+        """The stacked small memories (`SelfModifyingState.memories`) by name."""
         pick = lambda tree, i: jax.tree.map(lambda w: w[i], tree)
         return {
             n: ops.MemoryState(
@@ -446,22 +451,30 @@ class SelfModifyingTitans(nnx.Module):
             state = self.init_state(b)
         elif document_start is not None:  # scalars (the chunk positions) are those of every row
             init = self.init_state(b)
-            state = jax.tree.map(
-                lambda a, s: s if s.ndim == 0 else chunked.restart_where(document_start, a, s), init, state
+
+            def restart(batch_axis):
+                return lambda a, s: s if s.ndim == 0 else chunked.restart_where(document_start, a, s, batch_axis)
+
+            state = SelfModifyingState(
+                jax.tree.map(restart(0), init.conv, state.conv),
+                jax.tree.map(restart(1), init.memories, state.memories),  # stacked ahead of the batch
+                jax.tree.map(restart(0), init.memory, state.memory),
             )
         if aligned and not training:  # at a chunk boundary the boundary state is the running one
-            memories = {n: m._replace(boundary=m.weights) for n, m in state.memories.items()}
-            state = state._replace(memories=memories, memory=state.memory._replace(boundary=state.memory.weights))
+            state = state._replace(
+                memories=state.memories._replace(boundary=state.memories.weights),
+                memory=state.memory._replace(boundary=state.memory.weights),
+            )
         z, beta, convs = self.paths(x, state.conv, segment_ids)
-        step = 0 if training or aligned else state.memories[self.small[0]].step
+        step = 0 if training or aligned else state.memories.step
         restarts = {}
         if segment_ids is not None:
-            small = self._stack(self.init_state(b).memories)
+            small = self.init_state(b).memories
             initial = {"small": (small.weights, small.momentum)}
             restarts = dict(restart=document_starts(segment_ids), initial=initial)
         (q, k, v, rates), mems = chunked.stream_blocks(
             self._small_block,
-            {"small": self._stack(state.memories)},
+            {"small": state.memories},
             step,
             (z, beta),
             self.chunk_size,
@@ -469,7 +482,6 @@ class SelfModifyingTitans(nnx.Module):
             batch_axis=1,  # the small memories are stacked ahead of the batch
             **restarts,
         )
-        mems = self._unstack(mems["small"])
         if restarts:
             restarts = dict(restart=restarts["restart"], initial=self.memory_out.state(b, self.momentum))
         run = ops.memory_chunked if training or aligned else ops.memory_stream
@@ -485,7 +497,7 @@ class SelfModifyingTitans(nnx.Module):
             remat=self.remat_chunks,
             **restarts,
         )
-        return y, (None if training else SelfModifyingState(convs, mems, memory))
+        return y, (None if training else SelfModifyingState(convs, mems["small"], memory))
 
     def __call__(
         self,

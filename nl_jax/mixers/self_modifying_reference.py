@@ -24,7 +24,7 @@ def reference_forward(layer: SelfModifyingTitans, x: jax.Array, state: SelfModif
     def step(carry, inputs):
         mems, memory = carry
         zt, bt = inputs
-        boundary = layer._stack(mems).boundary
+        boundary = layer.stack_small(mems).boundary
         q, k, v, rates = layer.generate(boundary, jax.tree.map(to_block, zt), jax.tree.map(to_block, bt))
         q, k, v, rates = jax.tree.map(to_seq, (q, k, v, rates))
         naive = lambda spec, s, c, read: ops.memory_naive(spec, s, q, k, v, rates, chunk_size=c, read=read)  # noqa: E731
@@ -33,6 +33,6 @@ def reference_forward(layer: SelfModifyingTitans, x: jax.Array, state: SelfModif
         return (mems, memory), y[:, 0]
 
     time_major = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (z, beta))
-    (mems, memory), ys = jax.lax.scan(step, (state.memories, state.memory), time_major)
+    (mems, memory), ys = jax.lax.scan(step, (layer.small_states(state.memories), state.memory), time_major)
     y = jnp.moveaxis(ys, 0, 1)
-    return layer.output(x, y), SelfModifyingState(convs, mems, memory)
+    return layer.output(x, y), SelfModifyingState(convs, layer.stack_small(mems), memory)

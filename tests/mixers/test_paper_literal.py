@@ -30,7 +30,7 @@ def _rates_and_values(layer, x):
     state = layer.init_state(x.shape[0])
     z, beta, _ = layer.paths(x, state.conv)
     blocks = jax.tree.map(lambda a: jnp.swapaxes(a, 1, 2), (z, beta))
-    return layer.generate(layer._stack(state.memories).boundary, *blocks)
+    return layer.generate(state.memories.boundary, *blocks)
 
 
 def _clip_margin(layer, x, monkeypatch):
