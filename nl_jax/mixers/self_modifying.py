@@ -396,6 +396,8 @@ class SelfModifyingTitans(nnx.Module):
         return (q, k, v, rates), {"small": (w, m)}
 
     def stack_small(self, mems: dict) -> ops.MemoryState:
+        """The small memories' states (name -> MemoryState) as one, stacked on a leading axis in
+        `small` order: the form `SelfModifyingState.memories` holds."""
         parts = [mems[n] for n in self.small]
         stack = lambda field: jax.tree.map(lambda *w: jnp.stack(w), *[getattr(p, field) for p in parts])
         return ops.MemoryState(stack("weights"), stack("momentum"), stack("boundary"), parts[0].step)
