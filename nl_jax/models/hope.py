@@ -410,11 +410,11 @@ class _Hope(CausalLM):
             ctx = (seq_len + 1) / 2 if not cfg.sliding_window else min(cfg.sliding_window, (seq_len + 1) / 2)
             proj = 2 * d * head_dim * (2 * heads + 2 * kv)
             return proj + 4 * heads * head_dim * ctx, proj, cms
-        from nl_jax.mixers.self_modifying import SelfModifyingTitans  # noqa: PLC0415
+        from nl_jax.mixers import self_modifying_cost  # noqa: PLC0415
 
         mem = dict(cfg.memory)
-        mixer = SelfModifyingTitans.forward_flops_per_token(seq_len, d, **mem)
-        return mixer, SelfModifyingTitans.projection_flops_per_token(d, **mem), cms
+        mixer = self_modifying_cost.forward_flops_per_token(seq_len, d, **mem)
+        return mixer, self_modifying_cost.projection_flops_per_token(d, **mem), cms
 
     @classmethod
     def flops_per_token(cls, cfg, seq_len: int) -> dict:

@@ -53,7 +53,7 @@ def _input_projections(mem) -> int:
 
 def _memory_fwd(mem, s: _Step, segment: int) -> list:
     """The self-modifying layer's memories per segment and layer, at their chunk shapes (the terms
-    of SelfModifyingTitans.forward_flops_per_token, one product per term)."""
+    of self_modifying_cost.forward_flops_per_token, one product per term)."""
     from nl_jax.mixers.self_modifying import SelfModifyingTitans  # noqa: PLC0415
 
     g = lambda key, default: mem.get(key, default)  # noqa: E731

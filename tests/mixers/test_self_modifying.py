@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nl_jax.mixers import self_modifying_cost
 from nl_jax.mixers.self_modifying import SelfModifyingTitans
 from nl_jax.mixers.self_modifying_reference import reference_forward
 from tests.memory.inputs import fresh_seed, max_grad_err, max_tree_rel_err, rel_err
@@ -401,9 +402,9 @@ def test_flops_helper_against_xla_count(structure, read, momentum):
     graphdef, params = nnx.split(layer)
     xla = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0]).lower(params, x).cost_analysis()
     xla = xla[0] if isinstance(xla, list) else xla
-    ours = SelfModifyingTitans.forward_flops_per_token(16, 64, 2, 32, **kw) * 16
+    ours = self_modifying_cost.forward_flops_per_token(16, 64, 2, 32, **kw) * 16
     assert 0.7 < ours / xla["flops"] < 1.05, (ours, xla["flops"])
-    fewer = SelfModifyingTitans.forward_flops_per_token(
+    fewer = self_modifying_cost.forward_flops_per_token(
         16, 64, 2, 32, **{**kw, "adaptive_k": False, "dgd": False}
     )
     assert fewer < ours / 16

@@ -1,0 +1,97 @@
+"""What the self-modifying Titans layer (`self_modifying.py`) costs: analytic forward FLOPs per
+token, the static projections apart (the part whose backward has weight gradients). The model's
+MFU counts them (`nl_jax.models.hope`), and a test checks them against XLA's cost analysis."""
+
+from __future__ import annotations
+
+from nl_jax.mixers.self_modifying import input_projections
+
+
+def projection_flops_per_token(
+    d_model: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    weight_decay: bool = True,
+    momentum: bool = True,
+    memory_inputs: str = "shared",
+    paper_literal: bool = False,
+    **_,
+) -> float:
+    """Forward FLOPs per token of the static projections (q, k, v, eta, gate, out, [alpha], [beta];
+    shared inputs: in, gate, out, [beta]): the part of the layer whose backward has weight
+    gradients; the rest (convolutions, memories) is a function of the input alone."""
+    d, h, dh = d_model, num_heads, head_dim
+    inputs = input_projections(weight_decay=weight_decay, memory_inputs=memory_inputs, paper_literal=paper_literal)
+    return float(2 * d * h * dh * (inputs + 1) + 2 * d * h * momentum)
+
+
+def forward_flops_per_token(
+    seq_len: int,
+    d_model: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    structure: str = "mlp",
+    hidden: int = 0,
+    chunk_size: int = 8,
+    memory_chunk_size: int = 64,
+    read: str = "boundary",
+    dgd: bool = True,
+    momentum: bool = True,
+    weight_decay: bool = True,
+    adaptive_k: bool = True,
+    adaptive_v: bool = True,
+    adaptive_q: bool = False,
+    conv_width: int = 4,
+    memory_target: str = "self",
+    memory_inputs: str = "shared",
+    paper_literal: bool = False,
+    **_,
+) -> float:
+    """Analytic forward FLOPs per token of the training forward, inner updates included.
+
+    Counts matmul-like work (2 per multiply-add) and the convolutions; elementwise activations,
+    norms and the log2(C)-level triangular inverse's lower-order terms are left out. `seq_len`
+    is accepted for the model interface; the cost per token does not depend on it.
+    """
+    del seq_len
+    d, h, dh = d_model, num_heads, head_dim
+    hid = hidden or dh
+    mats = [(dh, dh)] if structure == "linear" else [(dh, hid), (hid, dh)]  # (out, in); input side last
+    apply = h * sum(2 * o * i for o, i in mats)  # one memory read of one token, all heads
+
+    inputs = dict(memory_inputs=memory_inputs, paper_literal=paper_literal)
+    proj = projection_flops_per_token(
+        d, h, dh, weight_decay=weight_decay, momentum=momentum, **inputs
+    )
+    shared = input_projections(**inputs) == 2
+    conv = (1 if shared else 3) * 2 * conv_width * h * dh
+    readouts = 2 * h * dh * (1 + weight_decay)
+    n_small = 1 + adaptive_k + adaptive_v + adaptive_q + weight_decay  # eta always
+    generate = n_small * apply  # each small memory reads its input at the boundary
+
+    def update(c, self_target, read_mode):
+        """One memory over chunks of c tokens, per token: target, gradient factors, closed-form
+        update (final state of each chunk), DGD solve, coefficient products, and its read."""
+        f = apply * (1 + self_target)  # forward of the keys (+ the target M_B(v))
+        f += 2 * h * hid * dh * (structure == "mlp")  # error backpropagated through W1
+        f += h * 2 * c * c * momentum  # A Bm, A b (a C^3 product per chunk)
+        for o, i in mats:
+            f += h * 2 * o * i * (1 + momentum)  # sum of the chunk's rank-one terms into W (and S)
+        if dgd:
+            o, i = mats[-1]
+            f += h * (2 * c * i + 2 * c * o)  # Gram matrix and right-hand side
+            f += h * 2 * c * c / 3 + h * 2 * c * o  # triangular inverse (~2C^3/3 per chunk) and solve
+            # (the DGD term of the final state shares the gradient sum's product, counted above)
+        if read_mode == "boundary":
+            f += apply
+        elif read_mode == "per_token":
+            for o, i in mats:  # dual form: Q X^T, (Cm * QX^T) E, Q W0^T (+ Q S0^T)
+                f += h * (2 * c * i + 2 * c * o + 2 * o * i * (1 + momentum))
+            f += h * 2 * c * mats[-1][0] * dgd  # (A * QK^T) (gamma P)
+        return f
+
+    small = n_small * update(chunk_size, True, None)
+    out = update(memory_chunk_size, memory_target == "self", read)
+    return float(proj + conv + readouts + generate + small + out)
