@@ -95,3 +95,50 @@ def forward_flops_per_token(
     small = n_small * update(chunk_size, True, None)
     out = update(memory_chunk_size, memory_target == "self", read)
     return float(proj + conv + readouts + generate + small + out)
+
+
+def reads_from_segment_start(
+    segment: int,
+    *,
+    chunk_size: int = 8,
+    memory_chunk_size: int = 64,
+    read: str = "boundary",
+    adaptive_q: bool = False,
+    **_,
+) -> bool:
+    """Whether HOPE's inner gradient (from an ntp segment's logits alone) runs the layer's read path
+    alone: the segment on the small memories' chunk grid and one output-memory chunk long, read at
+    that chunk's boundary, q static. Its outputs then depend on no update inside it (the updates
+    reach only later segments), and the chunked form runs the output memory's single chunk unscanned,
+    so the updates' backward is dead code. (A longer output-memory chunk gives the same function,
+    but the streaming form that the segment then runs keeps the update on the backward's path.)"""
+    aligned = segment % chunk_size == 0 and memory_chunk_size == segment
+    return aligned and read == "boundary" and not adaptive_q
+
+
+def segment_backward_flops_per_token(
+    segment: int,
+    d_model: int,
+    num_heads: int,
+    head_dim: int,
+    *,
+    structure: str = "mlp",
+    hidden: int = 0,
+    conv_width: int = 4,
+    **memory,
+) -> float:
+    """FLOPs per token of the layer's backward inside one ntp segment of `segment` tokens, from the
+    segment's outputs to its input (HOPE's inner gradient: no weight gradients, no cotangent of the
+    state the segment leaves behind).
+
+    When the reads come from the segment's start state (`reads_from_segment_start`), the read path
+    alone, each matmul once: the input projection and gate, the conv, the output memory's read wrt
+    q, the out projection. Otherwise the reads depend on updates inside the segment, counted as the
+    whole backward but the projections' weight gradients."""
+    d, h, dh = d_model, num_heads, head_dim
+    if reads_from_segment_start(segment, **memory):
+        hid = hidden or dh
+        mats = [(dh, dh)] if structure == "linear" else [(dh, hid), (hid, dh)]
+        return float(3 * 2 * d * h * dh + 2 * conv_width * h * dh + h * sum(2 * o * i for o, i in mats))
+    layer = dict(structure=structure, hidden=hidden, conv_width=conv_width, **memory)
+    return 2 * forward_flops_per_token(segment, d, h, dh, **layer) - projection_flops_per_token(d, h, dh, **layer)

@@ -14,7 +14,7 @@ num_heads, num_kv_heads, head_dim, rope_theta, sliding_window.
 The CMS `ntp` signal (the paper's: the next-token-loss gradient wrt each level's fast weights) is
 model level. The forward cuts the sequence into segments of S = min(periods) tokens and scans over
 them with the whole layer stack inside, carrying every layer's recurrent state (memory states or KV
-caches, CMS fast weights and gradient accumulators). Per segment, jax.vjp of the segment forward
+caches, CMS fast weights and gradient accumulators). Per segment, the linearized segment forward
 gives its logits and, from the next-token cross-entropy of its tokens (the target of a segment's
 last token is the first token of the next one; the sequence's last token has none), the gradient
 wrt every layer's fast weights, summed over the segment's tokens. Those enter under stop_gradient
@@ -23,7 +23,10 @@ is d(loss of the segment's tokens) / d(the segment's weights): exactly what a br
 computes with a separate copy of the weights per segment (tests/models/test_hope_ntp.py). The
 segment is a custom_vjp: the outer gradient differentiates the segment forwards (through the fast
 weights to their meta-learned init, the updates being constants: first order) and never the inner
-backward, so it costs one extra backward per segment.
+backward, so it costs one extra backward per segment. That backward transposes the logits' part
+of the segment alone: the new mixer states do not enter it, so a self-modifying layer whose reads
+come from the segment's start state contributes its read path and not its updates
+(self_modifying_cost.reads_from_segment_start).
 
 Memory: the outer backward needs, per segment, the fast weights and mixer states it started from (per
 sequence, each as large as the CMS weights: 256 segments of a 4096-token sequence would keep 256 copies;
@@ -103,15 +106,18 @@ def segments_per_checkpoint(n: int, checkpoint_segments: int, remat_policy: str)
     return max(d for d in range(1, min(checkpoint_segments, n) + 1) if n % d == 0)
 
 
-def _zero_cotangent(tree):
-    """Zero cotangents for a pytree of outputs (float0 for the integer ones, e.g. positions)."""
+def _split_inexact(tree):
+    """A pytree's floating leaves (a list) and a function that puts a list of that form back with
+    its other leaves (integer positions and steps, or their float0 cotangents): what
+    `jax.linear_transpose` takes, which refuses mixed dtypes."""
+    leaves, treedef = jax.tree.flatten(tree)
+    inexact = [jnp.issubdtype(a.dtype, jnp.inexact) for a in leaves]
 
-    def zero(a):
-        if jnp.issubdtype(a.dtype, jnp.inexact):
-            return jnp.zeros_like(a)
-        return np.zeros(a.shape, jax.dtypes.float0)
+    def merge(floats):
+        floats = iter(floats)
+        return treedef.unflatten([next(floats) if f else a for a, f in zip(leaves, inexact)])
 
-    return jax.tree.map(zero, tree)
+    return [a for a, f in zip(leaves, inexact) if f], merge
 
 
 class HopeBlock(nnx.Module):
@@ -192,11 +198,13 @@ class _Hope(CausalLM):
         """One segment's logits, new mixer states and next-token-loss gradients wrt every layer's
         CMS fast weights (leading axis L).
 
-        A custom_vjp: its forward runs jax.vjp of the segment once and applies it to the inner
-        cotangent (what XLA needs of it: the activation gradients and the fast-weight gradients);
-        its backward applies the same vjp to the outer cotangents of the logits and the mixer states,
-        and gives the inner gradients none (first order). So the outer gradient never traces the
-        derivative of the inner backward, and costs one ordinary backward of the segment.
+        A custom_vjp: its forward linearizes the segment once and transposes the logits' part alone
+        to the inner cotangent (what XLA needs of it: the activation gradients and the fast-weight
+        gradients); its backward transposes the whole linearization (logits and mixer states) to the
+        outer cotangents, and gives the inner gradients none (first order). So the outer gradient
+        never traces the derivative of the inner backward, and costs one ordinary backward of the
+        segment. (A vjp of both outputs with a zero cotangent for the states would run the states'
+        backward on zeros: the memories' chunk scans instantiate a zero cotangent of their carry.)
         `documents`: the HopeBlock keywords of packed rows (segment ids ...), or None.
         """
         graphdef, params, rest = nnx.split(self, nnx.Param, ...)
@@ -210,16 +218,24 @@ class _Hope(CausalLM):
             return logits, new_mixer
 
         def fwd(p, w, m, r, cr, tok, tgt, msk, docs):
-            (logits, new_mixer), vjp = jax.vjp(lambda p_, w_, m_: f(p_, w_, m_, r, cr, tok, docs), p, w, m)
+            m_inexact, with_m = _split_inexact(m)
+
+            def g(p_, w_, m_):
+                logits, new = f(p_, w_, with_m(m_), r, cr, tok, docs)
+                return (logits, _split_inexact(new)[0]), new  # the new states whole as aux
+
+            (logits, new_inexact), lin, new = jax.linearize(g, p, w, m_inexact, has_aux=True)
             # d(sum of the segment's cross-entropies)/d(logits) = softmax - onehot, on tokens with a target.
             probs = jax.nn.softmax(logits, axis=-1)
             ct = (probs - jax.nn.one_hot(tgt, logits.shape[-1], dtype=probs.dtype)) * msk[..., None]
-            grads = vjp((ct, _zero_cotangent(new_mixer)))[1]
-            return (logits, new_mixer, grads), vjp
+            grads = jax.linear_transpose(lambda *t: lin(*t)[0], p, w, m_inexact)(ct)[1]
+            return (logits, new, grads), jax.linear_transpose(lin, p, w, m_inexact)
 
-        def bwd(vjp, cts):
+        def bwd(outer, cts):
             ct_logits, ct_mixer, _ = cts  # the inner gradients are constants to the outer level
-            return (*vjp((ct_logits, ct_mixer)), None, None, None, None, None, None)
+            ct_inexact, with_ct = _split_inexact(ct_mixer)  # the states in and out have one structure
+            dp, dw, dm = outer((ct_logits, ct_inexact))
+            return (dp, dw, with_ct(dm), None, None, None, None, None, None)
 
         # Everything traced is an argument: a custom_vjp must not close over tracers of the scan.
         seg = jax.custom_vjp(lambda *args: fwd(*args)[0])
@@ -426,9 +442,10 @@ class _Hope(CausalLM):
                  each level's MLP on the previous position and its weight gradient (7/3 of the
                  level's forward). ntp: each segment's inner backward from the logits, i.e. the
                  activation gradients through the unembedding, every CMS and the mixers above
-                 layer 0 (a mixer's whole backward but its projections' weight gradients) and the
-                 CMS weight gradients, for the segments whose gradients reach a boundary inside
-                 the sequence (all but the last).
+                 layer 0 (attention: its whole backward but its projections' weight gradients; the
+                 self-modifying layer: `segment_backward_flops_per_token`, mostly its read path)
+                 and the CMS weight gradients, for the segments whose gradients reach a boundary
+                 inside the sequence (all but the last).
         """
         n, unembed = cfg.num_layers, 2 * cfg.d_model * cfg.vocab_size
         mixer, proj, cms = cls._layer_flops_per_token(cfg, seq_len)
@@ -437,8 +454,17 @@ class _Hope(CausalLM):
         if cfg.cms.signal == "local":
             inner = n * 7 / 3 * cms
         elif cfg.cms.signal == "ntp":
-            segments = -(-seq_len // min(int(p) for p in cfg.cms.periods))
-            backward = unembed + n * 2 * cms + (n - 1) * (2 * mixer - proj)
+            segment = min(int(p) for p in cfg.cms.periods)
+            segments = -(-seq_len // segment)
+            if cfg.name == "hope_attention":
+                mixer_backward = 2 * mixer - proj
+            else:
+                from nl_jax.mixers import self_modifying_cost  # noqa: PLC0415
+
+                mixer_backward = self_modifying_cost.segment_backward_flops_per_token(
+                    segment, cfg.d_model, **dict(cfg.memory)
+                )
+            backward = unembed + n * 2 * cms + (n - 1) * mixer_backward
             inner = backward * (segments - 1) / segments
         return {"forward": float(forward), "inner": float(inner)}
 

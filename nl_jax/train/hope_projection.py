@@ -30,7 +30,11 @@ class _Fwd:
     """One forward matmul of a HOPE segment: `weight` says whose the stationary operand is
     ("param": a shared bf16 weight; "fast": a per-sequence float32 CMS weight; "state": both
     operands per-sequence activations or memory states, float32). `runs` per segment (per layer
-    when `layer`); `mixer`: part of the self-modifying layer (whose inner backward skips layer 0)."""
+    when `layer`); `mixer`: part of the self-modifying layer (whose inner backward skips layer 0).
+    `inner`: the share of the runs that the inner backward differentiates (0 for a memory update
+    whose state only later segments read, self_modifying_cost.reads_from_segment_start);
+    `inner_dx`: a "state" product whose inner backward needs the activation's gradient alone (a
+    read of a memory state the segment starts from)."""
 
     kind: str
     weight: str
@@ -43,6 +47,8 @@ class _Fwd:
     layer: bool = True
     mixer: bool = False
     passes: int = 1
+    inner: float = 1.0
+    inner_dx: bool = False
 
 
 def _input_projections(mem) -> int:
@@ -51,9 +57,10 @@ def _input_projections(mem) -> int:
     return input_projections(**mem)
 
 
-def _memory_fwd(mem, s: _Step, segment: int) -> list:
+def _memory_fwd(mem, s: _Step, segment: int, read_only: bool) -> list:
     """The self-modifying layer's memories per segment and layer, at their chunk shapes (the terms
-    of self_modifying_cost.forward_flops_per_token, one product per term)."""
+    of self_modifying_cost.forward_flops_per_token, one product per term). `read_only`: the inner
+    backward runs the output memory's boundary read (wrt q) and no update."""
     from nl_jax.mixers.self_modifying import SelfModifyingTitans  # noqa: PLC0415
 
     g = lambda key, default: mem.get(key, default)  # noqa: E731
@@ -77,7 +84,7 @@ def _memory_fwd(mem, s: _Step, segment: int) -> list:
         p = b * h * count  # products: sequences x heads x memories
         f32 = lambda *sizes: _F32 * sum(sizes)  # noqa: E731
 
-        def add(kind, m, k, n, runs, byts, products=p, passes=1):
+        def add(kind, m, k, n, runs, byts, products=p, passes=1, inner=None):
             ops.append(
                 _Fwd(
                     f"{name}: {kind}",
@@ -90,11 +97,14 @@ def _memory_fwd(mem, s: _Step, segment: int) -> list:
                     byts,
                     mixer=True,
                     passes=passes,
+                    inner=(0.0 if read_only else 1.0) if inner is None else inner,
+                    inner_dx=read_only,
                 )
             )
 
+        boundary_read = name == "output memory" and read_only  # the last of its `applies` reads
         for o, i in mats:  # reads of the memory: keys, targets, the boundary read
-            add("reads", r, i, o, applies, p * f32(o * i, r * (i + o)))
+            add("reads", r, i, o, applies, p * f32(o * i, r * (i + o)), inner=1 / applies if boundary_read else None)
         if len(mats) == 2:
             add("error through W1", r, dh, hid, 1, p * f32(hid * dh, r * (dh + hid)))
         if mom:
@@ -157,13 +167,18 @@ def _hope_fwd(cfg, s: _Step, segment: int) -> list:
             byts = p * (_BF16 * ctx * hd + _F32 * segment * (k + n))
             ops.append(_Fwd(kind, "state", segment, k, n, p, 1, byts, mixer=True))
     else:
+        from nl_jax.mixers import self_modifying_cost  # noqa: PLC0415
+
         m = cfg.memory
         hh, dh = m.get("num_heads", 8), m.get("head_dim", 128)
         proj = _input_projections(m)  # q, k, v, eta, gate (, alpha); shared inputs: in, gate
-        ops += [param("mixer projections", d, hh * dh // t, proj, mixer=True)]
+        # the inner backward of a layer read from its segment's start state: q's (or the shared
+        # input's) projection and the gate
+        read_only = self_modifying_cost.reads_from_segment_start(segment, **m)
+        ops += [param("mixer projections", d, hh * dh // t, proj, mixer=True, inner=2 / proj if read_only else 1.0)]
         if m.get("momentum", True):
-            ops.append(param("mixer beta", d, max(1, hh // t), mixer=True))
-        ops += [param("mixer output", hh * dh // t, d, mixer=True), *_memory_fwd(m, s, segment)]
+            ops.append(param("mixer beta", d, max(1, hh // t), mixer=True, inner=0.0 if read_only else 1.0))
+        ops += [param("mixer output", hh * dh // t, d, mixer=True), *_memory_fwd(m, s, segment, read_only)]
     for i, hidden in enumerate(cfg.cms.hidden):
         for kind, k, n in ((f"CMS {i} in: gate, up", d, 2 * hidden // t), (f"CMS {i} out", hidden // t, d)):
             ops.append(
@@ -185,15 +200,14 @@ def _train_ops(fwd: list, s: _Step, layers: int, segments: int, checkpoint: int,
     ops = []
     for f in fwd:
         per = seg * f.runs * (layers if f.layer else 1)
-        inner = per * inner_share * ((layers - 1) / layers if f.mixer else 1) * redo
+        inner = per * inner_share * ((layers - 1) / layers if f.mixer else 1) * redo * f.inner
         extra = (2 + (checkpoint > 1)) * per if full_remat and f.layer else 0.0
         fwd_runs = per * redo + extra
         if f.weight == "state":
             state = dict(passes=f.passes, on_chip=True)
+            backward = inner * (1 if f.inner_dx else 2) + 2 * per
             ops.append(Op(f.kind, f.m, f.k, f.n, f.products, fwd_runs, f.bytes, **state))
-            ops.append(
-                Op(f.kind + " (backward)", f.m, f.k, f.n, f.products, 2 * (inner + per), f.bytes, **state)
-            )
+            ops.append(Op(f.kind + " (backward)", f.m, f.k, f.n, f.products, backward, f.bytes, **state))
             continue
         if f.weight == "param":
             ops += _param_train(f.kind, f.m, f.k, f.n, fwd_runs, per, in_scan=True, extra_dx=inner)

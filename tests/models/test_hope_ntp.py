@@ -106,15 +106,15 @@ def _close(a, b, tol):
 # hope_attention: two layers, so the inner gradient of layer 1 crosses tokens through layer 2's
 # attention; three levels and checkpointed chunks of 2 segments (8 tokens): level 0 changes inside
 # a chunk, level 1 (period 8) only at chunk ends, level 2 (period 16) keeps its accumulator across
-# chunks. hope: one unscanned layer (the CMS sits after the memory, so the inner backward does not
-# enter the memory's streaming path, whose derivative is slow to compile on CPU), chunks of 2 too.
+# chunks. hope: two layers too, so the inner gradient of layer 1 crosses layer 2's self-modifying
+# memory (whose updates reach later segments only), chunks of 2 too.
 # (The plain segment scan, k = 1, is what decoding is compared with in test_hope.py.)
 CASES = {
     "hope_attention": (
         2,
         dict(periods=(4, 8, 16), hidden=(16, 24, 8), inner_lr=(0.5, 0.3, 0.2), checkpoint_segments=2),
     ),
-    "hope": (1, dict(checkpoint_segments=2)),
+    "hope": (2, dict(checkpoint_segments=2)),
 }
 
 

@@ -76,14 +76,16 @@ def test_hope_segment_scan_rows_and_runs():
 @pytest.mark.parametrize("remat", ["none", "dots_with_no_batch_dims_saveable"])
 def test_hope_flops_are_the_models_train_and_recompute_flops(remat):
     """The inventory's FLOPs are the model's own count (nl_jax.models.hope), less the vector-unit
-    work it leaves out: the convolutions and the rate read-outs of every mixer."""
+    work it leaves out: the convolutions and the rate read-outs of every mixer; in the inner
+    backward (the segment's reads come from its start state) q's convolution alone."""
     config = _hope(remat)
     cfg, cls = config.model, get_model_class("hope")
     work = P.workload(config, V5E4)
     segments, layers = 4, cfg.num_layers
     m = cfg.memory
-    vpu = 3 * 2 * m.conv_width * m.num_heads * m.head_dim + 2 * m.num_heads * m.head_dim * 2
-    inner = 2 * (layers - 1) * vpu * (segments - 1) / segments
+    conv = 2 * m.conv_width * m.num_heads * m.head_dim
+    vpu = 3 * conv + 2 * m.num_heads * m.head_dim * 2
+    inner = (layers - 1) * conv * (segments - 1) / segments
     per_token = cls.train_flops_per_token(cfg, SEQ_LEN) - 3 * layers * vpu - inner
     if remat != "none":
         assert work.checkpoint == 2  # sqrt(4 segments)

@@ -159,6 +159,17 @@ def stream_blocks(
     return ys, states
 
 
+def scan_chunks(body, carry, xs):
+    """`lax.scan` of `body` over the leading (chunk) axis of xs; one chunk runs the body directly.
+    A scan's transpose instantiates a zero cotangent of its final carry, so a caller that
+    differentiates the reads alone (HOPE's inner gradient) would run the whole update's backward on
+    zeros; unscanned, the update's backward is dead code and dropped."""
+    if jax.tree.leaves(xs)[0].shape[0] != 1:
+        return jax.lax.scan(body, carry, xs)
+    carry, ys = body(carry, jax.tree.map(lambda a: a[0], xs))
+    return carry, jax.tree.map(lambda a: a[None], ys)
+
+
 def _whole_chunks(block_fn, states: dict, xs, chunk_size: int, remat: bool, restart, initial, batch_axis):
     """`stream_blocks` from a chunk boundary over whole chunks: every block starts at a boundary, so
     the boundary state is the running one and the scan carries the weights and momenta alone."""
@@ -178,7 +189,7 @@ def _whole_chunks(block_fn, states: dict, xs, chunk_size: int, remat: bool, rest
     if remat:
         body = jax.checkpoint(body)
     carry = {n: (s.weights, s.momentum) for n, s in states.items()}
-    carry, ys = jax.lax.scan(body, carry, xs)
+    carry, ys = scan_chunks(body, carry, xs)
     return jax.tree.map(from_chunks, ys), {n: st.MemoryState(w, m, w, zero) for n, (w, m) in carry.items()}
 
 
@@ -293,7 +304,7 @@ def _memory_chunked(
 
     if remat:
         body = jax.checkpoint(body)
-    (weights, momentum), ys = jax.lax.scan(body, (state.weights, state.momentum), xs)
+    (weights, momentum), ys = scan_chunks(body, (state.weights, state.momentum), xs)
     return from_chunks(ys), st.MemoryState(weights, momentum, weights, jnp.zeros((), jnp.int32))
 
 
