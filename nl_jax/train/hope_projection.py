@@ -259,6 +259,7 @@ def _hope_state_bytes(cfg, s: _Step, segment: int, segments: int, checkpoint: in
 
 def hope_workload(config, slice_: Slice) -> Workload:
     """HOPE with the ntp signal: the segment scan (see nl_jax/models/hope.py)."""
+    from nl_jax.mixers import self_modifying_cost  # noqa: PLC0415 (mixers import jax)
     from nl_jax.models.hope import _Hope  # noqa: PLC0415 (models import jax)
 
     cfg, s = config.model, _step(config, slice_)
@@ -281,7 +282,8 @@ def hope_workload(config, slice_: Slice) -> Workload:
         segment % memory.get(key, default) == 0
         for key, default in (("chunk_size", 8), ("memory_chunk_size", 64))
     )
-    per_matmul = KERNELS_PER_MATMUL["chunked" if chunked else "streamed"]
+    reads = cfg.name == "hope" and self_modifying_cost.reads_from_segment_start(segment, **memory)
+    per_matmul = KERNELS_PER_MATMUL["reads" if reads else "chunked" if chunked else "streamed"]
     return Workload(
         model=cfg.name,
         mesh=dict(data=s.data // s.fsdp, fsdp=s.fsdp, tensor=s.tensor),

@@ -68,9 +68,28 @@ def test_hope_segment_scan_rows_and_runs():
     assert (small.m, small.k, small.n, small.products) == (8, 32, 32, 2 * 4 * 4)  # 4 small memories
     assert small.runs == 4 * cfg.num_layers * 2 * 3  # 2 chunks, 3 reads each (generate, key, target)
     assert _by_kind(work, "output memory: reads").m == 16
-    # Inner backward: every segment but the last, dx only for a shared weight.
+    # Inner backward: every segment but the last, dx only for a shared weight. The segment is one
+    # output-memory chunk, so the inner backward reads alone: the projections of q and the gate
+    # (2 of 6), the output memory's boundary read (dx only), no small memory.
     dx = _by_kind(work, "unembedding (dx)")
     assert dx.runs == 4 + 3
+    assert _by_kind(work, "mixer projections (dx)").runs == proj.runs + 4 * 2 * (cfg.num_layers - 1) * 3 / 4
+    assert _by_kind(work, "small memories: reads (backward)").runs == 2 * small.runs
+    out = _by_kind(work, "output memory: reads")
+    assert _by_kind(work, "output memory: reads (backward)").runs == 2 * out.runs + 1 * (cfg.num_layers - 1) * 3
+
+
+@pytest.mark.parametrize(
+    ("memory_chunk", "per_matmul"), [(16, "5.7"), (8, "6.7"), (32, "14.2")]
+)
+def test_hope_op_estimate_follows_how_the_segment_runs(memory_chunk, per_matmul):
+    """Kernels per matmul: a segment of one output-memory chunk (its inner pass reads alone), of
+    several chunks (scanned), or inside a longer chunk (streamed)."""
+    config = _hope()
+    config.model.memory.memory_chunk_size = memory_chunk
+    work = P.workload(config, V5E4)
+    assert work.op_source == f"estimate: {per_matmul} kernels per matmul, as in compiled HOPE steps"
+    assert work.op_count == pytest.approx(float(per_matmul) * sum(op.runs for op in work.ops))
 
 
 @pytest.mark.parametrize("remat", ["none", "dots_with_no_batch_dims_saveable"])
