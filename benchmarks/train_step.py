@@ -6,9 +6,12 @@
 
 Each row is one `nl_jax.train.run` of the named config in a fresh subprocess, as
 `python -m experiments.pretrain` runs it (embedded corpus, data pipeline, metrics; no checkpoints,
-one validation batch at the end): tokens/s over the timed steps after the first (the trainer's own
-meter), MFU by the trainer's FLOP count, the time from the subprocess's start to the end of its
-first step (imports, data, compilation), and the subprocess's peak resident memory. Each nl_jax
+one validation batch at the end): tokens/s over `--steps` timed steps that follow the first step
+(which compiles) and `--warmup` untimed ones, the window's ends waiting for the step's result; MFU
+by the trainer's FLOP count; the time from the subprocess's start to the end of its first step
+(imports, data, compilation); and the subprocess's peak resident memory. The warm-up: the steps
+right after the compile run slower than the steady ones. The PyTorch rows take the same untimed
+steps and the same mean over their timed steps. Each nl_jax
 row's process re-executes itself with malloc on transparent huge pages, as every experiments command
 does (experiments/host_memory.py); the PyTorch rows run with glibc's defaults. The baselines'
 SwiGLU widths are solved so that every model has the parameters of the HOPE config (`--base`);
@@ -43,7 +46,8 @@ flags.DEFINE_list(
     "models", ["transformer", "titans", "hope_none", "hope_local", "hope_ntp"], "rows (see MODELS)"
 )
 flags.DEFINE_string("base", "hope_tiny", "the HOPE config whose parameter count every row matches")
-flags.DEFINE_integer("steps", 10, "timed steps after the first")
+flags.DEFINE_integer("steps", 10, "timed steps, after the first (compiling) one and the warm-up")
+flags.DEFINE_integer("warmup", 5, "untimed steps after the first, before the timed ones (every row, the peers' too)")
 flags.DEFINE_integer("tokens_per_step", 2048, "batch = max(1, tokens_per_step // T)")
 flags.DEFINE_multi_string(
     "override", [], "extra --config overrides for every row, e.g. model.scan_layers=False"
@@ -52,7 +56,7 @@ flags.DEFINE_bool("peers", False, "also time nested-learning's hope_selfmod and 
 flags.DEFINE_string("peers_python", sys.executable, "interpreter with torch and nested_learning")
 flags.DEFINE_string("peers_shape", "d_model=128,num_layers=2,batch=4,seq_len=256", "shape of the peer rows")
 flags.DEFINE_integer(
-    "peers_steps", 3, "timed steps of each peer row (its hope_selfmod takes seconds per step)"
+    "peers_steps", 3, "timed steps of nested-learning's hope_selfmod (seconds per step; its transformer: --steps)"
 )
 flags.DEFINE_string("json", "", "also write the rows to this file")
 # The worker: one row in this process (the parent runs it as a subprocess).
@@ -107,23 +111,31 @@ def _worker(config_name: str, overrides: dict) -> dict:
     from nl_jax.train import Hook, run  # noqa: PLC0415
 
     config = apply_overrides(configs.load(config_name), overrides)
-    config.train.update(steps=FLAGS.steps + 1, log_every=FLAGS.steps + 1)
+    # The first step compiles; `warmup` more run untimed; the timed window ends a step before the
+    # last, whose end the run's final evaluation follows.
+    warmup, timed = FLAGS.warmup, FLAGS.steps
+    config.train.update(steps=warmup + timed + 2, log_every=warmup + timed + 2)
     config.eval.update(every=0, max_batches=1)
     config.checkpoint.enabled = False
-    first = {}
+    marks = {}
 
-    def first_step(step, state, row):
-        del state, row
-        first.setdefault("t", time.time())
+    def mark(step, state, row):
+        del row
+        if step in (1, 1 + warmup, 1 + warmup + timed):
+            jax.block_until_ready(state)  # the step's result, not its dispatch
+            marks[step] = time.perf_counter()
+            marks.setdefault("first", time.time())
 
     with tempfile.TemporaryDirectory() as workdir:
-        summary = run(config, workdir, config_name=config_name, hooks=[Hook(1, first_step)])
+        summary = run(config, workdir, config_name=config_name, hooks=[Hook(1, mark)])
+    tokens_per_step = int(config.data.global_batch_size) * int(config.data.seq_len)
+    tokens_per_s = timed * tokens_per_step / (marks[1 + warmup + timed] - marks[1 + warmup])
     return dict(
         params=summary["params"],
-        tokens_per_s=summary["tokens_per_s"],
-        mfu=summary["mfu"],
+        tokens_per_s=tokens_per_s,
+        mfu=summary["mfu"] * tokens_per_s / summary["tokens_per_s"],  # the trainer's FLOP count
         train_flops_per_token=summary["train_flops_per_token"],
-        first_step_s=first["t"] - FLAGS.worker_start,
+        first_step_s=marks["first"] - FLAGS.worker_start,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         jax=jax.__version__,
         device=jax.devices()[0].device_kind,
@@ -168,7 +180,8 @@ def _peer_row(kind: str, loop: str, shape: dict) -> dict:
             "benchmarks.peers",
             f"--kind={kind}",
             f"--loop={loop}",
-            f"--steps={FLAGS.peers_steps}",
+            f"--steps={FLAGS.peers_steps if kind == 'hope_selfmod' else FLAGS.steps}",
+            f"--warmup={FLAGS.warmup}",
             "--vocab=260",
             *args,
         ]

@@ -49,3 +49,23 @@ def test_baselines_are_sized_to_the_hope_config_and_overrides_are_checked():
         assert abs(params - target) <= 3 * 8 * 128 * 2 / 2, (name, params, target)
     assert "unknown config field 'model.cms.no_such_field'" in out["error"]
     assert out["parsed"] == [[16, 64], False, "ntp"]
+
+
+def test_a_row_times_its_steps_after_the_warmup():
+    """One row's worker, as the benchmark runs it: a tiny Transformer++, 1 untimed and 2 timed steps."""
+    overrides = {
+        "model.d_model": 32,
+        "model.num_layers": 1,
+        "model.mlp_hidden": 64,
+        "data.seq_len": 32,
+        "data.global_batch_size": 8,  # the tests run on 8 CPU devices
+    }
+    args = ["--worker_config=transformer_tiny", f"--worker_overrides={json.dumps(overrides)}"]
+    args += ["--steps=2", "--warmup=1", "--worker_start=0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1, row
+    assert row["first_step_s"] > 0 and row["peak_rss_gb"] > 0
