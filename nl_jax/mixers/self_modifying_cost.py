@@ -26,6 +26,12 @@ def projection_flops_per_token(
     return float(2 * d * h * dh * (inputs + 1) + 2 * d * h * momentum)
 
 
+def memory_matrices(structure: str, head_dim: int, hidden: int = 0) -> list[tuple[int, int]]:
+    """(out, in) of each fast-weight matrix of one head's memory, the input side last."""
+    dh, hid = head_dim, hidden or head_dim
+    return [(dh, dh)] if structure == "linear" else [(dh, hid), (hid, dh)]
+
+
 def forward_flops_per_token(
     seq_len: int,
     d_model: int,
@@ -58,7 +64,7 @@ def forward_flops_per_token(
     del seq_len
     d, h, dh = d_model, num_heads, head_dim
     hid = hidden or dh
-    mats = [(dh, dh)] if structure == "linear" else [(dh, hid), (hid, dh)]  # (out, in); input side last
+    mats = memory_matrices(structure, dh, hidden)
     apply = h * sum(2 * o * i for o, i in mats)  # one memory read of one token, all heads
 
     inputs = dict(memory_inputs=memory_inputs, paper_literal=paper_literal)
@@ -137,8 +143,7 @@ def segment_backward_flops_per_token(
     whole backward but the projections' weight gradients."""
     d, h, dh = d_model, num_heads, head_dim
     if reads_from_segment_start(segment, **memory):
-        hid = hidden or dh
-        mats = [(dh, dh)] if structure == "linear" else [(dh, hid), (hid, dh)]
-        return float(3 * 2 * d * h * dh + 2 * conv_width * h * dh + h * sum(2 * o * i for o, i in mats))
+        read = h * sum(2 * o * i for o, i in memory_matrices(structure, dh, hidden))
+        return float(3 * 2 * d * h * dh + 2 * conv_width * h * dh + read)
     layer = dict(structure=structure, hidden=hidden, conv_width=conv_width, **memory)
     return 2 * forward_flops_per_token(segment, d, h, dh, **layer) - projection_flops_per_token(d, h, dh, **layer)

@@ -61,13 +61,14 @@ def _memory_fwd(mem, s: _Step, segment: int, read_only: bool) -> list:
     """The self-modifying layer's memories per segment and layer, at their chunk shapes (the terms
     of self_modifying_cost.forward_flops_per_token, one product per term). `read_only`: the inner
     backward runs the output memory's boundary read (wrt q) and no update."""
+    from nl_jax.mixers import self_modifying_cost  # noqa: PLC0415
     from nl_jax.mixers.self_modifying import SelfModifyingTitans  # noqa: PLC0415
 
     g = lambda key, default: mem.get(key, default)  # noqa: E731
     h = g("num_heads", 8) / s.tensor  # heads per device
     dh = g("head_dim", 128)
     hid = g("hidden", 0) or dh
-    mats = [(dh, dh)] if g("structure", "mlp") == "linear" else [(dh, hid), (hid, dh)]  # (out, in)
+    mats = self_modifying_cost.memory_matrices(g("structure", "mlp"), dh, hid)  # (out, in)
     mom, dgd = int(g("momentum", True)), bool(g("dgd", True))
     n_small = (
         1 + g("adaptive_k", True) + g("adaptive_v", True) + g("adaptive_q", False) + g("weight_decay", True)
@@ -143,8 +144,10 @@ def _memory_fwd(mem, s: _Step, segment: int, read_only: bool) -> list:
     return ops
 
 
-def _hope_fwd(cfg, s: _Step, segment: int) -> list:
-    """Forward matmuls of one segment: per layer the mixer and the CMS levels; the unembedding."""
+def _hope_fwd(cfg, s: _Step, segment: int, read_only: bool) -> list:
+    """Forward matmuls of one segment: per layer the mixer and the CMS levels; the unembedding.
+    `read_only` (hope): the segment's reads come from its start state, so its inner backward runs
+    the mixer's read path alone (self_modifying_cost.reads_from_segment_start)."""
     d, t, b = cfg.d_model, s.tensor, s.sequences
     rows = b * segment
     act = lambda k, n: _BF16 * rows * (k + n)  # noqa: E731
@@ -167,14 +170,11 @@ def _hope_fwd(cfg, s: _Step, segment: int) -> list:
             byts = p * (_BF16 * ctx * hd + _F32 * segment * (k + n))
             ops.append(_Fwd(kind, "state", segment, k, n, p, 1, byts, mixer=True))
     else:
-        from nl_jax.mixers import self_modifying_cost  # noqa: PLC0415
-
         m = cfg.memory
         hh, dh = m.get("num_heads", 8), m.get("head_dim", 128)
         proj = _input_projections(m)  # q, k, v, eta, gate (, alpha); shared inputs: in, gate
         # the inner backward of a layer read from its segment's start state: q's (or the shared
         # input's) projection and the gate
-        read_only = self_modifying_cost.reads_from_segment_start(segment, **m)
         ops += [param("mixer projections", d, hh * dh // t, proj, mixer=True, inner=2 / proj if read_only else 1.0)]
         if m.get("momentum", True):
             ops.append(param("mixer beta", d, max(1, hh // t), mixer=True, inner=0.0 if read_only else 1.0))
@@ -267,7 +267,9 @@ def hope_workload(config, slice_: Slice) -> Workload:
     segments = -(-s.seq_len // segment)
     checkpoint = _Hope.ntp_segments_per_checkpoint(cfg, s.seq_len)
     full = cfg.remat_policy in ("full", "nothing_saveable")
-    fwd = _hope_fwd(cfg, s, segment)
+    memory = cfg.get("memory", {})
+    reads = cfg.name == "hope" and self_modifying_cost.reads_from_segment_start(segment, **memory)
+    fwd = _hope_fwd(cfg, s, segment, reads)
     ops = _train_ops(fwd, s, cfg.num_layers, segments, checkpoint, full)
     seg, redo = segments * s.microbatches, 1 + (checkpoint > 1)
     for i, (hidden, period) in enumerate(zip(cfg.cms.hidden, cfg.cms.periods)):
@@ -277,12 +279,10 @@ def hope_workload(config, slice_: Slice) -> Workload:
     logits = _F32 * s.sequences * segment * cfg.vocab_size / s.tensor
     ops.append(Op("softmax of the logits", 0, 0, 0, 0, seg * redo, 3 * logits))
     params = _hope_params(cfg)
-    memory = cfg.get("memory", {})
     chunked = cfg.name == "hope_attention" or all(
         segment % memory.get(key, default) == 0
         for key, default in (("chunk_size", 8), ("memory_chunk_size", 64))
     )
-    reads = cfg.name == "hope" and self_modifying_cost.reads_from_segment_start(segment, **memory)
     per_matmul = KERNELS_PER_MATMUL["reads" if reads else "chunked" if chunked else "streamed"]
     return Workload(
         model=cfg.name,
