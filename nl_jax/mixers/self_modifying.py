@@ -413,9 +413,11 @@ class SelfModifyingTitans(nnx.Module):
         }
 
     def aligned(self, length: int) -> bool:
-        """Whether a block of `length` tokens started at a multiple of it stays on both chunk grids,
-        so `core(..., aligned=True)` can run the chunked form from a carried state."""
-        return length % self.chunk_size == 0 and length % self.memory_chunk_size == 0
+        """Whether blocks of `length` tokens started at multiples of it stay on the small memories'
+        chunk grid and on the output memory's grid or inside one of its chunks, so that
+        `core(..., aligned=True)` can run them from a carried state with no chunk crossing to branch on."""
+        m = self.memory_chunk_size
+        return length % self.chunk_size == 0 and (length % m == 0 or m % length == 0)
 
     def core(
         self,
@@ -428,10 +430,13 @@ class SelfModifyingTitans(nnx.Module):
     ):
         """The memory read y [B, T, H, dh] before the output head, and the new state (None in training).
 
-        `aligned` (static): the caller guarantees that `state` sits at a boundary of both chunk grids
-        and that T is a multiple of both chunk sizes (a model running whole segments); the chunked
-        form then runs from the state with the chunk positions known at trace time, the values
-        being those of the streaming form.
+        `aligned` (static): the caller guarantees that `state` sits at a boundary of the small
+        memories' chunk grid, T being a multiple of their chunk, and either at a boundary of the
+        output memory's grid, T a multiple of its chunk, or T dividing that chunk and the state
+        a multiple of T into it (a model running whole segments, `aligned(T)`). The small memories
+        (and an output memory on its grid) then run the chunked form from the state, with the chunk
+        positions known at trace time; an output memory inside its chunk runs one streaming pass,
+        with no branch for a crossing. The values are those of the streaming form.
 
         `segment_ids` [B, T] (training or `aligned`): restart at documents' first tokens (module
         docstring), which must start chunks of both grids; `document_start` [B] bool (with a
@@ -440,9 +445,11 @@ class SelfModifyingTitans(nnx.Module):
             raise ValueError(f"SelfModifyingTitans expects x [B, T, {self.d_model}], got shape {x.shape}")
         b, t, _ = x.shape
         training = state is None
+        # aligned segments inside one chunk of the output memory, which streams them
+        inside = aligned and not training and t % self.memory_chunk_size != 0 and self.memory_chunk_size % t == 0
         if training or aligned:
             for name, c in (("chunk_size", self.chunk_size), ("memory_chunk_size", self.memory_chunk_size)):
-                if t % c:
+                if t % c and not (inside and name == "memory_chunk_size"):
                     raise ValueError(
                         f"{name} {c} does not divide the sequence length {t} (the training forward runs "
                         "whole chunks; pass a state from init_state to stream any length)"
@@ -463,10 +470,8 @@ class SelfModifyingTitans(nnx.Module):
                 jax.tree.map(restart(0), init.memory, state.memory),
             )
         if aligned and not training:  # at a chunk boundary the boundary state is the running one
-            state = state._replace(
-                memories=state.memories._replace(boundary=state.memories.weights),
-                memory=state.memory._replace(boundary=state.memory.weights),
-            )
+            memory = state.memory if inside else state.memory._replace(boundary=state.memory.weights)
+            state = state._replace(memories=state.memories._replace(boundary=state.memories.weights), memory=memory)
         z, beta, convs = self.paths(x, state.conv, segment_ids)
         step = 0 if training or aligned else state.memories.step
         restarts = {}
@@ -484,9 +489,13 @@ class SelfModifyingTitans(nnx.Module):
             batch_axis=1,  # the small memories are stacked ahead of the batch
             **restarts,
         )
-        if restarts:
+        if restarts and not inside:
             restarts = dict(restart=restarts["restart"], initial=self.memory_out.state(b, self.momentum))
-        run = ops.memory_chunked if training or aligned else ops.memory_stream
+        elif inside:
+            # Documents start on the output memory's grid, so inside one of its chunks only at the
+            # block's first token, where `document_start` restarted the state above.
+            restarts = dict(within_chunk=True)
+        run = ops.memory_chunked if (training or aligned) and not inside else ops.memory_stream
         y, memory = run(
             self.out_spec,
             state.memory,

@@ -113,12 +113,12 @@ def reads_from_segment_start(
     **_,
 ) -> bool:
     """Whether HOPE's inner gradient (from an ntp segment's logits alone) runs the layer's read path
-    alone: the segment on the small memories' chunk grid and one output-memory chunk long, read at
-    that chunk's boundary, q static. Its outputs then depend on no update inside it (the updates
-    reach only later segments), and the chunked form runs the output memory's single chunk unscanned,
-    so the updates' backward is dead code. (A longer output-memory chunk gives the same function,
-    but the streaming form that the segment then runs keeps the update on the backward's path.)"""
-    aligned = segment % chunk_size == 0 and memory_chunk_size == segment
+    alone: the segment on the small memories' chunk grid and inside one output-memory chunk (its
+    length dividing the chunk), read at that chunk's boundary, q static. Its outputs then depend on
+    no update inside it (the updates reach only later segments), and the output memory runs the
+    segment without a scan or a branch (one chunk unscanned, or one streaming pass inside a chunk,
+    `SelfModifyingTitans.core`'s aligned form), so the updates' backward is dead code."""
+    aligned = segment % chunk_size == 0 and memory_chunk_size % segment == 0
     return aligned and read == "boundary" and not adaptive_q
 
 

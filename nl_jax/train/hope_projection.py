@@ -279,9 +279,11 @@ def hope_workload(config, slice_: Slice) -> Workload:
     logits = _F32 * s.sequences * segment * cfg.vocab_size / s.tensor
     ops.append(Op("softmax of the logits", 0, 0, 0, 0, seg * redo, 3 * logits))
     params = _hope_params(cfg)
-    chunked = cfg.name == "hope_attention" or all(
-        segment % memory.get(key, default) == 0
-        for key, default in (("chunk_size", 8), ("memory_chunk_size", 64))
+    # the segment runs without a streaming branch (SelfModifyingTitans.aligned): on the small
+    # memories' grid, and on the output memory's grid or inside one of its chunks
+    out_chunk = memory.get("memory_chunk_size", 64)
+    chunked = cfg.name == "hope_attention" or (
+        segment % memory.get("chunk_size", 8) == 0 and (segment % out_chunk == 0 or out_chunk % segment == 0)
     )
     per_matmul = KERNELS_PER_MATMUL["reads" if reads else "chunked" if chunked else "streamed"]
     return Workload(

@@ -48,13 +48,14 @@ MXU_SIDE = {"v4": 128, "v5e": 128, "v5p": 128, "v6e": 256}
 OP_SECONDS = 1e-6  # fixed cost of one executed HLO op
 # Executed HLO kernels per matmul of a HOPE ntp step (the elementwise fusions, copies and slices
 # around each product), as counted by nl_jax.train.aot.profile_hlo in compiled steps of hope_760m on
-# v5p-64: segments one output-memory chunk long, whose inner pass runs the memories' reads alone
-# (self_modifying_cost.reads_from_segment_start; S = 64, data32), 5.7 (30,708,953 compiled ops
-# against the projection's 5,365,248 matmul executions); segments on the memories' chunk grids
-# whose inner pass runs the updates too, 6.7 (measured at S = 64 before the inner pass read alone);
-# S = 16 below the output memory's chunk of 64, whose streaming form runs both passes of every
-# block, 14.2. (hope_tiny on v5p-8, before the inner pass read alone: 6.0, 92,316 compiled ops
-# against 15,407 matmul executions.)
+# v5p-64: segments one output-memory chunk long or inside one, whose inner pass runs the memories'
+# reads alone (self_modifying_cost.reads_from_segment_start), 5.7 (S = 64, data32: 30,708,953
+# compiled ops against the projection's 5,365,248 matmul executions; the defaults, S = 16 inside
+# chunks of 64: 211,588,168 against 34,773,888, 6.1); segments on the memories' chunk grids whose
+# inner pass runs the updates too, 6.7 (measured at S = 64 before the inner pass read alone);
+# segments off the output memory's grid, whose streaming form runs both passes of every block,
+# 14.2 (S = 16 in chunks of 64 before those segments ran aligned). (hope_tiny on v5p-8, before the
+# inner pass read alone: 6.0, 92,316 compiled ops against 15,407 matmul executions.)
 KERNELS_PER_MATMUL = {"reads": 5.7, "chunked": 6.7, "streamed": 14.2}
 HOP_SECONDS = 1e-6  # ICI latency per hop of a collective ring
 HIGHEST_PASSES = 6  # bf16 MXU passes of a float32 product at Precision.HIGHEST

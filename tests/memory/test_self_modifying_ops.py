@@ -62,6 +62,25 @@ def test_stream_any_split_equals_naive_with_gradients(structure, read, self_targ
     assert max_tree_rel_err(g, g_ref) < TOL, seed
 
 
+@pytest.mark.parametrize("read", ["per_token", "boundary"])
+def test_stream_within_chunk_equals_naive(read):
+    """Pieces that divide the chunk, run `within_chunk` (one pass, no crossing branch): the
+    token-by-token reference's outputs and states; a piece that would cross is refused."""
+    seed = fresh_seed()
+    spec = ops.MemorySpec("mlp", "l2", "silu", self_target=True)
+    state, q, k, v, rates = make_inputs(seed, spec, length=16, hidden=8)
+    xs = (q, k, v, rates)
+    y_ref, s_ref = ops.memory_naive(spec, state, *xs, chunk_size=8, read=read)
+    ys, s = [], state
+    for a in range(0, 16, 4):
+        y, s = ops.memory_stream(spec, s, *_cut(xs, a, a + 4), chunk_size=8, read=read, within_chunk=True)
+        ys.append(y)
+    assert rel_err(jnp.concatenate(ys, 1), y_ref) < TOL, seed
+    assert max_tree_rel_err(s, s_ref) < TOL, seed
+    with pytest.raises(ValueError, match="must fit in one chunk of 8"):
+        ops.memory_stream(spec, state, *_cut(xs, 0, 12), chunk_size=8, read=read, within_chunk=True)
+
+
 @pytest.mark.parametrize("structure,read", [("mlp", "per_token"), ("linear", "boundary")])
 def test_self_target_chunked_equals_naive(structure, read):
     seed = fresh_seed()

@@ -56,6 +56,8 @@ CASES = {
     "hope-local": lambda: _hope("hope", "local"),
     "hope-ntp": lambda: _hope("hope", "ntp"),
     "hope-ntp-linear-per_token": lambda: _hope("hope", "ntp", structure="linear", read="per_token"),
+    # segments of 8 inside output-memory chunks of 16 (the sized configs' layout, 16 in 64)
+    "hope-ntp-output-chunk-16": lambda: _hope("hope", "ntp", memory_chunk_size=16),
     "hope_attention-ntp": lambda: _hope("hope_attention", "ntp"),
 }
 

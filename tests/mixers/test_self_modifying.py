@@ -150,6 +150,37 @@ def test_streaming_gradients_equal_training_gradients():
     assert max_grad_err(g_seg, g) < TOL and max_tree_rel_err(g_seg, g) < 1e-3, seed
 
 
+@pytest.mark.parametrize("read", ["boundary", "per_token"])
+def test_aligned_segments_inside_an_output_chunk_equal_the_streaming_form(read):
+    """Segments that divide the output memory's chunk (a sized HOPE config's ntp segments), run
+    `aligned`: the small memories chunked from the carried state, the output memory one streaming
+    pass with no crossing branch. Outputs, states and gradients are those of the streaming form and
+    of the one-call training forward, at every position of a segment in the chunk."""
+    seed = fresh_seed()
+    layer = _layer(seed, chunk_size=2, memory_chunk_size=8, read=read)
+    assert layer.aligned(4) and layer.aligned(8) and not layer.aligned(6)
+    x = _x(seed, 16)
+    cot = jax.random.normal(jax.random.key(seed + 5), x.shape)
+
+    def segments(aligned):
+        def run(model, x):
+            state, ys = model.init_state(x.shape[0]), []
+            for a in range(0, 16, 4):  # positions 0, 4 in each chunk of 8
+                y, state = model(x[:, a : a + 4], state, aligned=aligned)
+                ys.append(y)
+            return jnp.concatenate(ys, 1), state
+
+        return run
+
+    y, _, g = _value_and_grads(lambda m, x: m(x), layer, x, cot)
+    y_al, state_al, g_al = _value_and_grads(segments(True), layer, x, cot)
+    y_st, state_st, g_st = _value_and_grads(segments(False), layer, x, cot)
+    assert rel_err(y_al, y_st) < TOL and rel_err(y_al, y) < TOL, seed
+    assert max_tree_rel_err(state_al, state_st) < TOL, seed
+    assert max_grad_err(g_al, g_st) < TOL and max_grad_err(g_al, g) < TOL, seed
+    assert max_tree_rel_err(g_al, g) < 1e-3, seed
+
+
 def test_bfloat16_compute_keeps_float32_fast_weights():
     layer = _layer(0, chunk_size=2, memory_chunk_size=4, dtype="bfloat16")
     x = _x(0, 8).astype(jnp.bfloat16)
@@ -375,6 +406,8 @@ def test_bad_input_is_named():
         layer(_x(0, 12))
     with pytest.raises(ValueError, match="chunk_size 4 does not divide the sequence length 6"):
         layer(_x(0, 6))
+    with pytest.raises(ValueError, match="memory_chunk_size 8 does not divide the sequence length 12"):
+        layer(_x(0, 12), layer.init_state(2), aligned=True)  # 12 neither fills nor divides a chunk of 8
     with pytest.raises(ValueError, match=r"expects x \[B, T, 16\]"):
         layer(jnp.zeros((2, 8, 12)))
     with pytest.raises(ValueError, match="read must be one of"):

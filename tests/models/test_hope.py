@@ -28,18 +28,22 @@ def _paths(tree):
 
 
 @pytest.mark.parametrize(
-    "name,signal",
+    "name,signal,memory_chunk",
     [
-        ("hope_attention", "ntp"),
-        ("hope_attention", "local"),
-        ("hope_attention", "none"),
-        ("hope", "ntp"),
-        ("hope", "local"),
+        ("hope_attention", "ntp", None),
+        ("hope_attention", "local", None),
+        ("hope_attention", "none", None),
+        ("hope", "ntp", None),
+        ("hope", "ntp", 8),  # segments of 4 inside output-memory chunks of 8 (the sized configs' layout)
+        ("hope", "local", None),
     ],
 )
-def test_causal_and_decoding_and_streaming_equal_the_forward(name, signal):
+def test_causal_and_decoding_and_streaming_equal_the_forward(name, signal, memory_chunk):
     seed = fresh_seed()
-    model = build_model(small_cfg(name, signal=signal), nnx.Rngs(seed))
+    cfg = small_cfg(name, signal=signal)
+    if memory_chunk:
+        cfg.memory.memory_chunk_size = memory_chunk
+    model = build_model(cfg, nnx.Rngs(seed))
     tokens = _tokens(seed)
     forward = nnx.jit(lambda m, t: m(t))
     logits = forward(model, tokens)

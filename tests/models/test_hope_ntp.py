@@ -108,22 +108,31 @@ def _close(a, b, tol):
 # a chunk, level 1 (period 8) only at chunk ends, level 2 (period 16) keeps its accumulator across
 # chunks. hope: two layers too, so the inner gradient of layer 1 crosses layer 2's self-modifying
 # memory (whose updates reach later segments only), chunks of 2 too.
+# hope, output chunk 8: segments of 4 inside the output memory's chunks, the sized configs' layout
+# (16 in 64), run aligned: the output memory streams each segment in one pass from its carried state.
 # (The plain segment scan, k = 1, is what decoding is compared with in test_hope.py.)
-CASES = {
+CASES = {  # id: (model, layers, cms, memory)
     "hope_attention": (
+        "hope_attention",
         2,
         dict(periods=(4, 8, 16), hidden=(16, 24, 8), inner_lr=(0.5, 0.3, 0.2), checkpoint_segments=2),
+        {},
     ),
-    "hope": (2, dict(checkpoint_segments=2)),
+    "hope": ("hope", 2, dict(checkpoint_segments=2), {}),
+    "hope, output chunk 8": ("hope", 2, dict(checkpoint_segments=2), dict(memory_chunk_size=8)),
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_ntp_signal_equals_the_brute_force_reference(name):
+@pytest.mark.parametrize("case", list(CASES))
+def test_ntp_signal_equals_the_brute_force_reference(case):
     seed = fresh_seed()
-    layers, cms = CASES[name]
-    model = build_model(small_cfg(name, layers, **cms), nnx.Rngs(seed))
+    name, layers, cms, memory = CASES[case]
+    cfg = small_cfg(name, layers, **cms)
+    if memory:
+        cfg.memory.update(memory)
+    model = build_model(cfg, nnx.Rngs(seed))
     assert model.segments_per_checkpoint(T // model.segment) == cms["checkpoint_segments"]
+    assert model.segments_aligned
     tokens = jax.random.randint(jax.random.key(seed), (2, T), 0, V)
     seg_w, final_w = brute_force(model, tokens)
 

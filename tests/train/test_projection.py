@@ -80,13 +80,21 @@ def test_hope_segment_scan_rows_and_runs():
 
 
 @pytest.mark.parametrize(
-    ("memory_chunk", "per_matmul"), [(16, "5.7"), (8, "6.7"), (32, "14.2")]
+    ("memory_chunk", "read", "per_matmul"),
+    [
+        (16, "boundary", "5.7"),
+        (32, "boundary", "5.7"),
+        (8, "boundary", "6.7"),
+        (32, "per_token", "6.7"),
+        (24, "boundary", "14.2"),
+    ],
 )
-def test_hope_op_estimate_follows_how_the_segment_runs(memory_chunk, per_matmul):
-    """Kernels per matmul: a segment of one output-memory chunk (its inner pass reads alone), of
-    several chunks (scanned), or inside a longer chunk (streamed)."""
+def test_hope_op_estimate_follows_how_the_segment_runs(memory_chunk, read, per_matmul):
+    """Kernels per matmul: a segment of one output-memory chunk or inside one (its inner pass reads
+    alone), of several chunks (scanned) or inside one but read per token (the inner pass runs the
+    updates), or off the output memory's grid (streamed, two passes a block)."""
     config = _hope()
-    config.model.memory.memory_chunk_size = memory_chunk
+    config.model.memory.update(memory_chunk_size=memory_chunk, read=read)
     work = P.workload(config, V5E4)
     assert work.op_source == f"estimate: {per_matmul} kernels per matmul, as in compiled HOPE steps"
     assert work.op_count == pytest.approx(float(per_matmul) * sum(op.runs for op in work.ops))

@@ -64,19 +64,20 @@ def restart_where(flags: jax.Array, initial, current, batch_axis: int = 0):
     return jax.tree.map(pick, initial, current)
 
 
-def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int):
+def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int, within: bool = False):
     """n <= chunk_size tokens from `step` tokens into a chunk: they cross at most one chunk boundary.
 
     Pass 1 runs the block from the current boundary and stops at the boundary (token p - 1, with
     p = chunk_size - step) or at the block's end. If the boundary falls inside the block, pass 2
     runs the remaining tokens, rotated to the front, from the new boundary. Both passes are the
-    closed form of `chunk_update`; pass 2 only runs when needed (`lax.cond`).
+    closed form of `chunk_update`; pass 2 only runs when needed (`lax.cond`). `within` (static):
+    the caller guarantees step + n <= chunk_size, so pass 1 is all there is.
     """
     static = isinstance(step, int)
     p = chunk_size - step
     new_step = (step + n) % chunk_size
     step_arr = lambda s: jnp.asarray(s, jnp.int32)  # noqa: E731
-    ys1, upd = block_fn(states, xs, min(p, n) - 1 if static else jnp.minimum(p, n) - 1)
+    ys1, upd = block_fn(states, xs, min(p, n) - 1 if static else n - 1 if within else jnp.minimum(p, n) - 1)
     cross = p <= n
     # after a crossing, pass 2 starts at position 0 of the new chunk (new_step is its end)
     first_step = (0 if cross else new_step) if static else jnp.where(cross, 0, new_step)
@@ -101,7 +102,7 @@ def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int):
 
     if static:
         return second((first, ys1)) if p < n else (ys1, first)
-    if n == 1:  # one token never passes a boundary before its own end
+    if n == 1 or within:  # one token never passes a boundary before its own end
         return ys1, first
     return jax.lax.cond(p < n, second, lambda args: (args[1], args[0]), (first, ys1))
 
@@ -117,6 +118,7 @@ def stream_blocks(
     restart: jax.Array | None = None,
     initial: dict | None = None,
     batch_axis: int = 0,
+    within_chunk: bool = False,
 ):
     """Run any number of tokens through memories that share one chunk size, from any position.
 
@@ -132,8 +134,20 @@ def stream_blocks(
     `restart` bool [B, T] (documents of packed rows): at a flagged token, which must be a chunk's
     first one, a row's states restart from `initial` (name -> (weights, momentum), the batch on
     `batch_axis`). Only from a chunk boundary over whole chunks.
+
+    `within_chunk` (static): the caller guarantees that the tokens end at or before the boundary of
+    the chunk they start in (a model's segments that divide the chunk, started at multiples of
+    themselves). They then run as one pass, without the branch for a crossing, whose transpose
+    would keep the update on the path of a backward that needs the reads alone (HOPE's inner
+    gradient).
     """
     t = jax.tree.leaves(xs)[0].shape[1]
+    if within_chunk:
+        if t > chunk_size or restart is not None:
+            raise ValueError(f"within_chunk: {t} tokens must fit in one chunk of {chunk_size}, without restarts")
+        blocks = jax.tree.map(lambda x: to_chunks(x, t)[0], xs)
+        ys, states = _advance_block(block_fn, states, step, blocks, chunk_size, t, within=True)
+        return jax.tree.map(lambda y: from_chunks(y[None]), ys), states
     n_full, rest = divmod(t, chunk_size)
     if isinstance(step, int) and step == 0 and not rest:
         return _whole_chunks(block_fn, states, xs, chunk_size, remat, restart, initial, batch_axis)
@@ -308,7 +322,7 @@ def _memory_chunked(
     return from_chunks(ys), st.MemoryState(weights, momentum, weights, jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "remat"))
+@functools.partial(jax.jit, static_argnames=("spec", "chunk_size", "read", "remat", "within_chunk"))
 def memory_stream(
     spec: st.MemorySpec,
     state: st.MemoryState,
@@ -321,6 +335,7 @@ def memory_stream(
     read: str = "per_token",
     remat: bool = False,
     norm: st.InnerNorm | None = None,
+    within_chunk: bool = False,
 ):
     """Streaming form: any number of tokens from any position inside a chunk, same shapes as
     `memory_chunked`; equal to `memory_naive` with the same chunk size.
@@ -328,7 +343,8 @@ def memory_stream(
     Closed forms throughout (no per-token loop): a block of up to `chunk_size` tokens crosses at
     most one chunk boundary and costs one or two chunk passes, so a call costs at most twice the
     chunked form. Segments shorter than a chunk (a model run in segments, prefill, a decode step)
-    continue exactly where the last call stopped.
+    continue exactly where the last call stopped. `within_chunk` (static): the tokens end at or
+    before the current chunk's boundary, one pass (`stream_blocks`).
     """
     update_rule.check_call(spec, state, rates, read, chunk_size, norm)
     if update_rule.has_vector_gates(rates):
@@ -342,5 +358,7 @@ def memory_stream(
         )
         return y, {"m": (w, m)}
 
-    y, states = stream_blocks(block_fn, {"m": state}, state.step, (q, k, v, rates), chunk_size, remat=remat)
+    y, states = stream_blocks(
+        block_fn, {"m": state}, state.step, (q, k, v, rates), chunk_size, remat=remat, within_chunk=within_chunk
+    )
     return y, states["m"]
