@@ -15,12 +15,17 @@ steps and the same mean over their timed steps. Each nl_jax
 row's process re-executes itself with malloc on transparent huge pages, as every experiments command
 does (experiments/host_memory.py); the PyTorch rows run with glibc's defaults. The baselines'
 SwiGLU widths are solved so that every model has the parameters of the HOPE config (`--base`);
-ratios are to the Transformer++ row of the same length, measured in this one run.
+ratios are to the Transformer++ row of the same length, measured in this one run: it runs
+`--rounds` times, first, between and after that length's other rows, and the table gives the median
+(its steps are the shortest, so a shared machine's passing load moves it most).
 
 `--peers` adds rows for the PyTorch package nested-learning (its `hope_selfmod` model and its
 transformer) at `--peers_shape`, with nl_jax's `hope` (ntp signal) and `transformer` at the same
 shape, run by `--peers_python` (an interpreter where `torch` and `nested_learning` import; the
-set-up is in benchmarks/peers.py). Neither package is a dependency of nl_jax.
+set-up is in benchmarks/peers.py). Neither package is a dependency of nl_jax. The two transformers
+run alternately `--peers_rounds` times (a shared machine's load changes from minute to minute more
+than the two differ): their rows give the median round, and PyTorch's ratio is the median of the
+rounds' ratios, each round's two runs one right after the other.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ flags.DEFINE_list(
     "models", ["transformer", "titans", "hope_none", "hope_local", "hope_ntp"], "rows (see MODELS)"
 )
 flags.DEFINE_string("base", "hope_tiny", "the HOPE config whose parameter count every row matches")
+flags.DEFINE_integer(
+    "rounds", 3, "runs of each length's Transformer++ row, spread over its other rows; the table gives their median"
+)
 flags.DEFINE_integer("steps", 10, "timed steps, after the first (compiling) one and the warm-up")
 flags.DEFINE_integer("warmup", 5, "untimed steps after the first, before the timed ones (every row, the peers' too)")
 flags.DEFINE_integer("tokens_per_step", 2048, "batch = max(1, tokens_per_step // T)")
@@ -55,6 +63,12 @@ flags.DEFINE_multi_string(
 flags.DEFINE_bool("peers", False, "also time nested-learning's hope_selfmod and transformer (PyTorch)")
 flags.DEFINE_string("peers_python", sys.executable, "interpreter with torch and nested_learning")
 flags.DEFINE_string("peers_shape", "d_model=128,num_layers=2,batch=4,seq_len=256", "shape of the peer rows")
+flags.DEFINE_integer(
+    "peers_rounds",
+    3,
+    "the two transformers at the peers' shape (nl_jax's and PyTorch's) run alternately this many times; "
+    "their rows report the median round and the median of the rounds' ratios",
+)
 flags.DEFINE_integer(
     "peers_steps", 3, "timed steps of nested-learning's hope_selfmod (seconds per step; its transformer: --steps)"
 )
@@ -190,6 +204,38 @@ def _peer_row(kind: str, loop: str, shape: dict) -> dict:
     return dict(model=f"nested-learning {kind} ({loop})", **res)
 
 
+def reference_schedule(models: list[str], rounds: int) -> list[str]:
+    """One length's rows in the order they run: the Transformer++ (every ratio's reference) `rounds`
+    times, spread over the others (first, evenly between, last) so that its median sees the load
+    they ran under; the others once each, in order."""
+    others = [m for m in models if m != "transformer"]
+    if "transformer" not in models:
+        return others
+    slots = [0] if rounds == 1 else [round(i * len(others) / (rounds - 1)) for i in range(rounds)]
+    order = []
+    for j in range(len(others) + 1):
+        order += ["transformer"] * slots.count(j)
+        order += others[j : j + 1]
+    return order
+
+
+def median_round(rounds: list[dict], refs: list[dict] | None = None) -> dict:
+    """One row from alternated rounds of it: the round of median tokens/s (the lower of the middle two
+    for an even count) with every round's tokens/s under "rounds"; against `refs` (the same rounds of
+    the reference row) also "ratio", the median of the rounds' ratios to it. A round's error is the row's."""
+    failed = next((r for r in rounds if "error" in r), None)
+    if failed is not None:
+        return failed
+    tokens = [r["tokens_per_s"] for r in rounds]
+    row = dict(sorted(rounds, key=lambda r: r["tokens_per_s"])[(len(rounds) - 1) // 2], rounds=tokens)
+    if refs is not None:
+        if any("error" in r for r in refs):
+            return dict(row, ratio=None)
+        ratios = sorted(t / r["tokens_per_s"] for t, r in zip(tokens, refs))
+        row.update(ratio=ratios[(len(ratios) - 1) // 2], round_ratios=ratios)
+    return row
+
+
 def _print_table(rows: list[dict]) -> None:
     print(
         f"{'model':<38} {'T':>5} {'batch':>5} {'params':>10} {'tokens/s':>9} {'x Transformer++':>15} "
@@ -222,7 +268,8 @@ def main(argv):
     rows = []
     for t in map(int, FLAGS.lengths):
         batch = max(1, FLAGS.tokens_per_step // t)
-        for name in FLAGS.models:
+
+        def run_row(name):
             family, overrides = MODELS[name]
             config_name = _config_name(family)
             overrides = {**overrides, **extra, "data.seq_len": t, "data.global_batch_size": batch}
@@ -230,13 +277,21 @@ def main(argv):
                 if config_name not in widths:
                     widths[config_name] = matched_mlp_hidden(config_name, target, extra)
                 overrides["model.mlp_hidden"] = widths[config_name]
-            row = _row(name, config_name, overrides)
-            row.update(seq_len=t, batch=batch)
-            rows.append(row)
-            print(
-                f"  {name} T={t}: " + json.dumps({k: v for k, v in row.items() if k != "overrides"}),
-                flush=True,
-            )
+            row = dict(_row(name, config_name, overrides), seq_len=t, batch=batch)
+            print(f"  {name} T={t}: " + json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
+            return row
+
+        reference = []
+        for name in reference_schedule(FLAGS.models, FLAGS.rounds):
+            if name == "transformer":
+                reference.append(run_row(name))
+                if len(reference) == 1:
+                    rows.append(None)  # the reference's place in the table, filled below
+                    at = len(rows) - 1
+            else:
+                rows.append(run_row(name))
+        if reference:
+            rows[at] = median_round(reference)
     if FLAGS.peers:
         shape = {k: int(v) for k, v in (kv.split("=") for kv in FLAGS.peers_shape.split(","))}
         mine = {
@@ -245,16 +300,17 @@ def main(argv):
             "data.seq_len": shape["seq_len"],
             "data.global_batch_size": shape["batch"],
         }
-        for name, config_name, overrides in (
-            ("transformer (peers shape)", _config_name("transformer"), mine),
-            ("hope_ntp (peers shape)", FLAGS.base, {**mine, "model.cms.signal": "ntp"}),
-        ):
-            row = _row(name, config_name, {**overrides, **extra})
-            rows.append(dict(row, seq_len=shape["seq_len"], batch=shape["batch"]))
-        # Their transformer as a plain step (forward, backward, AdamW: no memory writes to make);
-        # their HOPE through the package's own training loop, which writes the memories.
-        for kind, loop in (("transformer", "plain"), ("hope_selfmod", "package")):
-            rows.append(dict(_peer_row(kind, loop, shape), seq_len=shape["seq_len"], batch=shape["batch"]))
+        at_shape = dict(seq_len=shape["seq_len"], batch=shape["batch"])
+        # Their transformer as a plain step (forward, backward, AdamW: no memory writes to make),
+        # alternating with ours, so that both see the same load on a shared machine.
+        ours, theirs = [], []
+        for _ in range(FLAGS.peers_rounds):
+            ours.append(_row("transformer (peers shape)", _config_name("transformer"), {**mine, **extra}))
+            theirs.append(_peer_row("transformer", "plain", shape))
+        rows += [dict(median_round(ours), **at_shape), dict(median_round(theirs, ours), **at_shape)]
+        # Their HOPE through the package's own training loop, which writes the memories.
+        row = _row("hope_ntp (peers shape)", FLAGS.base, {**mine, "model.cms.signal": "ntp", **extra})
+        rows += [dict(row, **at_shape), dict(_peer_row("hope_selfmod", "package", shape), **at_shape)]
     for r in rows:  # ratios to the Transformer++ row of the same length (and shape)
         peers = "shape" in r["model"] or r["model"].startswith("nested-learning")
         ref = next(
@@ -267,9 +323,17 @@ def main(argv):
             ),
             None,
         )
-        r["ratio"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref and "error" not in r else None
+        if "ratio" not in r:
+            r["ratio"] = r["tokens_per_s"] / ref["tokens_per_s"] if ref and "error" not in r else None
     print()
     _print_table(rows)
+    for r in rows:
+        if "rounds" in r:
+            ratios = ""
+            if "round_ratios" in r:
+                ratios = ", ratios to nl_jax's " + ", ".join(f"{x:.2f}" for x in r["round_ratios"])
+            rounds = ", ".join(f"{x:,.0f}" for x in r["rounds"])
+            print(f"{r['model']} (T = {r['seq_len']}): tokens/s by round {rounds}{ratios}")
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
             json.dump(rows, f, indent=1)

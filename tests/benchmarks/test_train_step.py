@@ -69,3 +69,43 @@ def test_a_row_times_its_steps_after_the_warmup():
     row = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1, row
     assert row["first_step_s"] > 0 and row["peak_rss_gb"] > 0
+
+
+MEDIAN_SCRIPT = textwrap.dedent(
+    """
+    import json
+    from benchmarks.train_step import median_round, reference_schedule
+
+    ours = [{"model": "a", "tokens_per_s": t, "round": i} for i, t in enumerate((100.0, 300.0, 200.0))]
+    theirs = [{"model": "b", "tokens_per_s": t, "round": i} for i, t in enumerate((110.0, 240.0, 260.0))]
+    out = {
+        "ours": median_round(ours),
+        "theirs": median_round(theirs, ours),
+        "even": median_round(ours[:2]),
+        "failed": median_round([ours[0], {"model": "a", "error": "boom"}]),
+        "failed_ref": median_round(theirs, [ours[0], {"model": "a", "error": "boom"}, ours[2]]),
+        "schedule": reference_schedule(["transformer", "titans", "h1", "h2", "h3"], 3),
+        "schedule_1": reference_schedule(["titans", "transformer", "h1"], 1),
+        "schedule_none": reference_schedule(["titans", "h1"], 3),
+    }
+    print(json.dumps(out))
+    """
+)
+
+
+def test_rounds_give_the_median_round_and_the_median_paired_ratio():
+    proc = subprocess.run([sys.executable, "-c", MEDIAN_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ours"]["round"] == 2 and out["ours"]["rounds"] == [100.0, 300.0, 200.0]
+    # Ratios are paired by round (1.1, 0.8, 1.3), not taken between the two medians (240 / 200 = 1.2).
+    assert out["theirs"]["tokens_per_s"] == 240.0
+    assert out["theirs"]["ratio"] == pytest.approx(1.1)
+    assert out["theirs"]["round_ratios"] == pytest.approx([0.8, 1.1, 1.3])
+    assert out["even"]["tokens_per_s"] == 100.0  # the lower of the middle two
+    assert out["failed"] == {"model": "a", "error": "boom"}
+    assert out["failed_ref"]["ratio"] is None
+    # the reference runs first, between and last; the other rows once each, in order
+    assert out["schedule"] == ["transformer", "titans", "h1", "transformer", "h2", "h3", "transformer"]
+    assert out["schedule_1"] == ["transformer", "titans", "h1"]
+    assert out["schedule_none"] == ["titans", "h1"]
