@@ -106,6 +106,15 @@ ETA_PARAMS = ("bounded", "paper")  # eta = max_lr * sigmoid(.) | softplus(.) (se
 MEMORY_INPUTS = ("projected", "shared")  # each memory reads its own projection of x | one shared input
 
 
+def aligned_blocks(length: int, chunk_size: int, memory_chunk_size: int) -> bool:
+    """Whether blocks of `length` tokens started at multiples of it stay on the small memories'
+    chunk grid and on the output memory's grid or inside one of its chunks, so that
+    `SelfModifyingTitans.core(..., aligned=True)` runs them from a carried state with no chunk
+    crossing to branch on."""
+    m = memory_chunk_size
+    return length % chunk_size == 0 and (length % m == 0 or m % length == 0)
+
+
 def input_projections(
     *, weight_decay: bool = True, memory_inputs: str = "shared", paper_literal: bool = False, **_
 ) -> int:
@@ -413,11 +422,8 @@ class SelfModifyingTitans(nnx.Module):
         }
 
     def aligned(self, length: int) -> bool:
-        """Whether blocks of `length` tokens started at multiples of it stay on the small memories'
-        chunk grid and on the output memory's grid or inside one of its chunks, so that
-        `core(..., aligned=True)` can run them from a carried state with no chunk crossing to branch on."""
-        m = self.memory_chunk_size
-        return length % self.chunk_size == 0 and (length % m == 0 or m % length == 0)
+        """Whether `core(..., aligned=True)` runs blocks of `length` tokens (`aligned_blocks`)."""
+        return aligned_blocks(length, self.chunk_size, self.memory_chunk_size)
 
     def core(
         self,
@@ -489,12 +495,13 @@ class SelfModifyingTitans(nnx.Module):
             batch_axis=1,  # the small memories are stacked ahead of the batch
             **restarts,
         )
-        if restarts and not inside:
-            restarts = dict(restart=restarts["restart"], initial=self.memory_out.state(b, self.momentum))
-        elif inside:
+        out_kw = {}
+        if inside:
             # Documents start on the output memory's grid, so inside one of its chunks only at the
             # block's first token, where `document_start` restarted the state above.
-            restarts = dict(within_chunk=True)
+            out_kw = dict(within_chunk=True)
+        elif restarts:
+            out_kw = dict(restart=restarts["restart"], initial=self.memory_out.state(b, self.momentum))
         run = ops.memory_chunked if (training or aligned) and not inside else ops.memory_stream
         y, memory = run(
             self.out_spec,
@@ -506,7 +513,7 @@ class SelfModifyingTitans(nnx.Module):
             chunk_size=self.memory_chunk_size,
             read=self.read,
             remat=self.remat_chunks,
-            **restarts,
+            **out_kw,
         )
         return y, (None if training else SelfModifyingState(convs, mems["small"], memory))
 

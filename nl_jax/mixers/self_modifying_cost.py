@@ -4,7 +4,7 @@ MFU counts them (`nl_jax.models.hope`), and a test checks them against XLA's cos
 
 from __future__ import annotations
 
-from nl_jax.mixers.self_modifying import input_projections
+from nl_jax.mixers.self_modifying import aligned_blocks, input_projections
 
 
 def projection_flops_per_token(
@@ -118,8 +118,8 @@ def reads_from_segment_start(
     no update inside it (the updates reach only later segments), and the output memory runs the
     segment without a scan or a branch (one chunk unscanned, or one streaming pass inside a chunk,
     `SelfModifyingTitans.core`'s aligned form), so the updates' backward is dead code."""
-    aligned = segment % chunk_size == 0 and memory_chunk_size % segment == 0
-    return aligned and read == "boundary" and not adaptive_q
+    one_chunk = aligned_blocks(segment, chunk_size, memory_chunk_size) and memory_chunk_size % segment == 0
+    return one_chunk and read == "boundary" and not adaptive_q
 
 
 def segment_backward_flops_per_token(

@@ -260,6 +260,7 @@ def _hope_state_bytes(cfg, s: _Step, segment: int, segments: int, checkpoint: in
 def hope_workload(config, slice_: Slice) -> Workload:
     """HOPE with the ntp signal: the segment scan (see nl_jax/models/hope.py)."""
     from nl_jax.mixers import self_modifying_cost  # noqa: PLC0415 (mixers import jax)
+    from nl_jax.mixers.self_modifying import aligned_blocks  # noqa: PLC0415
     from nl_jax.models.hope import _Hope  # noqa: PLC0415 (models import jax)
 
     cfg, s = config.model, _step(config, slice_)
@@ -279,11 +280,8 @@ def hope_workload(config, slice_: Slice) -> Workload:
     logits = _F32 * s.sequences * segment * cfg.vocab_size / s.tensor
     ops.append(Op("softmax of the logits", 0, 0, 0, 0, seg * redo, 3 * logits))
     params = _hope_params(cfg)
-    # the segment runs without a streaming branch (SelfModifyingTitans.aligned): on the small
-    # memories' grid, and on the output memory's grid or inside one of its chunks
-    out_chunk = memory.get("memory_chunk_size", 64)
-    chunked = cfg.name == "hope_attention" or (
-        segment % memory.get("chunk_size", 8) == 0 and (segment % out_chunk == 0 or out_chunk % segment == 0)
+    chunked = cfg.name == "hope_attention" or aligned_blocks(  # no streaming branch in the segment
+        segment, memory.get("chunk_size", 8), memory.get("memory_chunk_size", 64)
     )
     per_matmul = KERNELS_PER_MATMUL["reads" if reads else "chunked" if chunked else "streamed"]
     return Workload(
