@@ -281,17 +281,11 @@ def main(argv):
             print(f"  {name} T={t}: " + json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
             return row
 
-        reference = []
+        first, reference = len(rows), []
         for name in reference_schedule(FLAGS.models, FLAGS.rounds):
-            if name == "transformer":
-                reference.append(run_row(name))
-                if len(reference) == 1:
-                    rows.append(None)  # the reference's place in the table, filled below
-                    at = len(rows) - 1
-            else:
-                rows.append(run_row(name))
-        if reference:
-            rows[at] = median_round(reference)
+            (reference if name == "transformer" else rows).append(run_row(name))
+        if reference:  # the reference heads its length's rows
+            rows.insert(first, median_round(reference))
     if FLAGS.peers:
         shape = {k: int(v) for k, v in (kv.split("=") for kv in FLAGS.peers_shape.split(","))}
         mine = {

@@ -454,8 +454,11 @@ class SelfModifyingTitans(nnx.Module):
         # aligned segments inside one chunk of the output memory, which streams them
         inside = aligned and not training and t % self.memory_chunk_size != 0 and self.memory_chunk_size % t == 0
         if training or aligned:
-            for name, c in (("chunk_size", self.chunk_size), ("memory_chunk_size", self.memory_chunk_size)):
-                if t % c and not (inside and name == "memory_chunk_size"):
+            grids = [("chunk_size", self.chunk_size)]
+            if not inside:  # an output memory inside one of its chunks runs no whole chunk
+                grids.append(("memory_chunk_size", self.memory_chunk_size))
+            for name, c in grids:
+                if t % c:
                     raise ValueError(
                         f"{name} {c} does not divide the sequence length {t} (the training forward runs "
                         "whole chunks; pass a state from init_state to stream any length)"

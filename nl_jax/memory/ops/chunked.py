@@ -77,7 +77,8 @@ def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int, within: 
     p = chunk_size - step
     new_step = (step + n) % chunk_size
     step_arr = lambda s: jnp.asarray(s, jnp.int32)  # noqa: E731
-    ys1, upd = block_fn(states, xs, min(p, n) - 1 if static else n - 1 if within else jnp.minimum(p, n) - 1)
+    last = min(p, n) - 1 if static else (n - 1 if within else jnp.minimum(p, n) - 1)
+    ys1, upd = block_fn(states, xs, last)
     cross = p <= n
     # after a crossing, pass 2 starts at position 0 of the new chunk (new_step is its end)
     first_step = (0 if cross else new_step) if static else jnp.where(cross, 0, new_step)
@@ -102,7 +103,7 @@ def _advance_block(block_fn, states, step, xs, chunk_size: int, n: int, within: 
 
     if static:
         return second((first, ys1)) if p < n else (ys1, first)
-    if n == 1 or within:  # one token never passes a boundary before its own end
+    if n == 1 or within:  # no boundary before the block's end: one token, or kept inside by the caller
         return ys1, first
     return jax.lax.cond(p < n, second, lambda args: (args[1], args[0]), (first, ys1))
 
