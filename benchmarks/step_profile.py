@@ -8,8 +8,8 @@ prints, from the trace's XLA CPU kernels: how many ran, their summed time, that 
 and library-fused matmuls, dynamic slices and updates (scan inputs, outputs and saved residuals),
 copies and transposes, broadcasts, other elementwise fusions) and by pass (the forward, which for
 HOPE's ntp signal holds every segment's inner backward, against the outer backward), and the
-`--top` kernels with their HLO op. Kernel times are summed over the runtime's threads, so they can
-exceed the step's wall time. It also prints the host's page faults and kernel (system) time per
+`--top` kernels with their output shape and HLO op. Kernel times are summed over the runtime's
+threads, so they can exceed the step's wall time. It also prints the host's page faults and kernel (system) time per
 timed step, with the malloc tunables it ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0
 runs it without them). And the runtime's cost per kernel, timed in the same process on a chain of
 dependent kernels too small to do any work (batched 4 x 4 matmuls and tanh): the floor that the step's
@@ -136,6 +136,7 @@ def main(argv):
     best = min(times)
     hlo = compiled.as_text()
     ops = dict(re.findall(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo))
+    shapes = dict(re.findall(r"%([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ", hlo))
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         jax.block_until_ready(compiled(params, batch))
@@ -178,7 +179,7 @@ def main(argv):
             print(f"  {key:36s} {d / 1e3:9.1f} ms {100 * d / total:5.1f}% {n}")
     print(f"\ntop {FLAGS.top} kernels (ms per step, calls):")
     for name, d in per_name.most_common(FLAGS.top):
-        print(f"  {d / 1e3:8.1f} ms {calls[name]:6d}  {name:36s} {ops.get(name, '')[-70:]}")
+        print(f"  {d / 1e3:8.1f} ms {calls[name]:6d}  {name:30s} {shapes.get(name, ''):22s} {ops.get(name, '')[-60:]}")
 
 
 if __name__ == "__main__":
