@@ -104,9 +104,10 @@ class CMSSchedule(NamedTuple):
     periods: tuple
     inner_lr: tuple
 
-    def level_boundary(self, i: int, lv: dict, end_pos, ok=True) -> dict:
-        """Level i's boundary step at token count end_pos (a no-op off its boundaries or if not ok)."""
-        hit = jnp.logical_and(ok, end_pos % self.periods[i] == 0)
+    def level_boundary(self, i: int, lv: dict, end_pos, ok=True, on_grid: bool = False) -> dict:
+        """Level i's boundary step at token count end_pos (a no-op off its boundaries or if not ok).
+        `on_grid`: the caller knows end_pos is a multiple of the period, so no predicate is traced."""
+        hit = ok if on_grid else jnp.logical_and(ok, end_pos % self.periods[i] == 0)
         lr = self.inner_lr[i]
         lv = dict(lv)
         step = lambda w, g, rate: jax.tree.map(lambda a, b: a - rate * b, w, g)  # noqa: E731
@@ -141,8 +142,11 @@ class CMSSchedule(NamedTuple):
         position); their gradients are still added. For a caller that knows those boundaries do not
         fall inside the span, so their weights can stay out of the per-segment state."""
         end = state.pos + num_tokens
+        # A segment of exactly one period that does not straddle a boundary ends on one.
         levels = tuple(
-            self.add_grads(lv, g) if i in defer else self.level_boundary(i, self.add_grads(lv, g), end)
+            self.add_grads(lv, g)
+            if i in defer
+            else self.level_boundary(i, self.add_grads(lv, g), end, on_grid=self.periods[i] == num_tokens)
             for i, (lv, g) in enumerate(zip(state.levels, grads))
         )
         return _tree_where(apply_ok, state._replace(levels=levels, pos=end), state)

@@ -106,6 +106,16 @@ def segments_per_checkpoint(n: int, checkpoint_segments: int, remat_policy: str)
     return max(d for d in range(1, min(checkpoint_segments, n) + 1) if n % d == 0)
 
 
+def _per_layer(fn, cms, *args):
+    """fn(CMS state of one layer, *its args) -> its new state, over the layer-stacked `cms` and `args`.
+    Every layer is at the same position, so it enters unbatched: each boundary's predicate stays one
+    scalar, and the backward of its select keeps that, not a mask the size of the weights per layer."""
+    pos = cms.pos[0]
+    one = lambda levels, prev, *a: fn(cms._replace(levels=levels, prev=prev, pos=pos), *a)  # noqa: E731
+    new = jax.vmap(one, out_axes=cms._replace(levels=0, prev=0, pos=None))(cms.levels, cms.prev, *args)
+    return new._replace(pos=jnp.broadcast_to(new.pos, cms.pos.shape))
+
+
 def _split_inexact(tree):
     """A pytree's floating leaves (a list) and a function that puts a list of that form back with
     its other leaves (integer positions and steps, or their float0 cotangents): what
@@ -246,7 +256,7 @@ class _Hope(CausalLM):
     def _accumulate(self, cms, grads, ok=True, defer=()):
         """Segment gradients into every layer's accumulators, boundary updates at the segment end
         (but for the `defer` levels, see CMSSchedule.accumulate)."""
-        return jax.vmap(lambda s, g: self.schedule.accumulate(s, g, self.segment, ok, defer))(cms, grads)
+        return _per_layer(lambda s, g: self.schedule.accumulate(s, g, self.segment, ok, defer), cms, grads)
 
     def segments_per_checkpoint(self, n: int) -> int:
         """Segments per checkpointed chunk of the ntp forward over n segments (see
@@ -301,7 +311,7 @@ class _Hope(CausalLM):
                 return (m, put(cm, None)), logits
 
             (mixer, cms), logits = jax.lax.scan(body, (mixer, put(cms, None)), xs)
-            cms = jax.vmap(lambda c: self.schedule.boundaries(c, fixed))(put(cms, weights))
+            cms = _per_layer(lambda c: self.schedule.boundaries(c, fixed), put(cms, weights))
             return (mixer, cms), logits
 
         return chunk

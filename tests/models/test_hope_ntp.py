@@ -8,6 +8,8 @@ them at the level's boundaries. The model must give the same logits, the same fi
 (first order: the updates enter as constants) the same outer gradient wrt every parameter.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +25,13 @@ from tests.memory.inputs import fresh_seed
 V, T = 32, 16
 
 
-def small_cfg(name, num_layers=2, **cms):
+def small_cfg(name, num_layers=2, scan_layers=None, **cms):
     """A tiny hope / hope_attention with the ntp signal; `cms` overrides model.cms fields (e.g.
-    checkpoint_segments, which model.cms may not hold yet)."""
+    checkpoint_segments, which model.cms may not hold yet). Layers scanned when more than one,
+    unless `scan_layers` says."""
     cfg = configs.load(f"{name}_tiny").model
-    cfg.update(vocab_size=V, d_model=32, num_layers=num_layers, scan_layers=num_layers > 1)
+    scan = num_layers > 1 if scan_layers is None else scan_layers
+    cfg.update(vocab_size=V, d_model=32, num_layers=num_layers, scan_layers=scan)
     if name == "hope":
         cfg.memory.update(num_heads=2, head_dim=8, chunk_size=2, memory_chunk_size=4)
     else:
@@ -110,24 +114,27 @@ def _close(a, b, tol):
 # memory (whose updates reach later segments only), chunks of 2 too.
 # hope, output chunk 8: segments of 4 inside the output memory's chunks, the sized configs' layout
 # (16 in 64), run aligned: the output memory streams each segment in one pass from its carried state.
-# (The plain segment scan, k = 1, is what decoding is compared with in test_hope.py.)
-CASES = {  # id: (model, layers, cms, memory)
+# hope, unrolled layers: hope_tiny's layout (a python loop over the layers, the plain segment scan).
+# (The plain segment scan, k = 1, is also what decoding is compared with in test_hope.py.)
+CASES = {  # id: (model, layers, cms, memory, scan_layers)
     "hope_attention": (
         "hope_attention",
         2,
         dict(periods=(4, 8, 16), hidden=(16, 24, 8), inner_lr=(0.5, 0.3, 0.2), checkpoint_segments=2),
         {},
+        True,
     ),
-    "hope": ("hope", 2, dict(checkpoint_segments=2), {}),
-    "hope, output chunk 8": ("hope", 2, dict(checkpoint_segments=2), dict(memory_chunk_size=8)),
+    "hope": ("hope", 2, dict(checkpoint_segments=2), {}, True),
+    "hope, output chunk 8": ("hope", 2, dict(checkpoint_segments=2), dict(memory_chunk_size=8), True),
+    "hope, unrolled layers": ("hope", 2, dict(checkpoint_segments=1), {}, False),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ntp_signal_equals_the_brute_force_reference(case):
     seed = fresh_seed()
-    name, layers, cms, memory = CASES[case]
-    cfg = small_cfg(name, layers, **cms)
+    name, layers, cms, memory, scan_layers = CASES[case]
+    cfg = small_cfg(name, layers, scan_layers, **cms)
     if memory:
         cfg.memory.update(memory)
     model = build_model(cfg, nnx.Rngs(seed))
@@ -164,3 +171,24 @@ def test_ntp_signal_equals_the_brute_force_reference(case):
     _close(g_model, g_ref, 2e-4)
     cms_init = g_model["blocks"]["layers"]["cms"]["levels"][0]["mlp"]["gate"]["kernel"][...]
     assert float(jnp.abs(cms_init).max()) > 0  # the meta-learned init gets an outer gradient
+
+
+def test_the_backward_keeps_no_boundary_mask_of_the_fast_weights_size():
+    """Every layer is at the same token position, so each CMS boundary's select keeps one scalar
+    predicate for the backward, not a mask of a layer's fast weights per segment; and the fastest
+    level (period = the segment) updates at every segment without a select."""
+    cfg = small_cfg("hope", 2, scan_layers=False, checkpoint_segments=1)
+    model = build_model(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(0), (2, T), 0, V)
+
+    def loss(p):
+        return _ce(nnx.merge(graphdef, p, copy=True)(tokens), tokens).mean()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    loops = [line.split(" while(")[0] for line in hlo.splitlines() if " while(" in line]
+    assert loops  # the segment scan's forward and backward
+    d = cfg.d_model
+    weights = {dims for h in cfg.cms.hidden for dims in (f"{d},{h}", f"{h},{d}")}  # gate / up, down
+    carried = {m for line in loops for m in re.findall(r"pred\[([\d,]+)\]", line)}  # what a loop keeps
+    assert not {m for m in carried if ",".join(m.split(",")[-2:]) in weights}, carried
