@@ -9,11 +9,11 @@ and library-fused matmuls, dynamic slices and updates (scan inputs, outputs and 
 copies and transposes, broadcasts, other elementwise fusions) and by pass (the forward, which for
 HOPE's ntp signal holds every segment's inner backward, against the outer backward), and the
 `--top` kernels with their output shape and HLO op. Kernel times are summed over the runtime's
-threads, so they can exceed the step's wall time. It also prints the host's page faults and kernel (system) time per
-timed step, with the malloc tunables it ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0
-runs it without them). And the runtime's cost per kernel, timed in the same process on a chain of
-dependent kernels too small to do any work (batched 4 x 4 matmuls and tanh): the floor that the step's
-kernel count puts under its time, whatever each kernel computes.
+threads, so they can exceed the step's wall time. It also prints the host's page faults and kernel
+(system) time per timed step, with the malloc tunables it ran under (experiments/host_memory.py;
+NL_JAX_HUGE_PAGES=0 runs it without them). And the runtime's cost per kernel, timed in the same
+process on a chain of dependent kernels too small to do any work (batched 4 x 4 matmuls and tanh):
+the floor that the step's kernel count puts under its time, whatever each kernel computes.
 """
 
 from __future__ import annotations
