@@ -7,13 +7,16 @@ Times the step (the best of `--repeats` after compilation), traces one more with
 prints, from the trace's XLA CPU kernels: how many ran, their summed time, that time by kind (dot
 and library-fused matmuls, dynamic slices and updates (scan inputs, outputs and saved residuals),
 copies and transposes, broadcasts, other elementwise fusions) and by pass (the forward, which for
-HOPE's ntp signal holds every segment's inner backward, against the outer backward), and the
-`--top` kernels with their output shape and HLO op. Kernel times are summed over the runtime's
-threads, so they can exceed the step's wall time. It also prints the host's page faults and kernel
-(system) time per timed step, with the malloc tunables it ran under (experiments/host_memory.py;
-NL_JAX_HUGE_PAGES=0 runs it without them). And the runtime's cost per kernel, timed in the same
-process on a chain of dependent kernels too small to do any work (batched 4 x 4 matmuls and tanh):
-the floor that the step's kernel count puts under its time, whatever each kernel computes.
+HOPE's ntp signal holds every segment's inner backward, against the outer backward), by part of
+the model and pass (the named scopes of `nl_jax.metrics.profiler.PARTS`: HOPE's mixer, CMS, inner
+backward and CMS updates, a Transformer's mixer and MLP; "other" is the rest: embedding, logits,
+loss, the loops' own copies), and the `--top` kernels with their output shape and HLO op. Kernel
+times are summed over the runtime's threads, so they can exceed the step's wall time. It also
+prints the host's page faults and kernel (system) time per timed step, with the malloc tunables it
+ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0 runs it without them). And the
+runtime's cost per kernel, timed in the same process on a chain of dependent kernels too small to
+do any work (batched 4 x 4 matmuls and tanh): the floor that the step's kernel count puts under its
+time, whatever each kernel computes.
 """
 
 from __future__ import annotations
@@ -110,6 +113,7 @@ def main(argv):
     from flax import nnx  # noqa: PLC0415
 
     from experiments import configs  # noqa: PLC0415
+    from nl_jax.metrics.profiler import part_of  # noqa: PLC0415
     from nl_jax.models import build_model  # noqa: PLC0415
     from nl_jax.train.state import ModelFn  # noqa: PLC0415
     from nl_jax.train.step import make_loss_fn  # noqa: PLC0415
@@ -164,12 +168,16 @@ def main(argv):
     by_kind, by_pass = collections.Counter(), collections.Counter()
     counts = collections.Counter()
     per_name, calls = collections.Counter(), collections.Counter()
+    by_part, part_counts = collections.Counter(), collections.Counter()
     for name, d in kernels:
         kind = _kind(name)
         by_kind[kind] += d
         counts[kind] += 1
         outer = re.match(r"jit\([^)]*\)/transpose", ops.get(name, "")) is not None
         by_pass["outer backward" if outer else "forward (with any inner backward)"] += d
+        key = (part_of(ops.get(name, "")), outer)
+        by_part[key] += d
+        part_counts[key] += 1
         per_name[name] += d
         calls[name] += 1
     for title, table in (("by kind", by_kind), ("by pass", by_pass)):
@@ -177,9 +185,15 @@ def main(argv):
         for key, d in table.most_common():
             n = f"{counts[key]:>9,} kernels" if title == "by kind" else ""
             print(f"  {key:36s} {d / 1e3:9.1f} ms {100 * d / total:5.1f}% {n}")
+    print("\nby part (forward with any inner backward | outer backward):")
+    for p in sorted({p for p, _ in by_part}, key=lambda p: -(by_part[p, False] + by_part[p, True])):
+        cells = [(by_part[p, o], part_counts[p, o]) for o in (False, True)]
+        cells = [f"{d / 1e3:9.1f} ms {100 * d / total:5.1f}% {n:>8,} kernels" for d, n in cells]
+        print(f"  {p:16s} {cells[0]} | {cells[1]}")
     print(f"\ntop {FLAGS.top} kernels (ms per step, calls):")
     for name, d in per_name.most_common(FLAGS.top):
-        print(f"  {d / 1e3:8.1f} ms {calls[name]:6d}  {name:30s} {shapes.get(name, ''):22s} {ops.get(name, '')[-60:]}")
+        shape, op = shapes.get(name, ""), ops.get(name, "")[-60:]
+        print(f"  {d / 1e3:8.1f} ms {calls[name]:6d}  {name:30s} {shape:22s} {op}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,46 @@
-"""A profiler window by config: trace steps [start, start + num_steps) with jax.profiler.
+"""A profiler window by config: trace steps [start, start + num_steps) with jax.profiler; and the
+named parts of a model, which a profile splits its time by.
 
 The trace lands in `<logdir>/plugins/profile/...` (TensorBoard's profile plugin, or xprof, reads
 it). Each step inside the window is wrapped in a `StepTraceAnnotation`, so the viewer shows step
 boundaries. Only process 0 traces unless `all_processes` is set.
+
+`part(name)` is a `jax.named_scope`: the name becomes a component of the op names of everything
+traced inside it, in the forward and in its transposes ("transpose(jvp(mixer))"), so each kernel of
+the compiled program, and each event of a trace, says which part of the model it runs for
+(`benchmarks.step_profile`, "by part").
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 
 import jax
+
+# A kernel inside several parts counts for the first one listed (the inner backward runs every CMS).
+PARTS = (
+    "inner_backward",  # HOPE ntp: each segment's next-token gradient wrt the CMS fast weights
+    "cms_update",  # HOPE: those gradients into the levels' accumulators, and the boundary steps
+    "mixer",  # a block's token mixer: attention, a memory layer
+    "cms",  # HOPE: the Continuum Memory System's levels
+    "mlp",  # a block's feed-forward layer
+)
+
+
+def part(name: str):
+    """A named scope for one of `PARTS` (a context manager)."""
+    if name not in PARTS:
+        raise ValueError(f"unknown model part {name!r}; one of {PARTS}")
+    return jax.named_scope(name)
+
+
+def part_of(op_name: str) -> str:
+    """The part of the model an HLO op name ("jit(f)/transpose(jvp(mixer))/...") was traced in: the
+    first of `PARTS` that is one of its components, else "other"."""
+    components = set(re.split(r"[/()]", op_name))
+    return next((p for p in PARTS if p in components), "other")
 
 
 class ProfilerWindow:

@@ -73,6 +73,7 @@ from flax import nnx
 
 from nl_jax.layers import RMSNorm, to_dtype
 from nl_jax.layers.conv import document_starts
+from nl_jax.metrics.profiler import part
 from nl_jax.mixers import Attention, attention_dims
 from nl_jax.mixers.cms import CMSSchedule, ContinuumMemory
 from nl_jax.models.lm import RESIDUAL, CausalLM
@@ -168,17 +169,24 @@ class HopeBlock(nnx.Module):
         and `row_segment_ids` [B, P] (the ids of the row from position 0: those of cached keys)."""
         u = self.mixer_norm(x)
         if state is None:  # training forward of the static / local CMS: whole sequence at once
-            a = self.mixer(u, segment_ids) if self.attention else self.mixer(u, segment_ids=segment_ids)[0]
-            y, _ = self.cms(x + a)
+            with part("mixer"):
+                if self.attention:
+                    a = self.mixer(u, segment_ids)
+                else:
+                    a = self.mixer(u, segment_ids=segment_ids)[0]
+            with part("cms"):
+                y, _ = self.cms(x + a)
             return constrain(y, RESIDUAL), None
         mixer, cms = state
-        if self.attention:
-            a, mixer = self.mixer.extend(u, mixer, segment_ids, row_segment_ids)
-        else:
-            a, mixer = self.mixer(
-                u, mixer, aligned=aligned, segment_ids=segment_ids, document_start=document_start
-            )
-        y, cms = self.cms(x + a, cms)
+        with part("mixer"):
+            if self.attention:
+                a, mixer = self.mixer.extend(u, mixer, segment_ids, row_segment_ids)
+            else:
+                a, mixer = self.mixer(
+                    u, mixer, aligned=aligned, segment_ids=segment_ids, document_start=document_start
+                )
+        with part("cms"):
+            y, cms = self.cms(x + a, cms)
         return constrain(y, RESIDUAL), (mixer, cms)
 
 
@@ -238,7 +246,8 @@ class _Hope(CausalLM):
             # d(sum of the segment's cross-entropies)/d(logits) = softmax - onehot, on tokens with a target.
             probs = jax.nn.softmax(logits, axis=-1)
             ct = (probs - jax.nn.one_hot(tgt, logits.shape[-1], dtype=probs.dtype)) * msk[..., None]
-            grads = jax.linear_transpose(lambda *t: lin(*t)[0], p, w, m_inexact)(ct)[1]
+            with part("inner_backward"):
+                grads = jax.linear_transpose(lambda *t: lin(*t)[0], p, w, m_inexact)(ct)[1]
             return (logits, new, grads), jax.linear_transpose(lin, p, w, m_inexact)
 
         def bwd(outer, cts):
@@ -256,7 +265,9 @@ class _Hope(CausalLM):
     def _accumulate(self, cms, grads, ok=True, defer=()):
         """Segment gradients into every layer's accumulators, boundary updates at the segment end
         (but for the `defer` levels, see CMSSchedule.accumulate)."""
-        return _per_layer(lambda s, g: self.schedule.accumulate(s, g, self.segment, ok, defer), cms, grads)
+        step = lambda s, g: self.schedule.accumulate(s, g, self.segment, ok, defer)  # noqa: E731
+        with part("cms_update"):
+            return _per_layer(step, cms, grads)
 
     def segments_per_checkpoint(self, n: int) -> int:
         """Segments per checkpointed chunk of the ntp forward over n segments (see
@@ -311,7 +322,8 @@ class _Hope(CausalLM):
                 return (m, put(cm, None)), logits
 
             (mixer, cms), logits = jax.lax.scan(body, (mixer, put(cms, None)), xs)
-            cms = _per_layer(lambda c: self.schedule.boundaries(c, fixed), put(cms, weights))
+            with part("cms_update"):
+                cms = _per_layer(lambda c: self.schedule.boundaries(c, fixed), put(cms, weights))
             return (mixer, cms), logits
 
         return chunk

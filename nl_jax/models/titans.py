@@ -58,6 +58,7 @@ from flax import nnx
 from nl_jax.layers import Linear, RMSNorm, SwiGLU, to_dtype
 from nl_jax.memory import ops
 from nl_jax.memory.ops.chunked import restart_where
+from nl_jax.metrics.profiler import part
 from nl_jax.mixers import (
     KVCache,
     attention_dims,
@@ -150,7 +151,8 @@ class _MLPOut(nnx.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, **_kw(cfg, rngs))
 
     def __call__(self, h):
-        return constrain(h + self.mlp(self.mlp_norm(h)), RESIDUAL)
+        with part("mlp"):
+            return constrain(h + self.mlp(self.mlp_norm(h)), RESIDUAL)
 
 
 class _Gate(nnx.Module):

@@ -14,6 +14,7 @@ the KV cache keeps each slot's document.
 from flax import nnx
 
 from nl_jax.layers import RMSNorm, SwiGLU, to_dtype
+from nl_jax.metrics.profiler import part
 from nl_jax.mixers import Attention
 from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
@@ -36,12 +37,14 @@ class TransformerBlock(nnx.Module):
         return self.attn.init_cache(batch_size, max_len, documents)
 
     def __call__(self, x, state=None, segment_ids=None):
-        if state is None:
-            h = x + self.attn(self.attn_norm(x), segment_ids)
-        else:
-            a, state = self.attn.decode(self.attn_norm(x), state, segment_ids)
-            h = x + a
-        y = h + self.mlp(self.mlp_norm(h))
+        with part("mixer"):
+            if state is None:
+                h = x + self.attn(self.attn_norm(x), segment_ids)
+            else:
+                a, state = self.attn.decode(self.attn_norm(x), state, segment_ids)
+                h = x + a
+        with part("mlp"):
+            y = h + self.mlp(self.mlp_norm(h))
         return constrain(y, RESIDUAL), state
 
 

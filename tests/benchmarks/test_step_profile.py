@@ -1,5 +1,5 @@
 """benchmarks.step_profile on a small transformer: it times the step, reads the trace's kernels and
-splits their time by kind and by pass (a subprocess: the benchmark defines absl flags)."""
+splits their time by kind, by pass and by part of the model (a subprocess: the benchmark defines absl flags)."""
 
 import re
 import subprocess
@@ -29,6 +29,9 @@ def test_profile_reports_kernels_by_kind_and_pass():
     assert "matmul" in out and "outer backward" in out and "forward (with any inner backward)" in out
     shares = [float(x) for x in re.findall(r"ms +([\d.]+)% ", out.split("by pass:")[0])]
     assert abs(sum(shares) - 100) < 0.5  # the kinds partition the kernel time
+    parts = out.split("by part")[1].split("top ")[0]
+    assert re.search(r"\n  mixer ", parts) and re.search(r"\n  mlp ", parts)
+    assert abs(sum(float(x) for x in re.findall(r"ms +([\d.]+)% ", parts)) - 100) < 0.5  # and the parts
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(
             [sys.executable, "-m", "benchmarks.step_profile", "--override=model.no_such_field=1"],
