@@ -10,7 +10,8 @@ copies and transposes, broadcasts, other elementwise fusions) and by pass (the f
 HOPE's ntp signal holds every segment's inner backward, against the outer backward), by part of
 the model and pass (the named scopes of `nl_jax.metrics.profiler.PARTS`: HOPE's mixer, CMS, inner
 backward and CMS updates, a Transformer's mixer and MLP; "other" is the rest: embedding, logits,
-loss, the loops' own copies), and the `--top` kernels with their output shape and HLO op. Kernel
+loss, the loops' plumbing; "no op name": kernels XLA made without one, the copies it inserts and
+the dots it rewrites), and the `--top` kernels with their output shape and HLO op. Kernel
 times are summed over the runtime's threads, so they can exceed the step's wall time. It also
 prints the host's page faults and kernel (system) time per timed step, with the malloc tunables it
 ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0 runs it without them). And the
@@ -175,7 +176,7 @@ def main(argv):
         counts[kind] += 1
         outer = re.match(r"jit\([^)]*\)/transpose", ops.get(name, "")) is not None
         by_pass["outer backward" if outer else "forward (with any inner backward)"] += d
-        key = (part_of(ops.get(name, "")), outer)
+        key = (part_of(ops[name]) if name in ops else "no op name", outer)
         by_part[key] += d
         part_counts[key] += 1
         per_name[name] += d
