@@ -23,7 +23,9 @@ import jax
 PARTS = (
     "inner_backward",  # HOPE ntp: each segment's next-token gradient wrt the CMS fast weights
     "cms_update",  # HOPE: those gradients into the levels' accumulators, and the boundary steps
-    "mixer",  # a block's token mixer: attention, a memory layer
+    "small_memories",  # self-modifying Titans: the k, v, eta, alpha memories' reads and updates
+    "output_memory",  # self-modifying Titans: the output memory
+    "mixer",  # a block's token mixer (attention, a memory layer), but for the parts above
     "cms",  # HOPE: the Continuum Memory System's levels
     "mlp",  # a block's feed-forward layer
 )

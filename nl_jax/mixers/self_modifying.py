@@ -98,6 +98,7 @@ from nl_jax.layers.norms import RMSNorm
 from nl_jax.memory import ops
 from nl_jax.memory.ops import chunked, closed_form, presets
 from nl_jax.memory.ops import structures as st
+from nl_jax.metrics.profiler import part
 from nl_jax.mixers.front_end import conv_silu, gated_output, l2_normalize
 
 READ_MODES = ("boundary", "per_token")
@@ -389,19 +390,20 @@ class SelfModifyingTitans(nnx.Module):
         """
         z, beta = xs
         s = mems["small"]
-        q, k, v, rates = self.generate(s.boundary, z, beta)
-        _, w, m = closed_form.chunk_update(
-            self.spec,
-            None,
-            s.weights,
-            s.momentum,
-            s.boundary,
-            None,
-            k[None],
-            v[None],
-            jax.tree.map(lambda a: a[None], rates),
-            last=last,
-        )
+        with part("small_memories"):
+            q, k, v, rates = self.generate(s.boundary, z, beta)
+            _, w, m = closed_form.chunk_update(
+                self.spec,
+                None,
+                s.weights,
+                s.momentum,
+                s.boundary,
+                None,
+                k[None],
+                v[None],
+                jax.tree.map(lambda a: a[None], rates),
+                last=last,
+            )
         return (q, k, v, rates), {"small": (w, m)}
 
     def stack_small(self, mems: dict) -> ops.MemoryState:
@@ -506,18 +508,19 @@ class SelfModifyingTitans(nnx.Module):
         elif restarts:
             out_kw = dict(restart=restarts["restart"], initial=self.memory_out.state(b, self.momentum))
         run = ops.memory_chunked if (training or aligned) and not inside else ops.memory_stream
-        y, memory = run(
-            self.out_spec,
-            state.memory,
-            q,
-            k,
-            v,
-            rates,
-            chunk_size=self.memory_chunk_size,
-            read=self.read,
-            remat=self.remat_chunks,
-            **out_kw,
-        )
+        with part("output_memory"):
+            y, memory = run(
+                self.out_spec,
+                state.memory,
+                q,
+                k,
+                v,
+                rates,
+                chunk_size=self.memory_chunk_size,
+                read=self.read,
+                remat=self.remat_chunks,
+                **out_kw,
+            )
         return y, (None if training else SelfModifyingState(convs, mems["small"], memory))
 
     def __call__(
