@@ -8,16 +8,16 @@ prints, from the trace's XLA CPU kernels: how many ran, their summed time, that 
 and library-fused matmuls, dynamic slices and updates (scan inputs, outputs and saved residuals),
 copies and transposes, broadcasts, other elementwise fusions) and by pass (the forward, which for
 HOPE's ntp signal holds every segment's inner backward, against the outer backward), by part of
-the model and pass (the named scopes of `nl_jax.metrics.profiler.PARTS`: HOPE's mixer, CMS, inner
-backward and CMS updates, a Transformer's mixer and MLP; "other" is the rest: embedding, logits,
-loss, the loops' plumbing; "no op name": kernels XLA made without one, the copies it inserts and
-the dots it rewrites), and the `--top` kernels with their output shape and HLO op. Kernel
-times are summed over the runtime's threads, so they can exceed the step's wall time. It also
-prints the host's page faults and kernel (system) time per timed step, with the malloc tunables it
-ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0 runs it without them). And the
-runtime's cost per kernel, timed in the same process on a chain of dependent kernels too small to
-do any work (batched 4 x 4 matmuls and tanh): the floor that the step's kernel count puts under its
-time, whatever each kernel computes.
+the model and pass (the named scopes of `nl_jax.metrics.profiler.PARTS`: HOPE's mixer, its small
+and output memories, CMS, inner backward and CMS updates, a Transformer's mixer and MLP; "other" is
+the rest: embedding, logits, loss, the loops' plumbing; "no op name": kernels XLA made without one,
+the copies it inserts and the dots it rewrites), and the `--top` kernels with their output shape
+and HLO op. Kernel times are summed over the runtime's threads, so they can exceed the step's wall
+time. It also prints the host's page faults and kernel (system) time per timed step, with the malloc
+tunables it ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0 runs it without them). And
+the runtime's cost per kernel, timed in the same process on a chain of dependent kernels too small
+to do any work (batched 4 x 4 matmuls and tanh): the floor that the step's kernel count puts under
+its time, whatever each kernel computes.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main(argv):
     from flax import nnx  # noqa: PLC0415
 
     from experiments import configs  # noqa: PLC0415
-    from nl_jax.metrics.profiler import part_of  # noqa: PLC0415
+    from nl_jax.metrics.profiler import in_outer_backward, part_of  # noqa: PLC0415
     from nl_jax.models import build_model  # noqa: PLC0415
     from nl_jax.train.state import ModelFn  # noqa: PLC0415
     from nl_jax.train.step import make_loss_fn  # noqa: PLC0415
@@ -174,7 +174,7 @@ def main(argv):
         kind = _kind(name)
         by_kind[kind] += d
         counts[kind] += 1
-        outer = re.match(r"jit\([^)]*\)/transpose", ops.get(name, "")) is not None
+        outer = in_outer_backward(ops.get(name, ""))
         by_pass["outer backward" if outer else "forward (with any inner backward)"] += d
         key = (part_of(ops[name]) if name in ops else "no op name", outer)
         by_part[key] += d

@@ -45,6 +45,13 @@ def part_of(op_name: str) -> str:
     return next((p for p in PARTS if p in components), "other")
 
 
+def in_outer_backward(op_name: str) -> bool:
+    """Whether an HLO op name belongs to the outer backward: the transpose of the differentiated
+    function itself ("jit(f)/transpose(...)"), not a transpose inside its forward (HOPE's inner
+    backward)."""
+    return re.match(r"jit\([^)]*\)/transpose", op_name) is not None
+
+
 class ProfilerWindow:
     """`with window.step(step): ...` around each train step; starts / stops the trace itself."""
 

@@ -1,5 +1,6 @@
 """benchmarks.step_profile on a small transformer: it times the step, reads the trace's kernels and
-splits their time by kind, by pass and by part of the model (a subprocess: the benchmark defines absl flags)."""
+splits their time by kind, by pass and by part of the model (a subprocess: the benchmark defines
+absl flags)."""
 
 import re
 import subprocess

@@ -9,15 +9,15 @@ import pytest
 from flax import nnx
 
 from experiments import configs
-from nl_jax.metrics.profiler import part, part_of
+from nl_jax.metrics.profiler import in_outer_backward, part, part_of
 from nl_jax.models import build_model
 from nl_jax.train.state import ModelFn
 from nl_jax.train.step import make_loss_fn
 
 
-def _op_names(name: str, **model) -> list[str]:
+def _op_names(name: str) -> list[str]:
     cfg = configs.load(name).model
-    cfg.update(num_layers=2, **model)
+    cfg.update(num_layers=2)
     params = nnx.state(build_model(cfg, nnx.Rngs(0)), nnx.Param).to_pure_dict()
     batch = {"tokens": jnp.zeros((1, 33), jnp.int32)}
     step = jax.jit(jax.grad(make_loss_fn(ModelFn.from_config(cfg))))
@@ -25,10 +25,8 @@ def _op_names(name: str, **model) -> list[str]:
 
 
 def _parts(names: list[str], backward: bool) -> set[str]:
-    """The parts of the forward (with HOPE's inner backward) or of the outer backward, told apart as
-    step_profile does."""
-    outer = lambda n: re.match(r"jit\([^)]*\)/transpose", n) is not None  # noqa: E731
-    return {part_of(n) for n in names if n.startswith("jit(") and outer(n) == backward}
+    """The parts of the forward (with HOPE's inner backward) or of the outer backward."""
+    return {part_of(n) for n in names if n.startswith("jit(") and in_outer_backward(n) == backward}
 
 
 def test_hope_ntp_parts_forward_and_backward():
