@@ -17,7 +17,11 @@ time. It also prints the host's page faults and kernel (system) time per timed s
 tunables it ran under (experiments/host_memory.py; NL_JAX_HUGE_PAGES=0 runs it without them). And
 the runtime's cost per kernel, timed in the same process on a chain of dependent kernels too small
 to do any work (batched 4 x 4 matmuls and tanh): the floor that the step's kernel count puts under
-its time, whatever each kernel computes.
+its time, whatever each kernel computes. And what the kernels write: the bytes of their results
+(a dynamic-update-slice, which writes into its buffer in place, counts one slice: the buffer over
+its leading dimension, a scan's stacking axis), by kind, and against the host's bandwidth, timed
+in the same process on a jitted scale of a 256 MiB array: a step that writes at a good part of that
+rate is bound by memory traffic rather than by its FLOPs or its kernel count.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import resource
@@ -77,6 +82,40 @@ def _kernels(trace_dir: str, instructions: set[str]) -> list[tuple[str, float]]:
     ]
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4}
+_DTYPE_BYTES |= {"s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+
+
+def written_bytes(name: str, shape: str) -> int:
+    """Bytes kernel `name` writes, from its HLO result `shape` ("f32[8,16]{1,0}", or a tuple
+    "(f32[2]{0}, s32[])"): the whole result, but for an in-place dynamic-update-slice one slice of
+    its buffer (the buffer over its leading dimension)."""
+    arrays = re.findall(r"([a-z]+\d*)\[([\d,]*)\]", shape)
+    sizes = [(_DTYPE_BYTES.get(t, 0), [int(d) for d in dims.split(",") if d]) for t, dims in arrays]
+    if "dynamic-update-slice" in name and len(sizes) == 1 and sizes[0][1]:
+        width, dims = sizes[0]
+        return width * math.prod(dims[1:])
+    return sum(width * math.prod(dims) for width, dims in sizes)
+
+
+def _best_seconds(jax, compiled, *args, runs: int = 5) -> float:
+    """The fastest of `runs` calls of `compiled`, after one untimed call."""
+    jax.block_until_ready(compiled(*args))
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def write_bandwidth_gbs(jax, jnp, mib: int = 256) -> float:
+    """GB/s written by a jitted scale of a `mib` MiB float32 array (it reads as much), the best of 5."""
+    x = jnp.ones((mib * 2**18,), jnp.float32)
+    compiled = jax.jit(lambda a: a * 1.5).lower(x).compile()
+    return x.nbytes / _best_seconds(jax, compiled, x) / 1e9
+
+
 def kernel_floor_us(jax, jnp, links: int = 500) -> float:
     """Microseconds per kernel of a jitted loop over `links` dependent (batched 4 x 4 matmul, tanh)
     steps: what the runtime spends on a kernel with next to nothing to compute. The kernels are
@@ -92,12 +131,7 @@ def kernel_floor_us(jax, jnp, links: int = 500) -> float:
 
     x = jnp.full((8, 4, 4), 0.01)
     compiled = jax.jit(chain).lower(x).compile()
-    jax.block_until_ready(compiled(x))
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(x))
-        best = min(best, time.perf_counter() - t0)
+    best = _best_seconds(jax, compiled, x)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         jax.block_until_ready(compiled(x))
@@ -141,7 +175,8 @@ def main(argv):
     best = min(times)
     hlo = compiled.as_text()
     ops = dict(re.findall(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]+)\"", hlo))
-    shapes = dict(re.findall(r"%([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ", hlo))
+    results = dict(re.findall(r"%([\w.\-]+) = (\([^()]*\)|\S+) ", hlo))
+    shapes = {name: re.sub(r"\{[^}]*\}", "", shape) for name, shape in results.items()}
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         jax.block_until_ready(compiled(params, batch))
@@ -170,26 +205,39 @@ def main(argv):
     counts = collections.Counter()
     per_name, calls = collections.Counter(), collections.Counter()
     by_part, part_counts = collections.Counter(), collections.Counter()
+    written, part_written = collections.Counter(), collections.Counter()
     for name, d in kernels:
         kind = _kind(name)
         by_kind[kind] += d
         counts[kind] += 1
+        nbytes = written_bytes(name, results.get(name, ""))
+        written[kind] += nbytes
         outer = in_outer_backward(ops.get(name, ""))
         by_pass["outer backward" if outer else "forward (with any inner backward)"] += d
         key = (part_of(ops[name]) if name in ops else "no op name", outer)
         by_part[key] += d
         part_counts[key] += 1
+        part_written[key] += nbytes
         per_name[name] += d
         calls[name] += 1
+    total_written = sum(written.values())
+    print(
+        f"written: {total_written / 1e6:,.1f} MB by the step's kernels, {total_written / 1e9 / best:,.2f} GB/s "
+        f"over the step; the host writes {write_bandwidth_gbs(jax, jnp):,.1f} GB/s (a jitted scale of 256 MiB)"
+    )
     for title, table in (("by kind", by_kind), ("by pass", by_pass)):
         print(f"\n{title}:")
         for key, d in table.most_common():
-            n = f"{counts[key]:>9,} kernels" if title == "by kind" else ""
+            n = ""
+            if title == "by kind":
+                n = f"{counts[key]:>9,} kernels {written[key] / 1e6:9,.1f} MB written"
             print(f"  {key:36s} {d / 1e3:9.1f} ms {100 * d / total:5.1f}% {n}")
     print("\nby part (forward with any inner backward | outer backward):")
     for p in sorted({p for p, _ in by_part}, key=lambda p: -(by_part[p, False] + by_part[p, True])):
-        cells = [(by_part[p, o], part_counts[p, o]) for o in (False, True)]
-        cells = [f"{d / 1e3:9.1f} ms {100 * d / total:5.1f}% {n:>8,} kernels" for d, n in cells]
+        cells = [(by_part[p, o], part_counts[p, o], part_written[p, o] / 1e6) for o in (False, True)]
+        cells = [
+            f"{d / 1e3:9.1f} ms {100 * d / total:5.1f}% {n:>8,} kernels {mb:7,.1f} MB" for d, n, mb in cells
+        ]
         print(f"  {p:16s} {cells[0]} | {cells[1]}")
     print(f"\ntop {FLAGS.top} kernels (ms per step, calls):")
     for name, d in per_name.most_common(FLAGS.top):
