@@ -151,10 +151,12 @@ class CMSSchedule(NamedTuple):
         )
         return _tree_where(apply_ok, state._replace(levels=levels, pos=end), state)
 
-    def boundaries(self, state: CMSState, levels: tuple) -> CMSState:
-        """The boundary steps of `levels` at the state's position (those `accumulate` deferred)."""
+    def boundaries(self, state: CMSState, levels: tuple, on_grid: tuple = ()) -> CMSState:
+        """The boundary steps of `levels` at the state's position (those `accumulate` deferred).
+        `on_grid`: levels whose boundary the caller knows the position to be on (no predicate)."""
         new = tuple(
-            self.level_boundary(i, lv, state.pos) if i in levels else lv for i, lv in enumerate(state.levels)
+            self.level_boundary(i, lv, state.pos, on_grid=i in on_grid) if i in levels else lv
+            for i, lv in enumerate(state.levels)
         )
         return state._replace(levels=new)
 

@@ -78,6 +78,7 @@ from nl_jax.mixers import Attention, attention_dims
 from nl_jax.mixers.cms import CMSSchedule, ContinuumMemory
 from nl_jax.models.lm import RESIDUAL, CausalLM
 from nl_jax.models.registry import register
+from nl_jax.models.stack import Layers, from_layers, to_layers
 from nl_jax.parallel.rules import constrain
 
 
@@ -108,13 +109,32 @@ def segments_per_checkpoint(n: int, checkpoint_segments: int, remat_policy: str)
 
 
 def _per_layer(fn, cms, *args):
-    """fn(CMS state of one layer, *its args) -> its new state, over the layer-stacked `cms` and `args`.
-    Every layer is at the same position, so it enters unbatched: each boundary's predicate stays one
-    scalar, and the backward of its select keeps that, not a mask the size of the weights per layer."""
+    """fn(CMS state of one layer, *its args) -> its new state, over every layer's: `cms` and `args`
+    are Layers (an unrolled stack's segment scan) or stacked along a leading layer axis. Stacked,
+    every layer is at the same position, so it enters the vmap unbatched: each boundary's predicate
+    stays one scalar, and the backward of its select keeps that, not a mask the size of the weights
+    per layer."""
+    if isinstance(cms, Layers):
+        return Layers(fn(*per) for per in zip(cms, *args))
     pos = cms.pos[0]
     one = lambda levels, prev, *a: fn(cms._replace(levels=levels, prev=prev, pos=pos), *a)  # noqa: E731
     new = jax.vmap(one, out_axes=cms._replace(levels=0, prev=0, pos=None))(cms.levels, cms.prev, *args)
     return new._replace(pos=jnp.broadcast_to(new.pos, cms.pos.shape))
+
+
+def _fast_weights(cms):
+    """The fast weights every layer reads (ContinuumMemory.fast_weights), in the layout of `cms`."""
+    if isinstance(cms, Layers):
+        return Layers(map(ContinuumMemory.fast_weights, cms))
+    return ContinuumMemory.fast_weights(cms)
+
+
+def _with_fast_weights(cms, weights):
+    """`cms` with every layer's fast weights replaced (None: left out), in its layout."""
+    if isinstance(cms, Layers):
+        per_layer = weights or [None] * len(cms)
+        return Layers(_with_fast_weights(c, w) for c, w in zip(cms, per_layer))
+    return ContinuumMemory.with_fast_weights(cms, weights or tuple(None for _ in cms.levels))
 
 
 def _split_inexact(tree):
@@ -226,13 +246,12 @@ class _Hope(CausalLM):
         `documents`: the HopeBlock keywords of packed rows (segment ids ...), or None.
         """
         graphdef, params, rest = nnx.split(self, nnx.Param, ...)
-        cms_rest = ContinuumMemory.with_fast_weights(cms, tuple(None for _ in cms.levels))
+        cms_rest = _with_fast_weights(cms, None)
 
         def f(p, w, m, r, cr, tok, docs):
             model = nnx.merge(graphdef, p, r, copy=True)
-            logits, (new_mixer, _) = model._run(
-                tok, (m, ContinuumMemory.with_fast_weights(cr, w)), aligned=aligned, **(docs or {})
-            )
+            cms_state = _with_fast_weights(cr, w)
+            logits, (new_mixer, _) = model._run(tok, (m, cms_state), aligned=aligned, **(docs or {}))
             return logits, new_mixer
 
         def fwd(p, w, m, r, cr, tok, tgt, msk, docs):
@@ -259,7 +278,7 @@ class _Hope(CausalLM):
         # Everything traced is an argument: a custom_vjp must not close over tracers of the scan.
         seg = jax.custom_vjp(lambda *args: fwd(*args)[0])
         seg.defvjp(fwd, bwd)
-        weights = ContinuumMemory.fast_weights(cms)
+        weights = _fast_weights(cms)
         return seg(params, weights, mixer, rest, cms_rest, tokens, targets, mask, documents)
 
     def _accumulate(self, cms, grads, ok=True, defer=()):
@@ -276,14 +295,30 @@ class _Hope(CausalLM):
 
     def _segment_step(self, defer, aligned, row, carry, xs):
         """One segment of the scan: logits, new mixer states, gradients into the CMS state. `row`:
-        the row's segment ids (packed rows; then xs ends with the segment's ids and start flags)."""
+        the row's segment ids (packed rows; then xs ends with the segment's ids and start flags).
+
+        The boundary steps of the levels not in `defer` run at the start of the next segment, not at
+        the end of this one (`_pending_boundaries`; the scan's caller flushes the last): the values
+        are the same, and the weights the segment saves for the backward are then the ones the scan
+        carries out, so XLA updates them in place instead of copying every level's weights and
+        accumulators at each segment's start."""
         mixer, cms = carry
         documents = None
         if row is not None:
             *xs, ids, first = xs
             documents = dict(segment_ids=ids, document_start=first, row_segment_ids=row)
+        cms = self._pending_boundaries(cms, defer)
         logits, mixer, grads = self._segment_grads(mixer, cms, *xs, aligned=aligned, documents=documents)
-        return (mixer, self._accumulate(cms, grads, defer=defer)), logits
+        everything = tuple(range(len(self.schedule.periods)))
+        return (mixer, self._accumulate(cms, grads, defer=everything)), logits
+
+    def _pending_boundaries(self, cms, defer=()):
+        """The boundary steps at the CMS state's position of the levels not in `defer`. A no-op where
+        they were applied already or nothing was accumulated: their gradient sums are then zero."""
+        levels = tuple(i for i in range(len(self.schedule.periods)) if i not in defer)
+        on_grid = tuple(i for i in levels if self.schedule.periods[i] == self.segment)
+        with part("cms_update"):
+            return _per_layer(lambda c: self.schedule.boundaries(c, levels, on_grid), cms)
 
     def _chunk_step(self, k: int, row=None):
         """Scan body over chunks of k segments of a sequence started at position 0, for jax.checkpoint.
@@ -322,8 +357,7 @@ class _Hope(CausalLM):
                 return (m, put(cm, None)), logits
 
             (mixer, cms), logits = jax.lax.scan(body, (mixer, put(cms, None)), xs)
-            with part("cms_update"):
-                cms = _per_layer(lambda c: self.schedule.boundaries(c, fixed), put(cms, weights))
+            cms = self._pending_boundaries(put(cms, weights))  # every level's, the fixed ones' too
             return (mixer, cms), logits
 
         return chunk
@@ -372,7 +406,13 @@ class _Hope(CausalLM):
             xs = (*xs, to_segments(row), first)
         if k == 1:
             step = functools.partial(self._segment_step, (), aligned, row)
-            states, logits = jax.lax.scan(step, states, xs)
+            layers = self.blocks.num_layers
+            unrolled = not self.blocks.scan_layers  # the scan carries each layer's states apart
+            carry = tuple(to_layers(half, layers) for half in states) if unrolled else states
+            (mixer, cms), logits = jax.lax.scan(step, carry, xs)
+            if unrolled:
+                mixer, cms = from_layers(mixer), from_layers(cms)
+            states = (mixer, self._pending_boundaries(cms))
         else:
             # inside a scan: no CSE anyway
             chunk = jax.checkpoint(self._chunk_step(k, row), prevent_cse=False)

@@ -12,7 +12,9 @@ Block interface (what a block class must provide):
 Parameters are created once, stacked along a leading 'layers' axis (nnx.split_rngs + nnx.vmap,
 the axis name inserted into each Param's logical names), and the same stacked layout is used
 with scan_layers=True or False, so checkpoints do not depend on the flag. Per-layer states are
-stacked the same way (leading axis L).
+stacked the same way (leading axis L); an unrolled stack also takes any part of them as `Layers`
+(layer i's at item i), which it reads and returns without slicing or stacking, for a caller that
+carries the states through a loop of its own (HOPE's ntp segment scan).
 
 Forward (MaxText nnx_decoders recipe): split the stack into graphdef / Params / rest once, scan a
 body that merges one layer's slice and returns only the non-Param state (plus the block state).
@@ -36,6 +38,29 @@ _POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 REMAT_POLICIES = tuple(_POLICIES)
+
+
+class Layers(tuple):
+    """Per-layer values, layer i's at item i: a state part an unrolled stack uses as it is (a
+    stacked array's slices would be copied out of it and its new values stacked again in the forward,
+    and, in the backward, every layer's cotangent padded to the whole stack and summed)."""
+
+
+jax.tree_util.register_pytree_node(Layers, lambda t: (tuple(t), None), lambda _, items: Layers(items))
+
+
+def _is_layers(a) -> bool:
+    return isinstance(a, Layers)
+
+
+def to_layers(tree, num_layers: int):
+    """A stacked (leading axis L) pytree as Layers of its per-layer pytrees."""
+    return Layers(jax.tree.map(lambda a: a[i], tree) for i in range(num_layers))
+
+
+def from_layers(layers: Layers):
+    """Layers of per-layer pytrees, stacked along a leading axis L."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *layers)
 
 
 def get_remat_policy(name: str):
@@ -89,7 +114,8 @@ class Stack(nnx.Module):
         """Applies the L blocks in order; kwargs are passed to every block (static values, or arrays
         every layer reads alike, such as segment ids, closed over by the scan body).
 
-        Returns (y, new_states) with new_states stacked along L (None when states is None).
+        Returns (y, new_states) with new_states stacked along L, but for the parts given as Layers
+        (None when states is None).
         """
         graphdef, params, rest = nnx.split(self.layers, nnx.Param, ...)
 
@@ -105,13 +131,18 @@ class Stack(nnx.Module):
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
 
         if self.scan_layers:
+            if any(map(_is_layers, jax.tree.leaves(states, is_leaf=_is_layers))):
+                raise ValueError("states given as Layers need an unrolled stack (scan_layers=False)")
             x, (rest, states) = jax.lax.scan(body, x, (params, rest, states))
         else:
             outs = []
             for i in range(self.num_layers):
-                x, out = body(x, jax.tree.map(lambda a: a[i], (params, rest, states)))
+                layer = jax.tree.map(lambda a, i=i: a[i], (params, rest, states), is_leaf=_is_layers)
+                x, out = body(x, layer)
                 outs.append(out)
-            rest, states = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            template = (rest, states)  # Layers parts come back as Layers, stacked parts stacked
+            restack = lambda t, *a: Layers(a) if _is_layers(t) else jnp.stack(a)  # noqa: E731
+            rest, states = jax.tree.map(restack, template, *outs, is_leaf=_is_layers)
         # Non-Param state (counters, RNG keys) is written back. Under jax.grad the caller must merge
         # with nnx.merge(..., copy=True): Variables reused from a non-differentiated input belong
         # to the outer trace and cannot be written inside the gradient trace.

@@ -192,3 +192,32 @@ def test_the_backward_keeps_no_boundary_mask_of_the_fast_weights_size():
     weights = {dims for h in cfg.cms.hidden for dims in (f"{d},{h}", f"{h},{d}")}  # gate / up, down
     carried = {m for line in loops for m in re.findall(r"pred\[([\d,]+)\]", line)}  # what a loop keeps
     assert not {m for m in carried if ",".join(m.split(",")[-2:]) in weights}, carried
+
+
+def test_the_segment_loop_copies_no_carried_fast_weights():
+    """The boundary steps run at the start of the next segment, so the weights a segment saves for
+    the backward are the ones the scan carries out, and XLA updates the carried CMS weights in place:
+    no copy of a layer's fast weights in the training step's loops (hope_tiny's layout: unrolled
+    layers, each layer's states carried apart)."""
+    cfg = small_cfg("hope", 2, scan_layers=False, checkpoint_segments=1)
+    model = build_model(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens = jax.random.randint(jax.random.key(0), (2, T), 0, V)
+
+    def loss(p):
+        return _ce(nnx.merge(graphdef, p, copy=True)(tokens), tokens).mean()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    bodies = set(re.findall(r"body=(%?[\w.\-]+)", hlo))
+    assert bodies  # the segment scan's forward and backward
+    d, b, n = cfg.d_model, tokens.shape[0], cfg.num_layers
+    weights = {f"{b},{a},{c}" for h in cfg.cms.hidden for a, c in ((d, h), (h, d))}
+    weights |= {f"{n},{w}" for w in weights}  # one layer's, or the layers' stacked
+    computations = re.split(r"\n(?=%?[\w.\-]+ \(|ENTRY )", hlo)
+    copied = [
+        dims
+        for c in computations
+        if c.split(" ", 1)[0].lstrip("%") in {n.lstrip("%") for n in bodies}
+        for dims in re.findall(r"= f32\[([\d,]+)\]\S* copy\(", c)
+    ]
+    assert not [m for m in copied if m in weights], copied

@@ -8,6 +8,7 @@ from flax import nnx
 
 from nl_jax.layers import Linear
 from nl_jax.models import REMAT_POLICIES, Stack, build_model
+from nl_jax.models.stack import Layers, from_layers, to_layers
 
 
 def _loss_and_grads(model, tokens):
@@ -93,6 +94,31 @@ def test_recurrent_state_threads_through_layers(scan):
     y2, states = stack(x[:, 4:], states)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), full, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(stack.layers.calls[...], [3, 3, 3])  # non-Param state written back
+
+
+def test_unrolled_stack_takes_and_returns_states_per_layer():
+    """States given as Layers (one array per layer) give the stacked states' outputs and new states,
+    back as Layers, and their gradients; a scanned stack refuses them."""
+    stack = Stack(_RecurrentBlock, 3, scan_layers=False, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 4))
+    states = stack.init_state(2) + jax.random.normal(jax.random.key(2), (3, 2, 4))
+    y, new = stack(x, states)
+    y_layers, new_layers = stack(x, to_layers(states, 3))
+    assert isinstance(new_layers, Layers) and len(new_layers) == 3
+    np.testing.assert_array_equal(y_layers, y)
+    np.testing.assert_array_equal(from_layers(new_layers), new)
+    assert float(jnp.abs(new - states).max()) > 0.1  # the states did move
+    graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
+
+    def loss(s, layout):
+        return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x, layout(s))[0] ** 2)
+
+    g = jax.grad(loss)(states, lambda s: s)
+    g_layers = jax.grad(loss)(states, lambda s: to_layers(s, 3))
+    np.testing.assert_allclose(g_layers, g, rtol=1e-6, atol=1e-7)
+    scanned = Stack(_RecurrentBlock, 3, scan_layers=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unrolled stack"):
+        scanned(x, to_layers(states, 3))
 
 
 class _LearnedStartBlock(_RecurrentBlock):
