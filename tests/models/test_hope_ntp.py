@@ -173,10 +173,9 @@ def test_ntp_signal_equals_the_brute_force_reference(case):
     assert float(jnp.abs(cms_init).max()) > 0  # the meta-learned init gets an outer gradient
 
 
-def test_the_backward_keeps_no_boundary_mask_of_the_fast_weights_size():
-    """Every layer is at the same token position, so each CMS boundary's select keeps one scalar
-    predicate for the backward, not a mask of a layer's fast weights per segment; and the fastest
-    level (period = the segment) updates at every segment without a select."""
+def _unrolled_training_hlo():
+    """(config, batch size, compiled HLO) of the ntp training gradient in hope_tiny's layout: a
+    small HOPE with unrolled layers and the plain segment scan."""
     cfg = small_cfg("hope", 2, scan_layers=False, checkpoint_segments=1)
     model = build_model(cfg, nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -185,7 +184,14 @@ def test_the_backward_keeps_no_boundary_mask_of_the_fast_weights_size():
     def loss(p):
         return _ce(nnx.merge(graphdef, p, copy=True)(tokens), tokens).mean()
 
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    return cfg, tokens.shape[0], jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+
+def test_the_backward_keeps_no_boundary_mask_of_the_fast_weights_size():
+    """Every layer is at the same token position, so each CMS boundary's select keeps one scalar
+    predicate for the backward, not a mask of a layer's fast weights per segment; and the fastest
+    level (period = the segment) updates at every segment without a select."""
+    cfg, _, hlo = _unrolled_training_hlo()
     loops = [line.split(" while(")[0] for line in hlo.splitlines() if " while(" in line]
     assert loops  # the segment scan's forward and backward
     d = cfg.d_model
@@ -199,18 +205,10 @@ def test_the_segment_loop_copies_no_carried_fast_weights():
     the backward are the ones the scan carries out, and XLA updates the carried CMS weights in place:
     no copy of a layer's fast weights in the training step's loops (hope_tiny's layout: unrolled
     layers, each layer's states carried apart)."""
-    cfg = small_cfg("hope", 2, scan_layers=False, checkpoint_segments=1)
-    model = build_model(cfg, nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tokens = jax.random.randint(jax.random.key(0), (2, T), 0, V)
-
-    def loss(p):
-        return _ce(nnx.merge(graphdef, p, copy=True)(tokens), tokens).mean()
-
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    cfg, batch, hlo = _unrolled_training_hlo()
     bodies = set(re.findall(r"body=(%?[\w.\-]+)", hlo))
     assert bodies  # the segment scan's forward and backward
-    d, b, n = cfg.d_model, tokens.shape[0], cfg.num_layers
+    d, b, n = cfg.d_model, batch, cfg.num_layers
     weights = {f"{b},{a},{c}" for h in cfg.cms.hidden for a, c in ((d, h), (h, d))}
     weights |= {f"{n},{w}" for w in weights}  # one layer's, or the layers' stacked
     computations = re.split(r"\n(?=%?[\w.\-]+ \(|ENTRY )", hlo)
