@@ -206,7 +206,7 @@ def test_the_segment_loop_copies_no_carried_fast_weights():
     no copy of a layer's fast weights in the training step's loops (hope_tiny's layout: unrolled
     layers, each layer's states carried apart)."""
     cfg, batch, hlo = _unrolled_training_hlo()
-    bodies = set(re.findall(r"body=(%?[\w.\-]+)", hlo))
+    bodies = {name.lstrip("%") for name in re.findall(r"body=(%?[\w.\-]+)", hlo)}
     assert bodies  # the segment scan's forward and backward
     d, b, n = cfg.d_model, batch, cfg.num_layers
     weights = {f"{b},{a},{c}" for h in cfg.cms.hidden for a, c in ((d, h), (h, d))}
@@ -215,7 +215,7 @@ def test_the_segment_loop_copies_no_carried_fast_weights():
     copied = [
         dims
         for c in computations
-        if c.split(" ", 1)[0].lstrip("%") in {n.lstrip("%") for n in bodies}
+        if c.split(" ", 1)[0].lstrip("%") in bodies
         for dims in re.findall(r"= f32\[([\d,]+)\]\S* copy\(", c)
     ]
     assert not [m for m in copied if m in weights], copied
