@@ -15,9 +15,11 @@ steps and the same mean over their timed steps. Each nl_jax
 row's process re-executes itself with malloc on transparent huge pages, as every experiments command
 does (experiments/host_memory.py); the PyTorch rows run with glibc's defaults. The baselines'
 SwiGLU widths are solved so that every model has the parameters of the HOPE config (`--base`);
-ratios are to the Transformer++ row of the same length, measured in this one run: it runs
-`--rounds` times, first, between and after that length's other rows, and the table gives the median
-(its steps are the shortest, so a shared machine's passing load moves it most).
+ratios are to the Transformer++ row of the same length, measured in this one run. Each length runs
+`--rounds` rounds, each the Transformer++ and then every other row once (a shared machine's load
+changes from minute to minute more than a HOPE row's step time differs between two runs); every row
+gives its median round, and its ratio is the median of the rounds' ratios, each round's row against
+that round's Transformer++.
 
 `--peers` adds rows for the PyTorch package nested-learning (its `hope_selfmod` model and its
 transformer) at `--peers_shape`, with nl_jax's `hope` (ntp signal) and `transformer` at the same
@@ -52,7 +54,7 @@ flags.DEFINE_list(
 )
 flags.DEFINE_string("base", "hope_tiny", "the HOPE config whose parameter count every row matches")
 flags.DEFINE_integer(
-    "rounds", 3, "runs of each length's Transformer++ row, spread over its other rows; the table gives their median"
+    "rounds", 3, "rounds of each length's rows (the Transformer++ first in each); a row gives its median round"
 )
 flags.DEFINE_integer("steps", 10, "timed steps, after the first (compiling) one and the warm-up")
 flags.DEFINE_integer("warmup", 5, "untimed steps after the first, before the timed ones (every row, the peers' too)")
@@ -204,19 +206,11 @@ def _peer_row(kind: str, loop: str, shape: dict) -> dict:
     return dict(model=f"nested-learning {kind} ({loop})", **res)
 
 
-def reference_schedule(models: list[str], rounds: int) -> list[str]:
-    """One length's rows in the order they run: the Transformer++ (every ratio's reference) `rounds`
-    times, spread over the others (first, evenly between, last) so that its median sees the load
-    they ran under; the others once each, in order."""
-    others = [m for m in models if m != "transformer"]
-    if "transformer" not in models:
-        return others
-    slots = [0] if rounds == 1 else [round(i * len(others) / (rounds - 1)) for i in range(rounds)]
-    order = []
-    for j in range(len(others) + 1):
-        order += ["transformer"] * slots.count(j)
-        order += others[j : j + 1]
-    return order
+def round_schedule(models: list[str], rounds: int) -> list[str]:
+    """One length's runs in the order they run: `rounds` rounds, each the Transformer++ (every ratio's
+    reference) first and then the other rows in order."""
+    order = (["transformer"] if "transformer" in models else []) + [m for m in models if m != "transformer"]
+    return order * rounds
 
 
 def median_round(rounds: list[dict], refs: list[dict] | None = None) -> dict:
@@ -231,9 +225,19 @@ def median_round(rounds: list[dict], refs: list[dict] | None = None) -> dict:
     if refs is not None:
         if any("error" in r for r in refs):
             return dict(row, ratio=None)
-        ratios = sorted(t / r["tokens_per_s"] for t, r in zip(tokens, refs))
-        row.update(ratio=ratios[(len(ratios) - 1) // 2], round_ratios=ratios)
+        ratios = [t / r["tokens_per_s"] for t, r in zip(tokens, refs)]
+        row.update(ratio=sorted(ratios)[(len(ratios) - 1) // 2], round_ratios=ratios)
     return row
+
+
+def length_rows(runs: dict) -> list[dict]:
+    """One length's rows from its rounds (name -> one run per round, in round order): the
+    Transformer++'s median round first, then every other row's median round with the median of its
+    ratios to the Transformer++ of the same rounds."""
+    runs = dict(runs)
+    reference = runs.pop("transformer", None)
+    rows = [median_round(reference)] if reference else []
+    return rows + [median_round(rounds, reference) for rounds in runs.values()]
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -281,11 +285,10 @@ def main(argv):
             print(f"  {name} T={t}: " + json.dumps({k: v for k, v in row.items() if k != "overrides"}), flush=True)
             return row
 
-        first, reference = len(rows), []
-        for name in reference_schedule(FLAGS.models, FLAGS.rounds):
-            (reference if name == "transformer" else rows).append(run_row(name))
-        if reference:  # the reference heads its length's rows
-            rows.insert(first, median_round(reference))
+        runs = {}
+        for name in round_schedule(FLAGS.models, FLAGS.rounds):
+            runs.setdefault(name, []).append(run_row(name))
+        rows += length_rows(runs)
     if FLAGS.peers:
         shape = {k: int(v) for k, v in (kv.split("=") for kv in FLAGS.peers_shape.split(","))}
         mine = {
@@ -325,7 +328,7 @@ def main(argv):
         if "rounds" in r:
             ratios = ""
             if "round_ratios" in r:
-                ratios = ", ratios to nl_jax's " + ", ".join(f"{x:.2f}" for x in r["round_ratios"])
+                ratios = ", ratios to the reference by round " + ", ".join(f"{x:.2f}" for x in r["round_ratios"])
             rounds = ", ".join(f"{x:,.0f}" for x in r["rounds"])
             print(f"{r['model']} (T = {r['seq_len']}): tokens/s by round {rounds}{ratios}")
     if FLAGS.json:

@@ -74,7 +74,7 @@ def test_a_row_times_its_steps_after_the_warmup():
 MEDIAN_SCRIPT = textwrap.dedent(
     """
     import json
-    from benchmarks.train_step import median_round, reference_schedule
+    from benchmarks.train_step import length_rows, median_round, round_schedule
 
     ours = [{"model": "a", "tokens_per_s": t, "round": i} for i, t in enumerate((100.0, 300.0, 200.0))]
     theirs = [{"model": "b", "tokens_per_s": t, "round": i} for i, t in enumerate((110.0, 240.0, 260.0))]
@@ -84,9 +84,10 @@ MEDIAN_SCRIPT = textwrap.dedent(
         "even": median_round(ours[:2]),
         "failed": median_round([ours[0], {"model": "a", "error": "boom"}]),
         "failed_ref": median_round(theirs, [ours[0], {"model": "a", "error": "boom"}, ours[2]]),
-        "schedule": reference_schedule(["transformer", "titans", "h1", "h2", "h3"], 3),
-        "schedule_1": reference_schedule(["titans", "transformer", "h1"], 1),
-        "schedule_none": reference_schedule(["titans", "h1"], 3),
+        "schedule": round_schedule(["titans", "transformer", "h1"], 2),
+        "schedule_none": round_schedule(["titans", "h1"], 2),
+        "length": length_rows({"transformer": ours, "h": [{"model": "h", "tokens_per_s": t} for t in (40.0, 30.0, 10.0)]}),
+        "length_alone": length_rows({"h": theirs}),
     }
     print(json.dumps(out))
     """
@@ -101,11 +102,16 @@ def test_rounds_give_the_median_round_and_the_median_paired_ratio():
     # Ratios are paired by round (1.1, 0.8, 1.3), not taken between the two medians (240 / 200 = 1.2).
     assert out["theirs"]["tokens_per_s"] == 240.0
     assert out["theirs"]["ratio"] == pytest.approx(1.1)
-    assert out["theirs"]["round_ratios"] == pytest.approx([0.8, 1.1, 1.3])
+    assert out["theirs"]["round_ratios"] == pytest.approx([1.1, 0.8, 1.3])  # in round order
     assert out["even"]["tokens_per_s"] == 100.0  # the lower of the middle two
     assert out["failed"] == {"model": "a", "error": "boom"}
     assert out["failed_ref"]["ratio"] is None
-    # the reference runs first, between and last; the other rows once each, in order
-    assert out["schedule"] == ["transformer", "titans", "h1", "transformer", "h2", "h3", "transformer"]
-    assert out["schedule_1"] == ["transformer", "titans", "h1"]
-    assert out["schedule_none"] == ["titans", "h1"]
+    # every round runs the reference first, then the other rows in order
+    assert out["schedule"] == ["transformer", "titans", "h1", "transformer", "titans", "h1"]
+    assert out["schedule_none"] == ["titans", "h1", "titans", "h1"]
+    # a length's rows: the reference's median round first, every other row's against it round by round
+    ref, h = out["length"]
+    assert ref["model"] == "a" and ref["tokens_per_s"] == 200.0 and "ratio" not in ref
+    assert h["tokens_per_s"] == 30.0 and h["round_ratios"] == pytest.approx([0.4, 0.1, 0.05])
+    assert h["ratio"] == pytest.approx(0.1)  # not 30 / 200: the median of the paired ratios
+    assert [r["tokens_per_s"] for r in out["length_alone"]] == [240.0] and "ratio" not in out["length_alone"][0]
