@@ -16,10 +16,9 @@ row's process re-executes itself with malloc on transparent huge pages, as every
 does (experiments/host_memory.py); the PyTorch rows run with glibc's defaults. The baselines'
 SwiGLU widths are solved so that every model has the parameters of the HOPE config (`--base`);
 ratios are to the Transformer++ row of the same length, measured in this one run. Each length runs
-`--rounds` rounds, each the Transformer++ and then every other row once (a shared machine's load
-changes from minute to minute more than a HOPE row's step time differs between two runs); every row
-gives its median round, and its ratio is the median of the rounds' ratios, each round's row against
-that round's Transformer++.
+`--rounds` rounds, each the Transformer++ and then every other row once, because a shared machine's
+load changes from minute to minute: every row gives its median round, and its ratio is the median
+of the rounds' ratios, each round's row against that round's Transformer++.
 
 `--peers` adds rows for the PyTorch package nested-learning (its `hope_selfmod` model and its
 transformer) at `--peers_shape`, with nl_jax's `hope` (ntp signal) and `transformer` at the same
@@ -234,10 +233,9 @@ def length_rows(runs: dict) -> list[dict]:
     """One length's rows from its rounds (name -> one run per round, in round order): the
     Transformer++'s median round first, then every other row's median round with the median of its
     ratios to the Transformer++ of the same rounds."""
-    runs = dict(runs)
-    reference = runs.pop("transformer", None)
+    reference = runs.get("transformer")
     rows = [median_round(reference)] if reference else []
-    return rows + [median_round(rounds, reference) for rounds in runs.values()]
+    return rows + [median_round(r, reference) for name, r in runs.items() if name != "transformer"]
 
 
 def _print_table(rows: list[dict]) -> None:
